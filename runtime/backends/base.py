@@ -1,0 +1,97 @@
+"""The one small interface every inference backend implements, and the registry that picks one.
+
+A backend module in this package calls :func:`register` at import time; :func:`load_model` picks the
+first available backend that accepts the file. Adding a backend means adding one module here.
+"""
+from __future__ import annotations
+
+import abc
+import os
+from typing import Callable
+
+import numpy as np
+
+
+class ModelLoadError(RuntimeError):
+    """A model file could not be loaded (missing, truncated, foreign, or built for another machine)."""
+
+
+class Backend(abc.ABC):
+    """A loaded model that maps one float32 input batch to its outputs."""
+
+    #: backend name ("onnxruntime", "tensorrt", ...)
+    name: str = ""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.metadata: dict = {}
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> str:
+        """What really runs the model, e.g. ``"CPUExecutionProvider"`` or ``"TensorRT 10.x on NVIDIA H100"``."""
+
+    @property
+    @abc.abstractmethod
+    def input_name(self) -> str: ...
+
+    @property
+    @abc.abstractmethod
+    def output_names(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """Run one batch (float32, the model's layout); return every output as a numpy array."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({os.path.basename(self.path)!r}, device={self.device!r})"
+
+
+# name -> (priority, is_available, accepts(path), factory(path, **options))
+_REGISTRY: dict[str, tuple[int, Callable[[], bool], Callable[[str], bool], Callable[..., Backend]]] = {}
+
+
+def register(name: str, priority: int, available: Callable[[], bool], accepts: Callable[[str], bool],
+             factory: Callable[..., Backend]) -> None:
+    """Register a backend. Higher ``priority`` wins under ``backend="auto"``."""
+    _REGISTRY[name] = (priority, available, accepts, factory)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this environment, fastest first."""
+    _discover()
+    ranked = sorted(_REGISTRY.items(), key=lambda kv: -kv[1][0])
+    return [n for n, (_, ok, _, _) in ranked if ok()]
+
+
+def load_model(path: str, backend: str = "auto", **options) -> Backend:
+    """Load ``path`` with the named backend, or with the fastest available one that accepts the file."""
+    _discover()
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{path}: model file not found")
+    if backend != "auto":
+        if backend not in _REGISTRY:
+            raise ValueError(f"unknown backend {backend!r}; known: {sorted(_REGISTRY)}")
+        _, ok, accepts, factory = _REGISTRY[backend]
+        if not ok():
+            raise ModelLoadError(f"backend {backend!r} is not installed here; available: {available_backends()}")
+        if not accepts(path):
+            raise ModelLoadError(f"{path}: backend {backend!r} cannot load this kind of file")
+        return factory(path, **options)
+    for name in available_backends():
+        _, _, accepts, factory = _REGISTRY[name]
+        if accepts(path):
+            return factory(path, **options)
+    raise ModelLoadError(f"{path}: no available backend accepts this file (available: {available_backends()})")
+
+
+def _discover() -> None:
+    """Import every backend module of this package once (each registers itself)."""
+    import importlib
+    import pkgutil
+
+    from . import __path__ as pkg_path
+
+    for mod in pkgutil.iter_modules(pkg_path):
+        if mod.name != "base":
+            importlib.import_module(f"{__package__}.{mod.name}")

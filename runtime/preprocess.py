@@ -1,0 +1,88 @@
+"""Preprocessing, defined once: crop size, colour order, mean/std and the tensor layout.
+
+Training (``train/``), export (``export/``) and the runtime all call :func:`to_model_input` through a
+:class:`PreprocessSpec`; exported models carry the spec in their metadata (see :mod:`runtime.metadata`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .geometry import ARCFACE_TEMPLATE_112, LANDMARK_NAMES
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an aligned face crop becomes a model input tensor.
+
+    ``input_size`` is (height, width); ``color_order`` is the channel order the model expects;
+    the tensor is ``(pixel - mean) / std`` in NCHW float32.
+    """
+
+    input_size: tuple[int, int] = (112, 112)
+    color_order: str = "RGB"
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    std: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    layout: str = "NCHW"
+    template: tuple[tuple[float, float], ...] = field(
+        default_factory=lambda: tuple(map(tuple, ARCFACE_TEMPLATE_112.tolist()))
+    )
+    landmark_order: tuple[str, ...] = LANDMARK_NAMES
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        d["template"] = [list(p) for p in self.template]
+        d["landmark_order"] = list(self.landmark_order)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        missing = [k for k in ("input_size", "color_order", "mean", "std") if k not in d]
+        if missing:
+            raise ValueError(f"preprocessing metadata lacks {', '.join(missing)}")
+        color = str(d["color_order"]).upper()
+        if color not in ("RGB", "BGR"):
+            raise ValueError(f"unknown color_order {d['color_order']!r} (expected RGB or BGR)")
+        kw = dict(
+            input_size=tuple(int(v) for v in d["input_size"]),
+            color_order=color,
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            layout=str(d.get("layout", "NCHW")),
+        )
+        if "template" in d:
+            kw["template"] = tuple(tuple(float(v) for v in p) for p in d["template"])
+        if "landmark_order" in d:
+            kw["landmark_order"] = tuple(d["landmark_order"])
+        return cls(**kw)
+
+
+#: The recognizer preprocessing used by every facekit model unless its metadata says otherwise.
+RECOGNIZER_SPEC = PreprocessSpec()
+
+
+def to_model_input(crops: np.ndarray, spec: PreprocessSpec = RECOGNIZER_SPEC, color_order: str = "RGB") -> np.ndarray:
+    """Turn aligned uint8 crops (N×H×W×3 or H×W×3, in ``color_order``) into the model's float32 NCHW tensor."""
+    x = np.asarray(crops)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected N×H×W×3 crops, got shape {x.shape}")
+    if tuple(x.shape[1:3]) != tuple(spec.input_size):
+        raise ValueError(f"crops are {x.shape[1]}×{x.shape[2]}, the model expects {spec.input_size[0]}×{spec.input_size[1]}")
+    if color_order.upper() != spec.color_order:
+        x = x[..., ::-1]
+    x = (x.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    if spec.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)

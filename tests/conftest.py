@@ -1,0 +1,30 @@
+"""Shared fixtures: the research data folder ($FACEKIT_DATA) and small helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """$FACEKIT_DATA, defaulting to ../shared/data next to the project."""
+    return Path(os.environ.get("FACEKIT_DATA", ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def facekit_data() -> Path:
+    """The data folder; tests that need it skip when it is absent."""
+    d = data_dir()
+    if not d.is_dir():
+        pytest.skip(f"FACEKIT_DATA not found at {d}; set $FACEKIT_DATA to the shared data folder")
+    return d
+
+
+def need(path: Path) -> Path:
+    """Skip the calling test unless ``path`` exists."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
