@@ -1,0 +1,129 @@
+"""Latency and throughput of a recognizer backend, and of the whole photo → embedding pipeline.
+
+Recognizer: for each batch size (1, 8, 64, 256) a few warm-up calls, then timed calls until both a
+minimum count and a time budget are reached; p50 / p95 of the per-call wall time (ms) and throughput
+(faces/s = batch / mean call time). Inputs are preprocessed float tensors, so this is the model alone.
+
+Pipeline: ``FacePipeline.embed`` (detect → landmarks → warp → embed) on decoded 640 px photos with one face
+each (the single portraits of ``$FACEKIT_DATA/photos``); ms/photo p50/p95 and photos/s, one photo at a time.
+JPEG decoding is not included.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+BATCH_SIZES = (1, 8, 64, 256)
+
+
+@dataclass
+class LatencyRow:
+    backend: str
+    batch: int
+    p50_ms: float
+    p95_ms: float
+    throughput: float
+    calls: int
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "batch": self.batch, "p50_ms": round(self.p50_ms, 3),
+                "p95_ms": round(self.p95_ms, 3), "throughput_per_s": round(self.throughput, 1), "calls": self.calls}
+
+
+def time_calls(fn: Callable[[], object], warmup: int = 3, min_calls: int = 5, budget_s: float = 2.0,
+               max_calls: int = 1000) -> np.ndarray:
+    """Per-call wall times (seconds) of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def recognizer_latency(embedder, batch_sizes=BATCH_SIZES, warmup: int = 3, min_calls: int = 5,
+                       budget_s: float = 2.0, seed: int = 0) -> list[LatencyRow]:
+    """p50/p95 and throughput of ``embedder`` on random crops at each batch size (preprocessing included)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    max_batch = getattr(embedder, "max_batch", None)
+    for b in batch_sizes:
+        if max_batch and b > max_batch and not getattr(embedder, "fixed_batch", None):
+            continue
+        crops = rng.integers(0, 256, size=(b, 112, 112, 3), dtype=np.uint8)
+        # fewer calls for big batches: at least 2 timed calls, but keep each size to about the budget
+        times = time_calls(lambda: embedder(crops), warmup=warmup if b < 64 else 1,
+                           min_calls=min_calls if b < 64 else 2, budget_s=budget_s)
+        rows.append(LatencyRow(embedder.name, b, float(np.percentile(times, 50) * 1e3),
+                               float(np.percentile(times, 95) * 1e3), float(b / times.mean()), len(times)))
+    return rows
+
+
+@dataclass
+class PipelineLatency:
+    photos: int
+    p50_ms: float
+    p95_ms: float
+    photos_per_s: float
+    faces_found: list[int]
+    size: int
+    calls: int
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"photos": self.photos, "size_px": self.size, "p50_ms": round(self.p50_ms, 2),
+                "p95_ms": round(self.p95_ms, 2), "photos_per_s": round(self.photos_per_s, 2),
+                "faces_found": self.faces_found, "calls": self.calls, "note": self.note}
+
+
+SINGLE_PORTRAITS = ("obama.jpg", "obama2.jpg", "biden.jpg", "angelina_jolie.jpg", "kate_siegel.jpg",
+                    "paul_rudd.jpg", "shea_whigham.jpg")
+
+
+def photos_640(data_dir: Path, size: int = 640) -> list[np.ndarray]:
+    """The single-face portraits of ``data_dir/photos``, resized so the longer side is ``size`` px (BGR)."""
+    import cv2
+
+    from .datasets import read_image
+
+    out = []
+    for name in SINGLE_PORTRAITS:
+        p = Path(data_dir) / "photos" / name
+        if p.is_file():
+            img = read_image(p)
+            s = size / max(img.shape[:2])
+            out.append(cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)),
+                                  interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC))
+    return out
+
+
+def pipeline_latency(pipeline, photos: list[np.ndarray], rounds: int = 3, warmup: int = 2) -> PipelineLatency:
+    """Time ``pipeline.embed(photo)`` one photo at a time over ``rounds`` passes of ``photos``."""
+    if not photos:
+        raise ValueError("no photos to time")
+    faces = [len(pipeline.embed(p)) for p in photos]
+    for _ in range(warmup - 1):
+        pipeline.embed(photos[0])
+    times = []
+    for _ in range(rounds):
+        for p in photos:
+            t0 = time.perf_counter()
+            pipeline.embed(p)
+            times.append(time.perf_counter() - t0)
+    t = np.asarray(times)
+    return PipelineLatency(len(photos), float(np.percentile(t, 50) * 1e3), float(np.percentile(t, 95) * 1e3),
+                           float(1.0 / t.mean()), faces, max(photos[0].shape[:2]), len(t))
+
+
+def make_pipeline(recognizer: str, landmarks: str = "detector", backend: str = "auto"):
+    """``runtime.FacePipeline`` for ``recognizer`` (the object whose ``embed`` is timed)."""
+    from runtime.pipeline import FacePipeline
+
+    return FacePipeline(recognizer=recognizer, landmarks=landmarks, backend=backend)

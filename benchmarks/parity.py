@@ -1,0 +1,339 @@
+"""Embedders for every backend, and how closely they agree on the same aligned crops.
+
+An *embedder* maps uint8 BGR crops (N×112×112×3) to raw (unnormalised) embeddings:
+
+- :class:`BackendEmbedder`: an exported model through ``runtime.backends.load_model`` (ONNX Runtime CPU /
+  CUDA for fp32, fp16 and INT8 Q/DQ ONNX files; TensorRT engines when ``tensorrt`` is installed), fed by
+  ``runtime.preprocess.to_model_input`` with the preprocessing stored in the model's metadata.
+- :class:`TorchEmbedder`: a training checkpoint via ``train.checkpoint.build_model_from_checkpoint``
+  (fp32, or fp16 autocast on a GPU). torch is imported only here, only when used.
+
+:func:`compare_backends` embeds the same crops with each, and reports the minimum and mean cosine of each
+backend's per-crop embeddings (crops and their flips) against the reference (PyTorch fp32 when a checkpoint
+is given, else the fp32 ONNX model on the CPU) and the verification accuracy of each.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .verification import evaluate, flip_sum_embeddings, l2_normalize
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_RECOGNIZER = ROOT / "runtime" / "models" / "recognizer.onnx"
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+class BackendEmbedder:
+    """A recognizer file run by a runtime backend (``backend`` "onnxruntime", "tensorrt" or "auto")."""
+
+    def __init__(self, path: str | os.PathLike, backend: str = "auto", device: str | None = None,
+                 batch_size: int = 64):
+        from runtime.backends import load_model
+        from runtime.metadata import preprocess_spec
+        from runtime.preprocess import RECOGNIZER_SPEC
+
+        self.path = str(path)
+        options = {"device": device} if device else {}
+        self.model = load_model(self.path, backend=backend, **options)
+        meta = dict(self.model.metadata or {})
+        if meta.get("task", "recognition") != "recognition":
+            raise ValueError(f"{self.path}: a {meta['task']} model, not a recognizer")
+        if "preprocess" in meta:
+            self.spec = preprocess_spec(meta)
+        else:
+            print(f"warning: {self.path} has no facekit metadata; assuming the ArcFace preprocessing "
+                  "(112×112 RGB, (x−127.5)/127.5)", file=sys.stderr)
+            self.spec = RECOGNIZER_SPEC
+        self.metadata = meta
+        self.precision = str(meta.get("precision") or _precision_from_name(self.path))
+        self.backend = self.model.name
+        self.device = self.model.device
+        shape = list(getattr(self.model, "input_shape", []) or [])
+        fixed = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+        self.max_batch = fixed or int(getattr(self.model, "max_batch", 0) or 0) or None
+        self.fixed_batch = fixed
+        self.batch_size = min(batch_size, self.max_batch) if self.max_batch else batch_size
+
+    @property
+    def name(self) -> str:
+        dev = "cuda" if "CUDA" in self.device.upper() or "GPU" in self.device.upper() else "cpu"
+        if self.backend == "tensorrt":
+            dev = "gpu"
+        return f"{self.backend}-{dev} {self.precision}"
+
+    def __call__(self, crops_bgr: np.ndarray) -> np.ndarray:
+        x = to_input(crops_bgr, self.spec)
+        step = self.fixed_batch or self.max_batch or len(x)
+        outs = []
+        for s in range(0, len(x), max(step, 1)):
+            chunk = x[s:s + step]
+            n = len(chunk)
+            if self.fixed_batch and n < self.fixed_batch:  # pad a fixed-batch model's last batch
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - n, axis=0)])
+            outs.append(np.asarray(self.model.run(chunk)[0], dtype=np.float32)[:n])
+        return np.concatenate(outs)
+
+
+def to_input(crops_bgr: np.ndarray, spec) -> np.ndarray:
+    from runtime.preprocess import to_model_input
+
+    return to_model_input(crops_bgr, spec, color_order="BGR")
+
+
+class TorchEmbedder:
+    """A training checkpoint run in PyTorch eager mode (fp32, or fp16 autocast on CUDA)."""
+
+    backend = "pytorch"
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu", fp16: bool = False, batch_size: int = 64):
+        import torch
+
+        from runtime.preprocess import RECOGNIZER_SPEC
+        from train.checkpoint import build_model_from_checkpoint
+
+        if fp16 and not str(device).startswith("cuda"):
+            raise ValueError("fp16 autocast is measured on CUDA only")
+        self.torch = torch
+        self.path = str(checkpoint)
+        model, config = build_model_from_checkpoint(self.path)
+        if config.get("task", "recognition") != "recognition":
+            raise ValueError(f"{self.path}: a {config.get('task')} checkpoint, not a recognizer")
+        self.model = model.to(device).eval()
+        self.config = config
+        self.device = str(device)
+        self.fp16 = fp16
+        self.precision = "fp16-autocast" if fp16 else "fp32"
+        self.spec = RECOGNIZER_SPEC
+        self.batch_size = batch_size
+        self.metadata = {"arch": config.get("arch"), "embedding_size": config.get("embedding_size")}
+
+    @property
+    def name(self) -> str:
+        return f"pytorch-{'cuda' if self.device.startswith('cuda') else 'cpu'} {self.precision}"
+
+    def __call__(self, crops_bgr: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        x = torch.from_numpy(to_input(crops_bgr, self.spec)).to(self.device)
+        with torch.inference_mode():
+            if self.fp16:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    y = self.model(x)
+            else:
+                y = self.model(x)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return y.float().cpu().numpy()
+
+
+def _precision_from_name(path: str) -> str:
+    stem = Path(path).stem.lower()
+    for p in ("int8", "fp16", "fp32"):
+        if p in stem:
+            return p
+    return "fp32"
+
+
+def _recognition_metadata(path: Path) -> dict | None:
+    """facekit metadata of an ONNX file via ONNX Runtime (None when it is not a facekit recognizer)."""
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        props = dict(sess.get_modelmeta().custom_metadata_map)
+        from runtime.metadata import decode_metadata
+
+        meta = decode_metadata(props, source=str(path))
+    except Exception:
+        return None
+    return meta if meta.get("task") == "recognition" else None
+
+
+@dataclass
+class BackendPlan:
+    """One backend to measure: what to build and why it is (or is not) measured."""
+
+    label: str
+    kind: str  # "onnx", "engine" or "torch"
+    path: str
+    device: str
+    fp16: bool = False
+    skip_reason: str | None = None
+
+    def build(self, batch_size: int = 64):
+        if self.kind == "torch":
+            return TorchEmbedder(self.path, device=self.device, fp16=self.fp16, batch_size=batch_size)
+        if self.kind == "engine":
+            return BackendEmbedder(self.path, backend="tensorrt", batch_size=batch_size)
+        return BackendEmbedder(self.path, backend="onnxruntime", device=self.device, batch_size=batch_size)
+
+
+def find_checkpoint(model: Path, explicit: str | None = None) -> Path | None:
+    """The PyTorch checkpoint for ``model``: ``explicit``, else a ``<stem>*.pt`` beside it whose sha256 is the
+    one recorded in the model's metadata (or the only one there when the metadata records none)."""
+    if explicit:
+        return Path(explicit)
+    meta = _recognition_metadata(model) or {}
+    want = meta.get("checkpoint_sha256")
+    cands = sorted(p for p in model.parent.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.stem.startswith(model.stem))
+    if want:
+        from .datasets import _sha256_file
+
+        for c in cands:
+            if _sha256_file(c) == want:
+                return c
+        return None
+    return cands[0] if len(cands) == 1 else None
+
+
+def plan_backends(model: str | os.PathLike, checkpoint: str | None = None, siblings: bool = True) -> list[BackendPlan]:
+    """Every backend this machine can run for ``model``: its fp32/fp16/INT8 ONNX siblings (``<stem>*.onnx``
+    in the same folder) on ONNX Runtime CPU and CUDA, TensorRT engines (``<stem>*.engine|.plan``) when
+    tensorrt is installed, and PyTorch fp32 (+ fp16 autocast on CUDA) from the checkpoint when torch is
+    installed. Unavailable ones are listed with the reason."""
+    from runtime.backends import available_backends
+
+    model = Path(model)
+    plans: list[BackendPlan] = []
+    try:
+        import onnxruntime as ort
+
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        cuda = False
+    onnx_files = [model]
+    engines: list[Path] = []
+    if siblings:
+        for p in sorted(model.parent.glob(f"{model.stem}*")):
+            if p == model or not p.is_file():
+                continue
+            if p.suffix == ".onnx" and _recognition_metadata(p) is not None:
+                onnx_files.append(p)
+            elif p.suffix in ENGINE_SUFFIXES:
+                engines.append(p)
+    order = {"fp32": 0, "fp16": 1, "int8": 2}
+    described = []
+    for p in onnx_files:
+        meta = _recognition_metadata(p) or {}
+        described.append((order.get(str(meta.get("precision", _precision_from_name(str(p)))), 3), p,
+                          str(meta.get("precision") or _precision_from_name(str(p)))))
+    described.sort(key=lambda t: (t[0], str(t[1])))
+    for _, p, prec in described:
+        plans.append(BackendPlan(f"onnxruntime-cpu {prec}", "onnx", str(p), "cpu"))
+    for _, p, prec in described:
+        plans.append(BackendPlan(f"onnxruntime-cuda {prec}", "onnx", str(p), "cuda",
+                                 skip_reason=None if cuda else "onnxruntime-gpu / CUDA not available"))
+    trt = "tensorrt" in available_backends()
+    for e in engines:
+        plans.append(BackendPlan(f"tensorrt {_precision_from_name(str(e))} ({e.name})", "engine", str(e), "gpu",
+                                 skip_reason=None if trt else "tensorrt not installed"))
+    if not engines:
+        plans.append(BackendPlan("tensorrt", "engine", "", "gpu",
+                                 skip_reason="tensorrt not installed" if not trt else
+                                 f"no engine beside {model.name} (build one with export/to_trt.py)"))
+    try:
+        import importlib.util
+
+        has_torch = importlib.util.find_spec("torch") is not None
+    except ValueError:
+        has_torch = False
+    ckpt = find_checkpoint(model, checkpoint) if has_torch else None
+    torch_cuda = False
+    if has_torch and ckpt is not None:
+        import torch
+
+        torch_cuda = torch.cuda.is_available()
+    no_torch = "torch not installed" if not has_torch else (
+        None if ckpt is not None else "no PyTorch checkpoint for this model (pass --checkpoint)")
+    plans.insert(0, BackendPlan("pytorch-cpu fp32", "torch", str(ckpt or ""), "cpu", skip_reason=no_torch))
+    if torch_cuda:
+        plans.insert(1, BackendPlan("pytorch-cuda fp32", "torch", str(ckpt), "cuda"))
+        plans.insert(2, BackendPlan("pytorch-cuda fp16-autocast", "torch", str(ckpt), "cuda", fp16=True))
+    else:
+        plans.insert(1, BackendPlan("pytorch-cuda fp16-autocast", "torch", str(ckpt or ""), "cuda",
+                                    skip_reason=no_torch or "no CUDA GPU"))
+    return plans
+
+
+@dataclass
+class ParityRow:
+    """One backend's agreement with the reference on the same crops."""
+
+    backend: str
+    reference: str
+    min_cosine: float | None
+    mean_cosine: float | None
+    accuracy: float | None
+    accuracy_std: float | None
+    crops: int
+    seconds: float
+    device: str = ""
+    file: str = ""
+    skip_reason: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("backend", "reference", "min_cosine", "mean_cosine", "accuracy",
+                                          "accuracy_std", "crops", "seconds", "device", "file", "skip_reason")}
+        for k in ("min_cosine", "mean_cosine", "accuracy", "accuracy_std"):
+            if d[k] is not None:
+                d[k] = round(float(d[k]), 6)
+        d["seconds"] = round(self.seconds, 2)
+        d.update(self.extra)
+        return d
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` with the same row of ``b``."""
+    return np.sum(l2_normalize(a) * l2_normalize(b), axis=1)
+
+
+def compare_backends(embedders: list, crops: np.ndarray, pairs: np.ndarray | None = None,
+                     issame: np.ndarray | None = None, progress: bool = True) -> tuple[list[ParityRow], dict]:
+    """Embed ``crops`` with each embedder (the first is the reference) and compare.
+
+    Returns the rows and each backend's flip-summed normalised embeddings (by backend name).
+    """
+    rows: list[ParityRow] = []
+    fused_by_name: dict[str, np.ndarray] = {}
+    ref_raw = None
+    ref_name = embedders[0].name if embedders else ""
+    for emb in embedders:
+        t0 = time.perf_counter()
+        fused, raw, raw_flip = flip_sum_embeddings(emb, crops, batch_size=getattr(emb, "batch_size", 64),
+                                                   progress=f"parity {emb.name}" if progress else None,
+                                                   return_parts=True)
+        seconds = time.perf_counter() - t0
+        both = np.concatenate([raw, raw_flip])
+        if ref_raw is None:
+            ref_raw = both
+        cos = row_cosines(both, ref_raw)
+        acc = std = None
+        if pairs is not None and issame is not None:
+            res = evaluate(fused[pairs[:, 0]], fused[pairs[:, 1]], issame)
+            acc, std = res.accuracy, res.accuracy_std
+        rows.append(ParityRow(emb.name, ref_name, float(cos.min()), float(cos.mean()), acc, std, len(both), seconds,
+                              device=str(getattr(emb, "device", "")), file=os.path.basename(getattr(emb, "path", ""))))
+        fused_by_name[emb.name] = fused
+    return rows, fused_by_name
+
+
+def subset_pairs(pairs: np.ndarray, issame: np.ndarray, per_fold: int, n_folds: int = 10) -> np.ndarray:
+    """Indices of the first ``per_fold`` same and ``per_fold`` different pairs of each of the contiguous folds,
+    kept in protocol order (so 10-fold evaluation on the subset still uses one block per original fold)."""
+    n = len(pairs)
+    bounds = np.linspace(0, n, n_folds + 1).astype(int)
+    keep = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        idx = np.arange(lo, hi)
+        same, diff = idx[issame[idx]], idx[~issame[idx]]
+        keep.extend(sorted(np.concatenate([same[:per_fold], diff[:per_fold]]).tolist()))
+    return np.asarray(keep, dtype=np.int64)

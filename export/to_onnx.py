@@ -1,0 +1,262 @@
+"""Export a facekit model to ONNX (fp32, fp16 or INT8 Q/DQ) and prove it matches PyTorch.
+
+    python export/to_onnx.py --arch mobilefacenet --out /tmp/mfn.onnx              # random init (testing)
+    python export/to_onnx.py --checkpoint runs/x/best.pt --out runtime/models/recognizer.onnx
+    python export/to_onnx.py --checkpoint runs/x/best.pt --fp16 --out rec_fp16.onnx
+    python export/to_onnx.py --checkpoint runs/x/best.pt --int8 --calib aligned/ --pairs $FACEKIT_DATA/lfw \\
+        --out rec_int8.onnx
+    python export/to_onnx.py --checkpoint runs/aligner/best.pt --out runtime/models/aligner.onnx
+
+One self-contained file (no external data) with a dynamic batch axis, opset 17 unless ``--opset``, checked
+by ``onnx.checker``, carrying facekit metadata (task, preprocessing, arch, embedding size, checkpoint
+SHA-256, precision, opset, threshold). Then ONNX Runtime (CPU) runs it against the PyTorch fp32 model at
+each ``--batch`` size on real aligned faces when available (else generated images); beyond tolerance the
+file is not written and the exit status is 1. The last stdout line is ``parity: max_abs=… min_cos=…``.
+
+INT8: static calibration on ``--calib`` (a folder of aligned crops), per-channel symmetric weights, the
+first and last layers kept float unless ``--no-keep-float-ends``; with ``--pairs`` (LFW folder, CFP folder,
+``.bin`` or npz) the INT8 verification accuracy is measured against fp32 and the export refuses (exit 1)
+when it drops more than ``--max-drop`` points or the embeddings' cosine falls under ``--int8-min-cos``,
+unless ``--force``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ALIGNER_ARCHS = ("hourglass",)
+#: Exception types (by name, to avoid importing their modules) reported as one-line input errors.
+USER_ERRORS = ("CheckpointError", "ModelLoadError", "ImageError", "DatasetError", "BinFormatError", "ModelMetadataError")
+
+
+class ExportError(RuntimeError):
+    """A failure the CLI reports in one line (exit status 1)."""
+
+
+def _batches(values: list[str]) -> list[int]:
+    out = []
+    for v in values:
+        for part in str(v).split(","):
+            if part.strip():
+                b = int(part)
+                if b < 1:
+                    raise argparse.ArgumentTypeError(f"batch sizes must be ≥ 1, got {b}")
+                out.append(b)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arch", help="random-init backbone (mobilefacenet, iresnet50, …, or 'hourglass' for the aligner)")
+    src.add_argument("--checkpoint", type=Path, help="training checkpoint (recognizer or aligner)")
+    p.add_argument("--out", type=Path, required=True, help="output .onnx file")
+    p.add_argument("--embedding-size", type=int, default=512, help="with --arch (default 512)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="fp16 weights/compute, fp32 inputs and outputs")
+    prec.add_argument("--int8", action="store_true", help="INT8 Q/DQ (static calibration; needs --calib)")
+    p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    p.add_argument("--batch", nargs="+", default=["1,7,64"], help="parity batch sizes (default 1,7,64)")
+    p.add_argument("--faces", type=Path, help="folder of aligned crops for the parity check "
+                   "(default: $FACEKIT_DATA/lfw photos, detected and warped; else generated images)")
+    p.add_argument("--threshold", type=float, help="cosine threshold to store (default: the checkpoint config's)")
+    p.add_argument("--min-cos", type=float, help="parity tolerance: minimum cosine vs PyTorch "
+                   "(default 0.99999 fp32, 0.999 fp16, 0.98 int8)")
+    p.add_argument("--seed", type=int, default=0, help="random init / generated inputs seed")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch and ONNX Runtime (0: default)")
+    q = p.add_argument_group("INT8")
+    q.add_argument("--calib", type=Path, help="folder of aligned face crops for calibration")
+    q.add_argument("--calib-limit", type=int, default=256, help="at most this many calibration crops (default 256)")
+    q.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    q.add_argument("--keep-float-ends", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the first and last weighted layers in float (default: yes)")
+    q.add_argument("--exclude", nargs="*", default=[], metavar="NODE", help="more node names to keep in float")
+    q.add_argument("--pairs", type=Path, help="held-out pairs for the accuracy guard: LFW folder, CFP folder, .bin or npz")
+    q.add_argument("--pairs-kind", default="auto", choices=("auto", "lfw", "cfp-fp", "cfp-ff", "bin", "npz"))
+    q.add_argument("--pairs-limit", type=int, help="use at most this many pairs (spread over the protocol)")
+    q.add_argument("--max-drop", type=float, default=0.3, help="allowed accuracy drop in points (default 0.3)")
+    q.add_argument("--int8-min-cos", type=float, default=0.98, help="minimum INT8 vs fp32 embedding cosine (default 0.98)")
+    q.add_argument("--force", action="store_true", help="write the INT8 model even when the guard refuses it")
+    return p
+
+
+def load_source(args):
+    from export import onnx_export as ox
+
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_file():
+            raise ExportError(f"{args.checkpoint}: checkpoint not found")
+        return ox.from_checkpoint(args.checkpoint, threshold_cosine=args.threshold)
+    if args.arch.lower() in ALIGNER_ARCHS:
+        import torch
+
+        torch.manual_seed(args.seed)
+        return ox.aligner_source({})
+    src = ox.from_arch(args.arch, args.embedding_size, seed=args.seed)
+    if args.threshold is not None:
+        src.threshold_cosine = args.threshold
+    return src
+
+
+def _temp_path(out: Path, tag: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".{tag}.onnx", dir=out.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def run(args) -> int:
+    import numpy as np
+    import onnx
+    import torch
+
+    from export import onnx_export as ox
+    from export import parity
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.int8 and args.calib is None:
+        raise ExportError("--int8 needs --calib DIR (a folder of aligned face crops)")
+    batches = _batches(args.batch)
+    opset = args.opset or ox.DEFAULT_OPSET
+    precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    source = load_source(args)
+    n_inputs = max(max(batches), 16)
+    crops, how = parity.parity_crops(source.spec, n_inputs, source.task, faces_dir=args.faces, seed=args.seed,
+                                     geometry=source.extra_metadata)
+    print(f"model: {source.task} {source.arch}" + (f" from {source.checkpoint}" if source.checkpoint else " (random init)"))
+    print(f"parity inputs: {how}")
+    if source.random_init:
+        n_bn = ox.recalibrate_batchnorm(source.model, crops[:16], source.spec)
+        print(f"random init: BatchNorm statistics of {n_bn} layers estimated on 16 parity inputs")
+
+    proto = ox.export_fp32(source, opset)
+    if args.simplify:
+        before = len(proto.graph.node)
+        proto = ox.simplify(proto)
+        print(f"onnxslim: {before} → {len(proto.graph.node)} nodes")
+    meta = ox.build_metadata(source, "fp32", opset)
+    ox.set_metadata(proto, meta)
+
+    temps: list[Path] = []
+    try:
+        fp32_path = _temp_path(args.out, "fp32")
+        temps.append(fp32_path)
+        ox.save_onnx(proto, fp32_path)
+        candidate = fp32_path
+        guard = None
+        if args.fp16:
+            from export.fp16 import fp16_overflow_count, to_fp16
+
+            over = fp16_overflow_count(proto)
+            if over:
+                print(f"warning: {over} weights exceed the fp16 range and are clamped")
+            p16 = to_fp16(proto)
+            ox.set_metadata(p16, {**meta, "precision": "fp16"})
+            candidate = _temp_path(args.out, "fp16")
+            temps.append(candidate)
+            ox.save_onnx(p16, candidate)
+        elif args.int8:
+            candidate, guard = quantize(args, source, fp32_path, meta, crops, temps)
+
+        threads = {"threads": args.threads} if args.threads else {}
+        backend = OnnxRuntimeBackend(str(candidate), device="cpu", **threads)
+        if backend.metadata != ox.read_metadata(candidate):
+            raise ExportError("metadata read back through the runtime differs from what was written")
+        results = parity.check_parity(lambda x: ox.torch_forward(source.model, x), backend.run, crops,
+                                      source.spec, batches)
+        tol = parity.TOLERANCES[precision]
+        if args.min_cos is not None:
+            tol = parity.Tolerance(args.min_cos, tol.max_rel)
+        problems = parity.failures(results, tol)
+        for r in results:
+            print(f"batch {r.batch:>4}: max |Δ| {r.max_abs:.3g} (max |ref| {r.ref_max_abs:.3g})  "
+                  f"min cos {r.min_cos:.8f}  mean cos {r.mean_cos:.8f}")
+        if guard is not None and not guard.passed and not args.force:
+            problems += guard.reasons
+        if problems:
+            print(parity.parity_line(results))
+            raise ExportError(f"{precision} export of {source.arch} rejected, {args.out} not written: "
+                              + "; ".join(problems))
+        os.replace(candidate, args.out)
+        temps.remove(candidate)
+    finally:
+        for t in temps:
+            try:
+                t.unlink()
+            except OSError:
+                pass
+    size = args.out.stat().st_size
+    print(f"wrote {args.out} ({precision}, opset {opset}, {size / 1e6:.1f} MB, sha256 {ox.sha256_file(args.out)[:16]}…, "
+          f"{time.perf_counter() - t0:.0f} s)")
+    print(parity.parity_line(results))
+    return 0
+
+
+def quantize(args, source, fp32_path: Path, meta: dict, crops, temps: list[Path]):
+    """INT8 Q/DQ candidate file and its guard report (the guard's figures go into the metadata)."""
+    import onnx
+
+    from export import onnx_export as ox
+    from export.calibration import load_crop_folder
+    from export.quantize import accuracy_guard, load_pair_crops, quantize_int8
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    calib = load_crop_folder(args.calib, tuple(source.spec.input_size), limit=args.calib_limit)
+    print(f"int8: calibrating on {len(calib)} crops from {args.calib} ({args.calib_method})")
+    candidate = _temp_path(args.out, "int8")
+    temps.append(candidate)
+    info = quantize_int8(fp32_path, candidate, calib, source.spec, keep_float_ends=args.keep_float_ends,
+                         exclude=args.exclude, method=args.calib_method, metadata=meta)
+    print(f"int8: {info['quantize_nodes']} QuantizeLinear / {info['dequantize_nodes']} DequantizeLinear nodes; "
+          f"kept float: {', '.join(info['kept_float']) or 'none'}")
+    pairs = None
+    if args.pairs is not None:
+        pairs = load_pair_crops(args.pairs, args.pairs_kind, tuple(source.spec.input_size)).subset(args.pairs_limit)
+    else:
+        print("int8: WARNING no --pairs given: verification accuracy is NOT measured, only embedding cosines")
+    threads = {"threads": args.threads} if args.threads else {}
+    guard = accuracy_guard(OnnxRuntimeBackend(str(fp32_path), device="cpu", **threads),
+                           OnnxRuntimeBackend(str(candidate), device="cpu", **threads), source.spec,
+                           pairs=pairs, crops=crops if pairs is None else None,
+                           max_drop_points=args.max_drop, min_cos=args.int8_min_cos, progress=True)
+    for line in guard.lines():
+        print(line)
+    if not guard.passed:
+        print("int8 guard: REFUSED: " + "; ".join(guard.reasons) + (" (writing anyway: --force)" if args.force else ""))
+    q = onnx.load(str(candidate))
+    q_meta = ox.read_metadata(q)
+    q_meta["int8"] = {**q_meta.get("int8", {}), "guard": {**guard.to_dict(), "passed": guard.passed,
+                                                          "pairs_source": str(args.pairs) if args.pairs else None}}
+    ox.set_metadata(q, q_meta)
+    ox.save_onnx(q, candidate)
+    return candidate, guard
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # bad input (missing/corrupt files, wrong crop sizes): one line, no traceback
+        if isinstance(e, (FileNotFoundError, ValueError)) or type(e).__name__ in USER_ERRORS:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

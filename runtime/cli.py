@@ -1,0 +1,338 @@
+"""Command line: ``python -m runtime {detect,compare,matrix,enroll,identify} ...``.
+
+Exit status 0 on success (a picture without a face is a result, not an error); 2 with one line on stderr
+for unusable input (unreadable image, missing or foreign model, bad gallery); never a traceback for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CliError(f"{path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _pipeline(args, need_recognizer: bool):
+    from .pipeline import FacePipeline
+
+    pipe = FacePipeline(recognizer=args.recognizer, detector=args.detector, landmarks=args.landmarks,
+                        aligner=args.aligner, backend=args.backend, threshold=args.threshold,
+                        score_threshold=args.score_threshold)
+    if need_recognizer:
+        pipe.recognizer  # load now, so a missing default model is reported before any work
+    return pipe
+
+
+def _fmt(v: float | None, nd: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def draw_faces(image_bgr: np.ndarray, faces) -> np.ndarray:
+    """A copy of ``image_bgr`` with boxes, scores and the 5 landmarks drawn."""
+    import cv2
+
+    out = image_bgr.copy()
+    h, w = out.shape[:2]
+    thick = max(1, round(max(h, w) / 400))
+    colors = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 0, 255), (0, 255, 255)]  # BGR per landmark
+    for f in faces:
+        x1, y1, x2, y2 = (int(round(v)) for v in f.box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), (0, 200, 0), thick)
+        cv2.putText(out, f"{f.score:.2f}", (x1, max(0, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick,
+                    (0, 200, 0), thick)
+        if np.isfinite(f.landmarks).all():
+            for (x, y), c in zip(f.landmarks, colors):
+                cv2.circle(out, (int(round(x)), int(round(y))), thick + 1, c, -1)
+    return out
+
+
+def _encode_image(path: Path, image: np.ndarray) -> bytes:
+    import cv2
+
+    ext = path.suffix.lower() or ".jpg"
+    ok, buf = cv2.imencode(ext if ext in (".jpg", ".jpeg", ".png", ".bmp", ".webp") else ".png", image)
+    if not ok:
+        raise CliError(f"{path}: cannot encode the annotated image")
+    return buf.tobytes()
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_detect(args) -> int:
+    from .image_io import load_image
+
+    pipe = _pipeline(args, need_recognizer=False)
+    image = load_image(args.image)
+    faces = pipe.detect(image)
+    if args.out:
+        atomic_write_bytes(args.out, _encode_image(Path(args.out), draw_faces(image, faces)))
+    if args.json:
+        print(json.dumps([f.to_dict() for f in faces]))
+    else:
+        print(f"{args.image}: {len(faces)} face(s)" if faces else f"{args.image}: no face found")
+        for i, f in enumerate(faces):
+            box = ", ".join(f"{v:.0f}" for v in f.box)
+            print(f"  #{i}: score {f.score:.3f}  box [{box}]")
+        if args.out:
+            print(f"annotated image written to {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .pipeline import NoFaceError
+
+    pipe = _pipeline(args, need_recognizer=True)
+    try:
+        r = pipe.compare(args.a, args.b)
+        result = {"similarity": round(r.similarity, 6), "same": r.same}
+        text = (f"similarity {r.similarity:.4f} (threshold {_fmt(r.threshold)}): "
+                + ("same person" if r.same else "different people" if r.same is False else "no verdict"))
+    except NoFaceError as e:  # a result, not an error
+        result = {"similarity": None, "same": None, "error": str(e)}
+        text = str(e)
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
+def cmd_matrix(args) -> int:
+    from .pipeline import NoFaceError, iter_images
+
+    files = iter_images(args.folder)
+    if not files:
+        raise CliError(f"{args.folder}: no images (jpg, png, bmp, webp, tif) in this folder")
+    pipe = _pipeline(args, need_recognizer=True)
+    from .image_io import ImageError
+
+    emb, missing = [], []
+    for p in _progress(files, "embedding"):
+        try:
+            emb.append(pipe.largest_face(p).embedding)
+        except (NoFaceError, ImageError) as e:
+            emb.append(None)
+            missing.append(f"{p.name}: {getattr(e, 'reason', None) or 'no face found'}")
+    dim = next((len(e) for e in emb if e is not None), 1)
+    mat = np.stack([e if e is not None else np.full(dim, np.nan, np.float32) for e in emb])
+    sim = mat @ mat.T
+    names = [p.name for p in files]
+    atomic_write_bytes(args.out, similarity_heatmap_png(sim, names, pipe.threshold))
+    if args.json:
+        print(json.dumps({"names": names, "similarity": [[None if np.isnan(v) else round(float(v), 6) for v in row]
+                                                          for row in sim], "skipped": missing}))
+    else:
+        print(f"{len(files)} images, similarity matrix written to {args.out}")
+        for m in missing:
+            print(f"  skipped {m}")
+    return 0
+
+
+def cmd_enroll(args) -> int:
+    from .gallery import Gallery
+
+    pipe = _pipeline(args, need_recognizer=True)
+    path = Path(args.gallery)
+    gallery = Gallery.load(path, pipeline=pipe) if path.exists() else Gallery()
+    added = gallery.enroll(args.name, [str(p) for p in args.images], pipeline=pipe)
+    gallery.save(path)
+    print(f"enrolled {added} face(s) for {args.name!r}; {path} holds {len(gallery)} people")
+    return 0
+
+
+def cmd_identify(args) -> int:
+    from .gallery import Gallery
+
+    pipe = _pipeline(args, need_recognizer=True)
+    gallery = Gallery.load(args.gallery, pipeline=pipe)
+    matches = gallery.identify(args.image, top_k=args.top_k, pipeline=pipe)
+    if args.json:
+        print(json.dumps([{"name": n, "similarity": round(s, 6)} for n, s in matches]))
+    elif not matches:
+        print(f"{args.image}: no face found")
+    else:
+        for n, s in matches:
+            print(f"{'unknown' if n is None else n}\t{s:.4f}")
+    return 0
+
+
+def similarity_heatmap_png(sim: np.ndarray, names: Sequence[str], threshold: float | None = None) -> bytes:
+    """A PNG heat map of a square similarity matrix, names on both axes and the value in each cell."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("the matrix command needs matplotlib (pip install matplotlib)") from None
+    import io
+
+    n = len(names)
+    side = max(4.0, 0.6 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    try:
+        masked = np.ma.masked_invalid(sim)
+        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+        im = ax.imshow(masked, cmap=cmap, vmin=-1.0 if np.nanmin(sim, initial=0) < 0 else 0.0, vmax=1.0)
+        ax.set_xticks(range(n), labels=names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), labels=names, fontsize=8)
+        if n <= 40:
+            for r in range(n):
+                for c in range(n):
+                    v = sim[r, c]
+                    txt = "–" if np.isnan(v) else f"{v:.2f}"
+                    same = threshold is not None and not np.isnan(v) and v >= threshold
+                    ax.text(c, r, txt, ha="center", va="center", fontsize=7,
+                            color="black" if (not np.isnan(v) and v > 0.6) else "white",
+                            fontweight="bold" if same else "normal")
+        title = "cosine similarity of the largest face"
+        if threshold is not None:
+            title += f" (bold: ≥ threshold {threshold:.3f})"
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _progress(items, desc: str):
+    if len(items) < 20 or not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img")
+
+
+# -------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    models = argparse.ArgumentParser(add_help=False)
+    g = models.add_argument_group("models")
+    g.add_argument("--recognizer", help="recognizer model (default: runtime/models/recognizer.onnx)")
+    g.add_argument("--detector", help="RetinaFace or SCRFD ONNX (default: RetinaFace-MobileNet0.25)")
+    g.add_argument("--aligner", help="aligner model for --landmarks aligner (default: runtime/models/aligner.onnx)")
+    g.add_argument("--landmarks", choices=("detector", "aligner"), default="detector",
+                   help="where the 5 landmarks come from (default: detector)")
+    g.add_argument("--backend", default="auto", help="inference backend: auto, onnxruntime, tensorrt (default: auto)")
+    g.add_argument("--threshold", type=float, help="cosine threshold for 'same' (default: the recognizer's)")
+    g.add_argument("--score-threshold", type=float, default=0.5, help="detector score threshold (default: 0.5)")
+
+    p = argparse.ArgumentParser(prog="python -m runtime", description="facekit: detect, compare and identify faces")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("detect", parents=[models], help="detect faces and their 5 landmarks")
+    d.add_argument("image")
+    d.add_argument("--out", help="write an annotated copy of the image here")
+    d.add_argument("--json", action="store_true", help="print a JSON list of faces")
+    d.set_defaults(func=cmd_detect)
+
+    c = sub.add_parser("compare", parents=[models], help="compare the largest face of two images")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--json", action="store_true", help='print {"similarity": ..., "same": ...}')
+    c.set_defaults(func=cmd_compare)
+
+    m = sub.add_parser("matrix", parents=[models], help="similarity matrix of every photo in a folder, as a PNG")
+    m.add_argument("folder")
+    m.add_argument("--out", required=True, help="heat-map PNG to write")
+    m.add_argument("--json", action="store_true", help="also print the matrix as JSON")
+    m.set_defaults(func=cmd_matrix)
+
+    e = sub.add_parser("enroll", parents=[models], help="add a person's photos to a gallery file")
+    e.add_argument("gallery")
+    e.add_argument("name")
+    e.add_argument("images", nargs="+")
+    e.set_defaults(func=cmd_enroll)
+
+    i = sub.add_parser("identify", parents=[models], help="who is in this photo, according to a gallery")
+    i.add_argument("gallery")
+    i.add_argument("image")
+    i.add_argument("--top-k", type=int, default=1)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_identify)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backends.base import ModelLoadError
+    from .image_io import ImageError
+    from .metadata import ModelMetadataError
+
+    errors: list[type[BaseException]] = [CliError, ImageError, ModelLoadError, ModelMetadataError,
+                                         FileNotFoundError, IsADirectoryError, PermissionError]
+    try:
+        from .gallery import GalleryError
+
+        errors.append(GalleryError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "top_k", 1) < 1:
+        print("error: --top-k must be at least 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from .image_io import decoder_messages_silenced
+
+    try:
+        with decoder_messages_silenced():  # no libjpeg/libpng chatter: errors are one line
+            return args.func(args)
+    except _user_errors() as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # disk full, unwritable output, ...
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or a model/library failure: still one line unless debugging
+        if os.environ.get("FACEKIT_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())[:500] or "no message"
+        print(f"error: {type(e).__name__}: {msg} (set FACEKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

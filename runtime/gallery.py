@@ -1,0 +1,477 @@
+"""A face gallery: enrol people, identify faces with unknown rejection, save and load safely.
+
+Matching rule: each person may hold several embeddings; a query's similarity to a person is its **best**
+cosine similarity over that person's embeddings (nearest neighbour, not a mean template — it keeps
+profile and frontal enrolments useful and is what exact search gives for free).
+
+Unknown rejection: :meth:`Gallery.identify` returns ``(name, similarity)`` pairs, best first; a pair whose
+similarity is below the threshold has ``name`` None (:data:`UNKNOWN`). The threshold is the gallery's own
+when set, else the one the recognizer model carries (``FacePipeline.threshold``).
+
+Memory: embeddings live in an append-only buffer that grows by doubling, so enrolling one person costs
+O(its rows), not a copy of the gallery; ``remove`` compacts (one copy).
+
+Storage: one ``.npz`` file (no pickle: loaded with ``allow_pickle=False``) holding ``embeddings``
+(float32 M×D), ``owner`` (int32 person index per row) and ``meta`` (UTF-8 JSON as uint8 bytes: format,
+version, names, threshold, dim and a SHA-256 of the arrays). One file means names and vectors can never
+disagree; it is written atomically (temporary file in the same folder, fsync, ``os.replace``, fsync of the
+folder), so a process killed during :meth:`Gallery.save` leaves the previous gallery intact.
+
+Thread safety: the state is an immutable snapshot replaced under a lock (copy-on-write); ``identify``
+reads one snapshot and never sees a half-finished enrolment. Enrolments write only buffer rows past every
+published snapshot, then publish a new snapshot.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+UNKNOWN = None
+FORMAT = "facekit-gallery"
+VERSION = 1
+#: Galleries with at least this many embeddings are searched with faiss (IndexFlatIP, exact) when installed.
+FAISS_MIN_ROWS = 20_000
+
+
+class GalleryError(ValueError):
+    """A gallery file is missing, corrupt or of an unknown format; or an enrolment is invalid."""
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One immutable view of the gallery.
+
+    ``embeddings``/``owner`` are read-only views of the first rows of append-only buffers, and the
+    snapshot sees the first ``people`` entries of an append-only name list (and of the name → index
+    map). Enrolments only append past what a published snapshot sees, so a snapshot never changes and an
+    enrolment costs O(its own rows). ``remove`` builds fresh buffers instead.
+    """
+
+    all_names: list = field(default_factory=list, compare=False)
+    people: int = 0
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    owner: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # person index of each row
+    max_rows: int = 0  # most rows held by one person
+    lookup: dict = field(default_factory=dict, compare=False)  # name -> person index (may run ahead)
+    index: list = field(default_factory=list, compare=False)  # lazily built faiss index (0 or 1 item)
+
+    @property
+    def names(self) -> list[str]:
+        return self.all_names[: self.people]
+
+    def person(self, name: str) -> int | None:
+        i = self.lookup.get(name)
+        return i if i is not None and i < self.people else None
+
+    def rows(self, person: int) -> np.ndarray:
+        return self.embeddings[self.owner == person]
+
+
+def _freeze(names: list, people: int, emb: np.ndarray, owner: np.ndarray, max_rows: int, lookup: dict) -> _Snapshot:
+    emb, owner = emb.view(), owner.view()
+    emb.setflags(write=False)
+    owner.setflags(write=False)
+    return _Snapshot(names, people, emb, owner, int(max_rows), lookup)
+
+
+def _fresh(names: Sequence[str], emb: np.ndarray, owner: np.ndarray) -> tuple[_Snapshot, list[int]]:
+    """A snapshot on new (unshared) arrays and lists, plus the per-person row counts."""
+    names = list(names)
+    counts = np.bincount(owner.astype(np.int64), minlength=len(names)).tolist() if len(names) else []
+    snap = _freeze(names, len(names), np.ascontiguousarray(emb, np.float32), np.ascontiguousarray(owner, np.int32),
+                   max(counts, default=0), {n: i for i, n in enumerate(names)})
+    return snap, counts
+
+
+class Gallery:
+    """Enrolled people and their face embeddings (see the module docstring for the rules)."""
+
+    def __init__(self, threshold: float | None = None, dim: int | None = None, pipeline: Any = None):
+        self.threshold = None if threshold is None else float(threshold)
+        self.dim = None if dim is None else int(dim)
+        self.pipeline = pipeline
+        self._lock = threading.Lock()
+        self._buffers: tuple[np.ndarray, np.ndarray] | None = None  # (embeddings, owner) with spare rows
+        self._counts: list[int] = []  # rows per person (writer side, under the lock)
+        self._state = _Snapshot()
+
+    # ------------------------------------------------------------------------------------- queries
+
+    @property
+    def names(self) -> list[str]:
+        """Enrolled people, in enrolment order."""
+        return list(self._state.names)  # a copy
+
+    def __len__(self) -> int:
+        return self._state.people
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._state.person(name) is not None
+
+    def __repr__(self) -> str:
+        s = self._state
+        return f"Gallery({s.people} people, {len(s.embeddings)} embeddings, dim={self.dim}, threshold={self.threshold})"
+
+    def embeddings(self, name: str) -> np.ndarray:
+        """A copy of the L2-normalised embeddings enrolled for ``name``."""
+        s = self._state
+        person = s.person(name)
+        if person is None:
+            raise KeyError(f"{name!r} is not enrolled")
+        return s.rows(person).copy()
+
+    @property
+    def num_embeddings(self) -> int:
+        return len(self._state.embeddings)
+
+    # ------------------------------------------------------------------------------------ changes
+
+    def enroll(self, name: str, images_or_embeddings: Any, pipeline: Any = None) -> int:
+        """Add faces of ``name``; returns how many embeddings were added.
+
+        Items are embeddings (a float 1-D vector, or a float 2-D array of one vector per row; they are
+        L2-normalised here) or images (path, bytes or image array), which need a ``pipeline``
+        (``FacePipeline``; remembered for later ``identify`` calls): the largest face of each image is
+        used, and an image without a face is an error naming it. Enrolling an existing name adds to it.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise GalleryError(f"a person's name must be a non-empty string, got {name!r}")
+        if pipeline is not None:
+            self.pipeline = pipeline
+        vectors = self._to_embeddings(images_or_embeddings, pipeline or self.pipeline)
+        if len(vectors) == 0:
+            raise GalleryError(f"nothing to enrol for {name!r}")
+        with self._lock:
+            if self.dim is None:
+                self.dim = vectors.shape[1]
+            elif vectors.shape[1] != self.dim:
+                raise GalleryError(f"embeddings for {name!r} have {vectors.shape[1]} dimensions, "
+                                   f"the gallery has {self.dim}")
+            s = self._state
+            n, k = len(s.owner), len(vectors)
+            if self._buffers is None or n + k > len(self._buffers[1]):  # grow (amortised doubling)
+                cap = max(64, 2 * (n + k))
+                emb_buf, own_buf = np.empty((cap, self.dim), np.float32), np.empty(cap, np.int32)
+                if n:
+                    emb_buf[:n], own_buf[:n] = s.embeddings, s.owner
+                self._buffers = (emb_buf, own_buf)
+            emb_buf, own_buf = self._buffers
+            person = s.person(name)
+            if person is None:  # append to the shared name list: older snapshots see only their prefix
+                person = s.people
+                del s.all_names[person:]  # defensive: nothing past ``people`` is ever published
+                s.all_names.append(name)
+                s.lookup[name] = person
+                self._counts.append(0)
+            self._counts[person] += k
+            emb_buf[n:n + k] = vectors  # rows no published snapshot can see yet
+            own_buf[n:n + k] = person
+            self._state = _freeze(s.all_names, len(s.all_names), emb_buf[:n + k], own_buf[:n + k],
+                                  max(s.max_rows, self._counts[person]), s.lookup)
+        return len(vectors)
+
+    def remove(self, name: str) -> int:
+        """Forget ``name``; returns how many embeddings were removed. KeyError if not enrolled."""
+        with self._lock:
+            s = self._state
+            drop = s.person(name)
+            if drop is None:
+                raise KeyError(f"{name!r} is not enrolled")
+            keep = s.owner != drop
+            owner = s.owner[keep]
+            owner = owner - (owner > drop).astype(np.int32)  # renumber the people after ``drop``
+            removed = len(s.owner) - len(owner)
+            names = s.names
+            del names[drop]
+            self._buffers = None  # fresh arrays and lists: older snapshots keep theirs untouched
+            self._state, self._counts = _fresh(names, s.embeddings[keep], owner)
+        return removed
+
+    # ----------------------------------------------------------------------------------- identify
+
+    def identify(self, image_or_embedding: Any, top_k: int = 1, pipeline: Any = None,
+                 threshold: float | None = None) -> list[tuple[str | None, float]]:
+        """The ``top_k`` best-matching people as ``(name, similarity)``, best first.
+
+        A name is None (unknown) when its similarity is below the threshold (``threshold`` argument,
+        else the gallery's, else the pipeline model's). An embedding query is L2-normalised; an image
+        query uses its largest face and returns ``[]`` when it has no face. An empty gallery answers
+        ``[(None, -1.0)]``.
+        """
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+        pipe = pipeline or self.pipeline
+        thr = self._resolve_threshold(threshold, pipe)
+        if _is_embedding(image_or_embedding):
+            q = _normalise(np.asarray(image_or_embedding, np.float32).reshape(1, -1), "query")[0]
+        else:
+            faces = self._largest_faces([image_or_embedding], pipe, allow_missing=True)
+            if not faces:
+                return []
+            q = faces[0]
+        s = self._state  # one consistent snapshot for the whole query
+        if s.people == 0:
+            return [(UNKNOWN, -1.0)]
+        if q.shape[0] != s.embeddings.shape[1]:
+            raise GalleryError(f"query has {q.shape[0]} dimensions, the gallery has {s.embeddings.shape[1]}")
+        best = self._person_scores(s, q, int(top_k))
+        order = sorted(best.items(), key=lambda kv: -kv[1])[: int(top_k)]
+        return [(s.all_names[i] if sim >= thr else UNKNOWN, float(sim)) for i, sim in order]
+
+    def _person_scores(self, s: _Snapshot, q: np.ndarray, top_k: int) -> dict[int, float]:
+        """Best similarity per person, for the people that can make the top ``top_k``.
+
+        The ``top_k × (most rows of one person)`` best rows always contain the best row of each of the
+        ``top_k`` best people, so only those rows are reduced to people.
+        """
+        n = len(s.owner)
+        k = min(n, top_k * s.max_rows)
+        index = _faiss_index(s)
+        if index is not None:
+            sims, rows = index.search(q.reshape(1, -1), k)
+            sims, rows = sims[0], rows[0]
+            ok = rows >= 0
+            sims, rows = sims[ok], rows[ok]
+        else:
+            all_sims = s.embeddings @ q
+            rows = np.argpartition(-all_sims, k - 1)[:k] if k < n else np.arange(n)
+            rows = rows[np.argsort(-all_sims[rows], kind="stable")]
+            sims = all_sims[rows]
+        best: dict[int, float] = {}
+        for sim, row in zip(sims.tolist(), rows.tolist()):
+            best.setdefault(int(s.owner[row]), sim)  # sorted: the first row of a person is its best
+            if len(best) == top_k:
+                break
+        return best
+
+    def _resolve_threshold(self, threshold: float | None, pipeline: Any) -> float:
+        for value in (threshold, self.threshold, _pipeline_threshold(pipeline)):
+            if value is not None:
+                return float(value)
+        raise GalleryError("no threshold: pass Gallery(threshold=...) or a pipeline whose recognizer carries one")
+
+    # -------------------------------------------------------------------------------- embeddings
+
+    def _to_embeddings(self, items: Any, pipeline: Any) -> np.ndarray:
+        if _is_embedding(items):
+            arr = np.asarray(items, np.float32)
+            return _normalise(arr.reshape(1, -1) if arr.ndim == 1 else arr, "embedding")
+        if isinstance(items, (str, os.PathLike, bytes, bytearray)) or (isinstance(items, np.ndarray)):
+            items = [items]
+        elif not isinstance(items, Iterable):
+            raise GalleryError(f"expected images or embeddings, got {type(items).__name__}")
+        vectors = []
+        images = []
+        for item in items:
+            if _is_embedding(item):
+                arr = np.asarray(item, np.float32)
+                vectors.append(_normalise(arr.reshape(1, -1) if arr.ndim == 1 else arr, "embedding"))
+            else:
+                images.append(item)
+        if images:
+            vectors.append(np.stack(self._largest_faces(images, pipeline, allow_missing=False)))
+        if not vectors:
+            return np.zeros((0, self.dim or 0), np.float32)
+        dims = {v.shape[1] for v in vectors}
+        if len(dims) > 1:
+            raise GalleryError(f"embeddings of different sizes {sorted(dims)} in one enrolment")
+        return np.concatenate(vectors, 0)
+
+    @staticmethod
+    def _largest_faces(images: Iterable[Any], pipeline: Any, allow_missing: bool) -> list[np.ndarray]:
+        """The embedding of the largest face of each image (``FacePipeline.largest_face``)."""
+        if pipeline is None:
+            raise GalleryError("images need a pipeline: enroll(name, images, pipeline=FacePipeline()) "
+                               "or pass embeddings")
+        from .pipeline import NoFaceError
+
+        out = []
+        for image in images:
+            try:
+                face = pipeline.largest_face(image)
+            except NoFaceError:
+                if allow_missing:
+                    continue
+                raise GalleryError(f"{_label(image)}: no face found") from None
+            out.append(_normalise(np.asarray(face.embedding, np.float32).reshape(1, -1), _label(image))[0])
+        return out
+
+    # ---------------------------------------------------------------------------------- save/load
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the gallery to ``path`` (one .npz) atomically; returns the path."""
+        path = Path(path)
+        s = self._state
+        emb = np.ascontiguousarray(s.embeddings, np.float32)
+        owner = np.ascontiguousarray(s.owner, np.int32)
+        meta = {"format": FORMAT, "version": VERSION, "names": list(s.names), "threshold": self.threshold,
+                "dim": self.dim, "count": int(len(emb)), "sha256": _digest(emb, owner)}
+        meta_bytes = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, embeddings=emb, owner=owner, meta=meta_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        _remove_stale_temporaries(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, pipeline: Any = None) -> "Gallery":
+        """Read a gallery written by :meth:`save`; :class:`GalleryError` if missing, corrupt or foreign."""
+        path = Path(path)
+        if not path.is_file():
+            raise GalleryError(f"{path}: gallery file not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = {"embeddings", "owner", "meta"} - set(z.files)
+                if missing:
+                    raise GalleryError(f"{path}: not a facekit gallery (missing {', '.join(sorted(missing))})")
+                emb, owner, meta_bytes = z["embeddings"], z["owner"], z["meta"]
+            meta = json.loads(meta_bytes.tobytes().decode("utf-8"))
+        except GalleryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an untrusted file: any failure is "cannot read"
+            raise GalleryError(f"{path}: cannot read gallery ({type(e).__name__}: {e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise GalleryError(f"{path}: not a facekit gallery")
+        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+            raise GalleryError(f"{path}: gallery format version {meta.get('version')!r} is newer than this "
+                               f"runtime ({VERSION})")
+        names = meta.get("names")
+        if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                or len(set(names)) != len(names)):
+            raise GalleryError(f"{path}: corrupt gallery (bad name list)")
+        if emb.dtype != np.float32 or emb.ndim != 2 or owner.ndim != 1 or owner.dtype.kind not in "iu" \
+                or len(owner) != len(emb) \
+                or meta.get("count") != len(emb) or (len(emb) and (owner.min() < 0 or owner.max() >= len(names))):
+            raise GalleryError(f"{path}: corrupt gallery (arrays do not match the name list)")
+        if meta.get("sha256") != _digest(emb, owner.astype(np.int32)):
+            raise GalleryError(f"{path}: corrupt gallery (checksum mismatch)")
+        thr, dim = meta.get("threshold"), meta.get("dim")
+        if not (thr is None or isinstance(thr, (int, float))) or not (dim is None or isinstance(dim, int)) \
+                or (len(emb) and dim != emb.shape[1]):
+            raise GalleryError(f"{path}: corrupt gallery (bad threshold or dimension)")
+        g = cls(threshold=thr, dim=dim, pipeline=pipeline)
+        counts = np.bincount(owner.astype(np.int64), minlength=len(names))
+        if (counts == 0).any():
+            raise GalleryError(f"{path}: corrupt gallery (a person without embeddings)")
+        with g._lock:
+            g._state, g._counts = _fresh(names, emb, owner)
+        return g
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _is_embedding(x: Any) -> bool:
+    """Float 1-D/2-D arrays (or lists of floats) are embeddings; anything else is an image."""
+    if isinstance(x, np.ndarray):
+        return x.ndim in (1, 2) and np.issubdtype(x.dtype, np.floating)
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, (float, np.floating)) for v in x):
+        return True
+    return False
+
+
+def _normalise(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise GalleryError(f"{what}: expected a vector or N×D array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise GalleryError(f"{what}: embedding contains NaN or infinity")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms < 1e-12).any():
+        raise GalleryError(f"{what}: zero-length embedding")
+    return (x / norms).astype(np.float32)
+
+
+def _label(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    return f"<{type(image).__name__}>"
+
+
+def _pipeline_threshold(pipeline: Any) -> float | None:
+    if pipeline is None:
+        return None
+    for attr in ("threshold", "threshold_cosine"):
+        value = getattr(pipeline, attr, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _digest(emb: np.ndarray, owner: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(emb, np.float32).tobytes())
+    h.update(np.ascontiguousarray(owner, np.int32).tobytes())
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries left by writers of ``path`` that were killed (their process no longer exists)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2:].split(".")
+        try:
+            pid = int(parts[0])
+        except (ValueError, IndexError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+_FAISS_LOCK = threading.Lock()
+
+
+def _faiss_index(s: _Snapshot):
+    """An exact faiss IndexFlatIP for large snapshots when faiss is installed, else None."""
+    if len(s.embeddings) < FAISS_MIN_ROWS:
+        return None
+    if s.index:
+        return s.index[0]
+    try:
+        import faiss  # optional
+    except ImportError:
+        return None
+    with _FAISS_LOCK:
+        if not s.index:
+            index = faiss.IndexFlatIP(s.embeddings.shape[1])
+            index.add(np.ascontiguousarray(s.embeddings))
+            s.index.append(index)
+    return s.index[0]
+
+
+__all__ = ["Gallery", "GalleryError", "UNKNOWN", "FAISS_MIN_ROWS"]

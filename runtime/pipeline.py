@@ -1,0 +1,359 @@
+"""`FacePipeline`: detect → 5 landmarks → similarity warp → embed → compare, torch-free.
+
+One pipeline object may be shared by many threads: models are loaded once (lazily, under a lock) and
+inference sessions are stateless. Preprocessing and the verification threshold come from the recognizer's
+metadata (:mod:`runtime.metadata`), never from guesses.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .backends.base import Backend, ModelLoadError, load_model
+from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, Detection, load_detector
+from .geometry import ARCFACE_TEMPLATE_112, template_for_size, warp_face
+from .image_io import ImageError, load_image
+from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
+from .preprocess import PreprocessSpec, l2_normalize, to_model_input
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_RECOGNIZER = MODELS_DIR / "recognizer.onnx"
+DEFAULT_ALIGNER = MODELS_DIR / "aligner.onnx"
+LANDMARK_MODES = ("detector", "aligner")
+
+
+class NoFaceError(ValueError):
+    """An image that must contain a face (e.g. for :meth:`FacePipeline.compare`) has none."""
+
+
+@dataclass
+class Face:
+    """One face: ``box`` x1,y1,x2,y2 and ``landmarks`` (5,2) in image pixels (float32), detector ``score``,
+    and the L2-normalised ``embedding`` (float32) once embedded, else None."""
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+    embedding: np.ndarray | None = None
+
+    @property
+    def area(self) -> float:
+        return float(max(self.box[2] - self.box[0], 0) * max(self.box[3] - self.box[1], 0))
+
+    def to_dict(self, with_embedding: bool = False) -> dict[str, Any]:
+        """JSON-friendly form: ``box`` [x1,y1,x2,y2], ``score``, ``landmarks`` [[x,y]×5] (+ ``embedding``)."""
+        d = Detection(self.box, self.score, self.landmarks).to_dict()
+        if with_embedding and self.embedding is not None:
+            d["embedding"] = [float(v) for v in self.embedding]
+        return d
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Result of :meth:`FacePipeline.compare`: cosine ``similarity`` of the largest face of each image and
+    the verdict ``same`` at ``threshold`` (None when the recognizer carries no threshold)."""
+
+    similarity: float
+    same: bool | None
+    threshold: float | None
+    face_a: Face = field(repr=False)
+    face_b: Face = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"similarity": round(self.similarity, 6), "same": self.same}
+
+
+class FacePipeline:
+    """Detect, align and embed faces; compare them.
+
+    ``recognizer``/``aligner``: model path, a loaded :class:`~runtime.backends.Backend`, or None for the
+    shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX path or bytes,
+    a detector object, or None for the default RetinaFace-MobileNet0.25. ``landmarks``: ``"detector"`` uses
+    the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner. ``backend``: ``"auto"``
+    (fastest available) or a backend name. ``threshold`` overrides the recognizer's ``threshold_cosine``.
+    ``preprocess`` overrides the recognizer's metadata (only for models exported without it).
+    """
+
+    def __init__(self, recognizer: str | os.PathLike | Backend | None = None,
+                 detector: str | os.PathLike | bytes | Any | None = None, landmarks: str = "detector",
+                 aligner: str | os.PathLike | Backend | None = None, backend: str = "auto",
+                 threshold: float | None = None, *, preprocess: PreprocessSpec | None = None,
+                 score_threshold: float = 0.5, max_side: int = DEFAULT_MAX_SIDE,
+                 min_side: int = DEFAULT_MIN_SIDE, batch_size: int = 32):
+        if landmarks not in LANDMARK_MODES:
+            raise ValueError(f"landmarks must be one of {LANDMARK_MODES}, got {landmarks!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.backend_name = backend
+        self.landmark_mode = landmarks
+        self.score_threshold = float(score_threshold)
+        self.batch_size = int(batch_size)
+        self._threshold_override = None if threshold is None else float(threshold)
+        self._preprocess_override = preprocess
+        self._lock = threading.Lock()
+
+        if detector is None or isinstance(detector, (str, os.PathLike, bytes, bytearray)):
+            # ONNX detectors (the default's bytes included) run where ONNX runs; engines use `backend`
+            onnx_like = detector is None or isinstance(detector, (bytes, bytearray)) or \
+                os.fspath(detector).lower().endswith(".onnx")
+            det_backend = backend if backend == "onnxruntime" or not onnx_like else "auto"
+            self.detector = load_detector(detector, backend=det_backend, max_side=max_side, min_side=min_side)
+        else:
+            if not callable(getattr(detector, "detect", None)):
+                raise TypeError(f"detector must be a path, ONNX bytes or an object with .detect(), got {type(detector)}")
+            self.detector = detector
+
+        # Explicit models load now (errors surface at construction); the shipped defaults load on first use,
+        # so that e.g. `detect` works before the default recognizer has been trained.
+        self._recognizer_src = recognizer
+        self._recognizer: Backend | None = None
+        self._spec: PreprocessSpec | None = None
+        self._meta: dict[str, Any] = {}
+        if recognizer is not None or DEFAULT_RECOGNIZER.is_file():
+            self._load_recognizer()
+        self._aligner_src = aligner
+        self._aligner = None
+        if landmarks == "aligner" and (aligner is not None or DEFAULT_ALIGNER.is_file()):
+            self._load_aligner()
+
+    # ------------------------------------------------------------------------------------------ models
+
+    def _load_recognizer(self) -> Backend:
+        with self._lock:
+            if self._recognizer is not None:
+                return self._recognizer
+            src = self._recognizer_src
+            if isinstance(src, Backend):
+                model = src
+            else:
+                path = DEFAULT_RECOGNIZER if src is None else Path(os.fspath(src))
+                if src is None and not path.is_file():
+                    raise ModelLoadError(
+                        f"the default recognizer {path} is missing (the project's trained model has not been "
+                        "exported there); pass recognizer=PATH (CLI: --recognizer PATH)"
+                    )
+                model = load_model(str(path), backend=self.backend_name)
+            meta = dict(model.metadata or {})
+            if self._preprocess_override is not None:
+                spec = self._preprocess_override
+            else:
+                if not meta:  # backends decode metadata when present; report its absence clearly
+                    meta = decode_metadata(getattr(model, "raw_metadata", {}) or {}, source=model.path)
+                if meta.get("task") != "recognition":
+                    raise ModelMetadataError(
+                        f"{model.path}: not a recognizer (metadata task is {meta.get('task')!r}, expected 'recognition')"
+                    )
+                spec = preprocess_spec(meta)
+            _check_template(spec, model.path)
+            self._meta, self._spec, self._recognizer = meta, spec, model
+            return model
+
+    def _load_aligner(self):
+        with self._lock:
+            if self._aligner is not None:
+                return self._aligner
+            src = self._aligner_src
+            path = DEFAULT_ALIGNER if src is None else src
+            if src is None and not DEFAULT_ALIGNER.is_file():
+                raise ModelLoadError(
+                    f"the default aligner {DEFAULT_ALIGNER} is missing; pass aligner=PATH (CLI: --aligner PATH) "
+                    "or use landmarks='detector'"
+                )
+            from .landmarks import LandmarkRefiner
+
+            if isinstance(path, Backend):
+                path = path.path
+            self._aligner = LandmarkRefiner(str(path), backend=self.backend_name)
+            return self._aligner
+
+    @property
+    def recognizer(self) -> Backend:
+        """The loaded recognizer backend (loads the default on first access)."""
+        return self._recognizer if self._recognizer is not None else self._load_recognizer()
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        """The recognizer's preprocessing (from its metadata)."""
+        self.recognizer
+        return self._spec
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The recognizer's facekit metadata."""
+        self.recognizer
+        return dict(self._meta)
+
+    @property
+    def threshold(self) -> float | None:
+        """Cosine threshold for ``same``: the constructor's, else the recognizer's ``threshold_cosine``."""
+        if self._threshold_override is not None:
+            return self._threshold_override
+        value = self.metadata.get("threshold_cosine")
+        return None if value is None else float(value)
+
+    @property
+    def providers(self) -> dict[str, str]:
+        """What really runs each loaded model, e.g. ``{"detector": "CPUExecutionProvider", ...}``."""
+        out = {"detector": getattr(self.detector, "device", type(self.detector).__name__)}
+        if self._recognizer is not None:
+            out["recognizer"] = self._recognizer.device
+        if self._aligner is not None:
+            out["aligner"] = self._aligner.device
+        return out
+
+    # ----------------------------------------------------------------------------------------- stages
+
+    def detect(self, image, color_order: str = "BGR", score_threshold: float | None = None) -> list[Face]:
+        """Faces in ``image`` (path, bytes or array in ``color_order``), best score first, without embeddings.
+
+        In ``landmarks="aligner"`` mode the landmarks are the aligner's.
+        """
+        img = _load(image, color_order)
+        return self._detect(img, score_threshold)
+
+    def _detect(self, img: np.ndarray, score_threshold: float | None = None) -> list[Face]:
+        thr = self.score_threshold if score_threshold is None else float(score_threshold)
+        dets = self.detector.detect(img, score_threshold=thr)
+        faces = [Face(np.asarray(d.box, np.float32), float(d.score), np.asarray(d.landmarks, np.float32)) for d in dets]
+        if faces and self.landmark_mode == "aligner":
+            aligner = self._aligner if self._aligner is not None else self._load_aligner()
+            init = np.stack([f.landmarks for f in faces])
+            refined = aligner.refine_many(img, np.stack([f.box for f in faces]),
+                                          None if not np.isfinite(init).all() else init)
+            for f, pts in zip(faces, refined):
+                f.landmarks = np.asarray(pts, np.float32)
+        return faces
+
+    def align(self, image, landmarks: np.ndarray, color_order: str = "BGR") -> np.ndarray:
+        """The recognizer-sized crop (default 112×112) of the face with ``landmarks``, in ``color_order``."""
+        img = _load(image, color_order)
+        crop = self._warp(img, landmarks)
+        return crop[..., ::-1].copy() if color_order.upper() == "RGB" else crop
+
+    def _warp(self, img_bgr: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        pts = np.asarray(landmarks, np.float32)
+        if pts.shape != (5, 2):
+            raise ValueError(f"expected (5, 2) landmarks, got shape {pts.shape}")
+        if not np.isfinite(pts).all():
+            raise ValueError("landmarks are missing (NaN): this detector has no landmark head; "
+                             "use landmarks='aligner'")
+        return warp_face(img_bgr, pts, size=tuple(self.spec.input_size))
+
+    def embed_aligned(self, crops: np.ndarray | Sequence[np.ndarray], color_order: str = "BGR",
+                      batch_size: int | None = None) -> np.ndarray:
+        """L2-normalised embeddings (N×D float32) of aligned uint8 crops (N×H×W×3 or a list of H×W×3)."""
+        x = np.asarray(crops) if not isinstance(crops, (list, tuple)) else (
+            np.stack([np.asarray(c) for c in crops]) if len(crops) else np.zeros((0, 0, 0, 3), np.uint8))
+        if x.ndim == 3:
+            x = x[None]
+        if x.dtype != np.uint8:
+            raise ValueError(f"aligned crops must be uint8, got {x.dtype}")
+        spec = self.spec
+        model = self.recognizer
+        if len(x) == 0:
+            return np.zeros((0, int(self._meta.get("embedding_size", 0) or 0)), np.float32)
+        bs = int(batch_size or self.batch_size)
+        fixed = _fixed_batch(model)
+        if fixed:
+            bs = fixed
+        out = []
+        for start in range(0, len(x), bs):
+            chunk = to_model_input(x[start:start + bs], spec, color_order=color_order)
+            n = len(chunk)
+            if fixed and n < fixed:  # a model exported with a fixed batch: pad the last chunk
+                chunk = np.concatenate([chunk, np.zeros((fixed - n,) + chunk.shape[1:], chunk.dtype)])
+            emb = np.asarray(model.run(chunk)[0], np.float32).reshape(len(chunk), -1)[:n]
+            out.append(emb)
+        emb = np.concatenate(out)
+        if not np.isfinite(emb).all():
+            raise RuntimeError(f"{model.path}: the recognizer produced NaN/inf embeddings")
+        return l2_normalize(emb)
+
+    def embed(self, image, color_order: str = "BGR", score_threshold: float | None = None) -> list[Face]:
+        """Faces in ``image`` with L2-normalised embeddings (all faces embedded in batches)."""
+        img = _load(image, color_order)
+        faces = self._detect(img, score_threshold)
+        if faces:
+            self.recognizer  # load before warping: the crop size comes from its metadata
+            crops = np.stack([self._warp(img, f.landmarks) for f in faces])
+            for f, e in zip(faces, self.embed_aligned(crops, color_order="BGR")):
+                f.embedding = e
+        return faces
+
+    def largest_face(self, image, color_order: str = "BGR") -> Face:
+        """The embedded largest face of ``image``; :class:`NoFaceError` when there is none."""
+        img = _load(image, color_order)
+        faces = self._detect(img)
+        if not faces:
+            raise NoFaceError(f"{_describe(image)}: no face found")
+        face = max(faces, key=lambda f: f.area)
+        self.recognizer
+        face.embedding = self.embed_aligned(self._warp(img, face.landmarks)[None], color_order="BGR")[0]
+        return face
+
+    def compare(self, a, b, color_order: str = "BGR") -> Comparison:
+        """Cosine similarity of the largest face of ``a`` and of ``b``, and the same/different verdict."""
+        fa = self.largest_face(a, color_order)
+        fb = self.largest_face(b, color_order)
+        sim = float(np.dot(fa.embedding, fb.embedding))
+        thr = self.threshold
+        return Comparison(sim, None if thr is None else bool(sim >= thr), thr, fa, fb)
+
+    def __repr__(self) -> str:
+        return f"FacePipeline(landmarks={self.landmark_mode!r}, providers={self.providers})"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _describe(src) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    if isinstance(src, np.ndarray):
+        return f"<array {src.shape}>"
+    return f"<{type(src).__name__}>"
+
+
+def _load(image, color_order: str) -> np.ndarray:
+    if isinstance(image, Path):
+        image = str(image)
+    return load_image(image, color_order=color_order)
+
+
+def _fixed_batch(model: Backend) -> int | None:
+    shape = getattr(model, "input_shape", None)
+    if shape and isinstance(shape[0], int) and shape[0] > 0:
+        return int(shape[0])
+    return None
+
+
+def _check_template(spec: PreprocessSpec, source: str) -> None:
+    """The warp uses the ArcFace template (``runtime.geometry``); refuse metadata asking for another one."""
+    tmpl = np.asarray(spec.template, np.float32)
+    ok = tmpl.shape == (5, 2) and (
+        np.allclose(tmpl, template_for_size(tuple(spec.input_size)), atol=1e-3)
+        or np.allclose(tmpl, ARCFACE_TEMPLATE_112, atol=1e-3)
+    )
+    if not ok:
+        raise ModelMetadataError(f"{source}: metadata asks for an alignment template this runtime does not use")
+    if tuple(spec.landmark_order) != tuple(PreprocessSpec().landmark_order):
+        raise ModelMetadataError(f"{source}: metadata landmark order {spec.landmark_order} is not facekit's")
+
+
+def iter_images(folder: str | os.PathLike, extensions: Iterable[str] = (".jpg", ".jpeg", ".png", ".bmp", ".webp",
+                                                                        ".tif", ".tiff")) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    exts = {e.lower() for e in extensions}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.name)
+
+
+__all__ = ["Face", "FacePipeline", "Comparison", "NoFaceError", "ImageError", "DEFAULT_RECOGNIZER",
+           "DEFAULT_ALIGNER", "iter_images"]

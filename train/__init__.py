@@ -1,0 +1,1 @@
+"""facekit training: recognizer backbones, margin losses, checkpoints, the hourglass aligner and trainers."""

@@ -1,0 +1,161 @@
+"""Atomic checkpoints and rebuilding models from them.
+
+A checkpoint is a dict with at least ``"model"`` (a state_dict) and ``"config"`` (the experiment config;
+``config["task"]`` is ``"recognition"`` (``arch``, ``embedding_size``) or ``"landmarks"``), plus whatever the
+trainer keeps (step, optimizer, scheduler, scaler, rng, sampler, head, best_metric). Which files to keep
+(``last.pt``, ``best.pt``, ``step_*.pt``) is the trainer's business; every write here is atomic.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Stored in every checkpoint written by :func:`save_checkpoint`.
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is unreadable (truncated, corrupt) or not a facekit checkpoint."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: temp file in the same folder, flush, fsync, ``os.replace``.
+
+    A reader sees either the previous complete file or the new complete file, never a partial one,
+    even when the writer is killed. Returns the path.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**state, "facekit_checkpoint": FORMAT_VERSION}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    remove_stale_temp_files(path)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists
+        return True
+    return True
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete temp files of ``path`` left by writers that died mid-save (their pid is gone); returns them."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    weights_only: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict; raise :class:`CheckpointError` naming the file when it is truncated or foreign.
+
+    ``weights_only=False`` (default) allows the numpy/python RNG states trainers store: load only
+    checkpoints you trust. Missing files raise ``FileNotFoundError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # truncated zip, foreign pickle, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or "model" not in state:
+        kind = type(state).__name__ if not isinstance(state, dict) else f"dict with keys {sorted(map(str, state))[:8]}"
+        raise CheckpointError(f"{path} is not a facekit checkpoint (expected a dict with 'model'; got {kind})")
+    return state
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the checkpoint file (recorded in exported models' metadata)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Build the (untrained) model a config describes: a recognizer backbone or, for task "landmarks", the aligner."""
+    task = config.get("task", "recognition")
+    if task == "landmarks":
+        from train.aligner import build_aligner  # written by the aligner engineer; imported lazily
+
+        return build_aligner(config)
+    if task != "recognition":
+        raise ValueError(f"unknown task {task!r} in config (expected 'recognition' or 'landmarks')")
+    if "arch" not in config:
+        raise ValueError("recognition config lacks 'arch'")
+    from train.backbones import build_backbone
+
+    return build_backbone(config["arch"], int(config.get("embedding_size", 512)), **config.get("backbone_kwargs", {}))
+
+
+def build_model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in checkpoint ``path``; returns ``(model.eval(), config)``."""
+    state = load_checkpoint(path)
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has no 'config' dict; cannot tell which model it holds")
+    model = build_model(config)
+    try:
+        model.load_state_dict(_strip_prefixes(state["model"]), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes: {e}") from e
+    return model.eval(), config

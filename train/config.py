@@ -1,0 +1,311 @@
+"""Experiment configs: YAML files over built-in defaults, dotted command-line overrides, validation.
+
+    cfg = load_config("train/configs/smoke.yaml", ["optim.lr=0.05", "data.batch_size=32"])
+
+Unknown keys and wrong types are errors that name the key (and suggest the closest known one). The
+resolved config is saved as ``<output>/config.yaml`` and inside every checkpoint; its top level carries
+``task``, ``arch``, ``embedding_size`` and ``backbone_kwargs`` as :mod:`train.checkpoint` expects.
+Paths may use ``$FACEKIT_DATA`` (default ``../shared/data`` next to the repository) and ``~``.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Every key a config may have, with its default. ``None`` defaults accept a string (paths) or null.
+DEFAULTS: dict[str, Any] = {
+    "name": "experiment",
+    "task": "recognition",
+    "arch": "mobilefacenet",
+    "embedding_size": 512,
+    "backbone_kwargs": {},
+    "seed": 0,
+    "output": None,  # default runs/<name>
+    "data": {
+        "format": "list",  # folder | list | rec | synthetic
+        "root": None,  # folder tree root, or the root list-file paths are relative to
+        "list": None,  # list file (`path identity` lines); relative paths resolve against root
+        "rec": None,  # insightface train.rec (train.idx next to it unless `idx` is given)
+        "idx": None,
+        "synthetic": {"identities": 100, "per_identity": 12, "seed": 0},
+        "fallback_synthetic": False,  # use synthetic data when the configured files are absent
+        "min_per_identity": 1,
+        "max_identities": 0,
+        "max_per_identity": 0,
+        "augment": "flip",  # preset name or list of ops (see train/augment.py)
+        "cache": "decoded",  # decoded | encoded | none
+        "teacher": None,  # npz with paths, emb, emb_flip (distillation)
+        "batch_size": 128,  # per process
+        "sampler": "shuffle",  # shuffle | pk
+        "pk_p": 32,
+        "pk_k": 4,
+        "workers": 4,
+        "prefetch_factor": 4,
+        "pin_memory": "auto",  # auto (on with CUDA) | true | false
+        "persistent_workers": True,
+    },
+    "loss": {  # passed to train.losses.build_loss (see its docstring)
+        "head": "arcface",  # arcface | cosface | combined | softmax | none
+        "s": 64.0,
+        "m": None,  # arcface: angular margin (0.5); cosface: additive margin (0.35)
+        "m1": 1.0,  # combined margin only: s·(cos(m1·θ + m2) − m3)
+        "m2": 0.5,
+        "m3": 0.0,
+        "easy_margin": False,
+        "label_smoothing": 0.0,
+        "focal_gamma": 0.0,  # > 0: focal loss on top of the classification loss
+        "weight": 1.0,  # weight of the classification term
+        "center": None,  # {weight: 0.01}
+        "triplet": None,  # {weight: 1.0, margin: 0.3}; needs data.sampler=pk
+        "distill": None,  # {weight: 1.0, mode: embedding | similarity}; needs data.teacher
+    },
+    "optim": {
+        "name": "sgd",  # sgd | adamw
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": False,
+        "betas": [0.9, 0.999],
+        "weight_decay": 5.0e-4,
+        "head_lr_mult": 1.0,
+        "head_weight_decay": None,  # null: same as weight_decay
+        "grad_clip": 0.0,  # max global grad norm; 0 = off
+    },
+    "schedule": {
+        "steps": 1000,
+        "epochs": 0.0,  # > 0: steps = epochs × batches per epoch
+        "warmup_steps": 0,
+        "warmup_epochs": 0.0,
+        "min_lr_ratio": 0.0,
+        "restarts": 0,  # cosine warm restarts: extra cycles after the first
+        "restart_mult": 1.0,  # each cycle this much longer than the previous
+        "freeze": [],  # [{modules: [name prefixes], until_step: N}]
+    },
+    "train": {
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "amp": "auto",  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+        "channels_last": False,
+        "checkpoint_every": 500,
+        "log_every": 10,
+        "deterministic": False,
+        "threads": 0,  # torch CPU threads; 0 = torch's default
+        "progress": True,
+        "tensorboard": True,
+        "stop_after": 0,  # stop (with a checkpoint) after this many steps in this invocation
+        "time_limit_min": 0.0,  # stop (with a checkpoint) after this many minutes in this invocation
+    },
+    "eval": {
+        "format": "none",  # none | bin | lfw
+        "path": None,  # .bin file, or the root of an aligned LFW tree (<name>/<name>_0001.jpg)
+        "pairs": None,  # pairs.txt for format lfw
+        "max_pairs": 0,  # 0 = all
+        "every": 0,  # steps; 0 = only at the end
+        "batch_size": 64,
+        "optional": False,  # true: a missing pair set skips evaluation with a warning instead of failing
+    },
+}
+
+CHOICES = {
+    "task": {"recognition"},
+    "data.format": {"folder", "list", "rec", "synthetic"},
+    "data.cache": {"decoded", "encoded", "none"},
+    "data.sampler": {"shuffle", "pk"},
+    "loss.head": {"arcface", "cosface", "combined", "softmax", "none"},
+    "optim.name": {"sgd", "adamw"},
+    "train.amp": {"auto", "off", "bf16", "fp16"},
+    "eval.format": {"none", "bin", "lfw"},
+}
+
+#: Keys whose values are free-form (not checked against the defaults' types).
+FREE_FORM = {"backbone_kwargs", "data.augment", "schedule.freeze", "data.pin_memory", "loss.center", "loss.triplet",
+             "loss.distill"}
+
+
+class ConfigError(ValueError):
+    """A config is invalid; the message names the key."""
+
+
+def data_root() -> str:
+    return os.environ.get("FACEKIT_DATA", str((REPO_ROOT.parent / "shared" / "data").resolve()))
+
+
+def expand_path(p: str | None) -> Path | None:
+    """``$FACEKIT_DATA`` / ``~`` / env vars expanded; relative paths stay relative to the working directory."""
+    if p is None or p == "":
+        return None
+    s = str(p).replace("${FACEKIT_DATA}", data_root()).replace("$FACEKIT_DATA", data_root())
+    return Path(os.path.expanduser(os.path.expandvars(s)))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML (``0.1`` → float, ``true`` → bool, ``[a, b]`` → list, else the string)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            known = [f"{prefix}{k}" for k in base]
+            close = difflib.get_close_matches(dotted, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        if isinstance(base[key], dict) and dotted not in FREE_FORM:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
+            _merge(base[key], value, dotted + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in ``cfg`` (the key must exist in the defaults)."""
+    parts = dotted.split(".")
+    update: dict = {}
+    node = update
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    _merge(cfg, update)
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def validate(cfg: dict, defaults: dict = DEFAULTS, prefix: str = "") -> dict:
+    """Check types and choices; convert ints given for float keys. Returns ``cfg``."""
+    for key, default in defaults.items():
+        dotted = f"{prefix}{key}"
+        value = cfg.get(key)
+        if isinstance(default, dict) and dotted not in FREE_FORM:
+            validate(value, default, dotted + ".")
+            continue
+        if dotted in FREE_FORM:
+            continue
+        if not _type_ok(default, value):
+            raise ConfigError(f"{dotted} must be {type(default).__name__}, got {value!r}")
+        if isinstance(default, float) and value is not None:
+            cfg[key] = float(value)
+        if dotted in CHOICES and value not in CHOICES[dotted]:
+            raise ConfigError(f"{dotted} must be one of {sorted(CHOICES[dotted])}, got {value!r}")
+    if prefix == "":
+        _validate_semantics(cfg)
+    return cfg
+
+
+def _validate_semantics(cfg: dict) -> None:
+    d, s, o = cfg["data"], cfg["schedule"], cfg["optim"]
+    if cfg["embedding_size"] < 1:
+        raise ConfigError("embedding_size must be ≥ 1")
+    if d["batch_size"] < 2:
+        raise ConfigError("data.batch_size must be ≥ 2")
+    if d["sampler"] == "pk" and d["pk_p"] * d["pk_k"] != d["batch_size"]:
+        raise ConfigError(f"data.sampler=pk needs data.batch_size = pk_p × pk_k = {d['pk_p'] * d['pk_k']}, "
+                          f"got {d['batch_size']}")
+    needs = {"folder": "root", "list": "list", "rec": "rec"}.get(d["format"])
+    if needs and not d[needs]:
+        raise ConfigError(f"data.format={d['format']} needs data.{needs}")
+    if s["steps"] < 1 and s["epochs"] <= 0:
+        raise ConfigError("schedule.steps must be ≥ 1 (or schedule.epochs > 0)")
+    if o["lr"] <= 0:
+        raise ConfigError("optim.lr must be > 0")
+    loss = cfg["loss"]
+    for part in ("center", "triplet", "distill"):
+        if loss[part] not in (None, False, True) and not isinstance(loss[part], dict):
+            raise ConfigError(f"loss.{part} must be a mapping like {{weight: 1.0}} or null, got {loss[part]!r}")
+    if loss["m"] is not None and not isinstance(loss["m"], (int, float)):
+        raise ConfigError(f"loss.m must be a number or null, got {loss['m']!r}")
+    if loss["head"] == "none" and not (loss["triplet"] or loss["distill"]):
+        raise ConfigError("loss.head=none needs loss.triplet or loss.distill")
+    if loss["distill"] and not d["teacher"]:
+        raise ConfigError("loss.distill needs data.teacher (an npz of teacher embeddings)")
+    if loss["triplet"] and d["sampler"] != "pk":
+        raise ConfigError("loss.triplet needs data.sampler=pk (positives in every batch)")
+    if cfg["eval"]["format"] != "none" and not cfg["eval"]["path"]:
+        raise ConfigError(f"eval.format={cfg['eval']['format']} needs eval.path")
+    if cfg["eval"]["format"] == "lfw" and not cfg["eval"]["pairs"]:
+        raise ConfigError("eval.format=lfw needs eval.pairs (pairs.txt)")
+    for i, f in enumerate(s["freeze"] or []):
+        if not isinstance(f, dict) or set(f) != {"modules", "until_step"}:
+            raise ConfigError(f"schedule.freeze[{i}] must be {{modules: [prefix, ...], until_step: N}}, got {f!r}")
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """``["optim.lr=0.1", ...]`` → ``[("optim.lr", 0.1), ...]``."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), parse_value(value)))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Defaults ← YAML file ← ``key=value`` overrides, validated. The name defaults to the file's stem."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        loaded.setdefault("name", path.stem)
+        _merge(cfg, loaded)
+    for key, value in parse_overrides(overrides):
+        set_dotted(cfg, key, value)
+    return validate(cfg)
+
+
+def output_dir(cfg: dict) -> Path:
+    """The run's output folder: ``cfg['output']`` or ``runs/<name>``."""
+    return expand_path(cfg["output"]) if cfg["output"] else Path("runs") / cfg["name"]
+
+
+def save_config(cfg: dict, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and f"{prefix}{key}" not in FREE_FORM:
+            out += diff_configs(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

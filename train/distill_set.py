@@ -1,0 +1,80 @@
+"""Join aligned crops (``make_aligned.py`` output) with teacher embeddings (``teacher_dlib.py`` output).
+
+Writes one list file (``path identity``, paths relative to ``--root``) and one teacher npz keyed by the same
+paths, ready for a distillation config (``data.list`` / ``data.teacher``). A teacher vector is kept only when
+the teacher embedded the same face the crop shows (box centres closer than half the crop's box width);
+otherwise the crop stays in the list for the identity loss but gets no teacher vector (zeros).
+
+    python train/distill_set.py --root work_data --out work_data/celeba_distill \
+        --part celeba_wild_112:teacher_wild.npz:wild --part celeba_aligned_112:teacher_aligned.npz:aligned_89x109
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _box(text: str) -> np.ndarray:
+    vals = [float(v) for v in text.split()] if text else []
+    return np.array(vals[:4], np.float32) if len(vals) >= 4 else np.full(4, np.nan, np.float32)
+
+
+def same_face(crop_box: np.ndarray, teacher_box: np.ndarray) -> bool:
+    """True when the teacher's face box is centred on the crop's face box."""
+    if not (np.all(np.isfinite(crop_box)) and np.all(np.isfinite(teacher_box))):
+        return False
+    c1 = (crop_box[:2] + crop_box[2:]) / 2
+    c2 = (teacher_box[:2] + teacher_box[2:]) / 2
+    return float(np.linalg.norm(c1 - c2)) < 0.5 * float(crop_box[2] - crop_box[0])
+
+
+def join_part(root: Path, aligned_dir: str, teacher_npz: str, source_prefix: str):
+    """Rows (path, identity, emb, emb_flip) for one make_aligned output folder and its teacher file."""
+    t = np.load(root / teacher_npz, allow_pickle=False)
+    index = {str(p): i for i, p in enumerate(t["paths"])}
+    rows = []
+    with open(root / aligned_dir / "manifest.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            if r["status"] != "ok":
+                continue
+            key = os.path.join(source_prefix, r["source"]) if source_prefix else r["source"]
+            i = index.get(key)
+            ok = i is not None and bool(t["found"][i]) and same_face(_box(r["box"]), t["box"][i])
+            zero = np.zeros(t["emb"].shape[1], np.float32)
+            rows.append((f"{aligned_dir}/{r['output']}", r["identity"],
+                         t["emb"][i] if ok else zero, t["emb_flip"][i] if ok else zero))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", type=Path, required=True, help="folder holding the aligned folders and teacher files")
+    ap.add_argument("--part", action="append", required=True, help="ALIGNED_DIR:TEACHER_NPZ:SOURCE_PREFIX")
+    ap.add_argument("--out", type=Path, required=True, help="output stem: writes STEM.txt and STEM_teacher.npz")
+    args = ap.parse_args(argv)
+    rows = []
+    for part in args.part:
+        aligned, teacher, prefix = (part.split(":") + ["", ""])[:3]
+        rows += join_part(args.root, aligned, teacher, prefix)
+    paths = np.array([r[0] for r in rows])
+    emb = np.stack([r[2] for r in rows]).astype(np.float32)
+    emb_flip = np.stack([r[3] for r in rows]).astype(np.float32)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_list = args.out.with_name(args.out.name + ".txt.tmp")
+    tmp_list.write_text("".join(f"{p} {r[1]}\n" for p, r in zip(paths, rows)))
+    os.replace(tmp_list, args.out.with_name(args.out.name + ".txt"))
+    tmp = args.out.with_name(args.out.name + "_teacher.tmp.npz")
+    np.savez(tmp, paths=paths, emb=emb, emb_flip=emb_flip)
+    os.replace(tmp, args.out.with_name(args.out.name + "_teacher.npz"))
+    have = int((np.linalg.norm(emb, axis=1) > 0).sum())
+    ids = len({r[1] for r in rows})
+    print(f"distill set: {len(rows)} crops, {ids} identities, {have} with a teacher vector -> {args.out}.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

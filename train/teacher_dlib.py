@@ -1,0 +1,99 @@
+"""Teacher embeddings for knowledge distillation, from dlib's ResNet face embedder (offline, CC0 weights).
+
+dlib is a training-time tool only (never a runtime dependency). For every image of a list file it finds
+the face with dlib's own HOG detector (largest face), aligns it with dlib's 5-point shape predictor into
+dlib's 150×150 chip, and stores the 128-d descriptor of the chip and of its mirror image.
+
+    python train/teacher_dlib.py --root $FACEKIT_DATA/celeba --list identity_wild.txt --prefix wild \
+        --out work_data/teacher_wild.npz
+
+Install: ``pip install dlib-bin 'setuptools<81' && pip install --no-deps face_recognition_models``.
+Output npz: ``paths`` (relative to --root, with --prefix), ``emb``, ``emb_flip`` (N×128, L2-normalised),
+``box`` (N×4 x1,y1,x2,y2 of the face used, NaN when none was found) and ``found`` (N bools).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def load_dlib():
+    """dlib's detector, 5-point predictor and embedder, or a clear error telling how to install them."""
+    try:
+        import warnings
+
+        import dlib
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import face_recognition_models as frm
+    except ImportError:
+        sys.exit("teacher_dlib: needs dlib and face_recognition_models: "
+                 "pip install dlib-bin 'setuptools<81' && pip install --no-deps face_recognition_models")
+    return (dlib, dlib.get_frontal_face_detector(),
+            dlib.shape_predictor(frm.pose_predictor_five_point_model_location()),
+            dlib.face_recognition_model_v1(frm.face_recognition_model_location()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", required=True, help="dataset root")
+    ap.add_argument("--list", required=True, help="list file (`file identity`), relative to --root or absolute")
+    ap.add_argument("--prefix", default="", help="folder of the images under --root (e.g. wild)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--no-flip", action="store_true", help="skip the mirrored chip (emb_flip = emb); twice as fast")
+    args = ap.parse_args(argv)
+
+    import cv2
+    from tqdm import tqdm
+
+
+    dlib, detector, predictor, embedder = load_dlib()
+    list_path = Path(args.list) if os.path.isabs(args.list) else Path(args.root) / args.list
+    files = [ln.split()[0] for ln in list_path.read_text().splitlines() if ln.strip()]
+    if args.limit:
+        files = files[: args.limit]
+    n = len(files)
+    emb = np.zeros((n, 128), np.float32)
+    emb_flip = np.zeros((n, 128), np.float32)
+    boxes = np.full((n, 4), np.nan, np.float32)
+    found = np.zeros(n, bool)
+    for i, f in enumerate(tqdm(files, desc="dlib teacher", unit="img")):
+        path = Path(args.root) / args.prefix / f
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            continue
+        rgb = np.ascontiguousarray(img[:, :, ::-1])
+        up = 2 if max(rgb.shape[:2]) < 200 else 1
+        dets = detector(rgb, up)
+        if len(dets) == 0:
+            continue
+        d = max(dets, key=lambda r: r.width() * r.height())
+        shape = predictor(rgb, d)
+        chip = dlib.get_face_chip(rgb, shape, 150, 0.25)
+        chip_flip = np.ascontiguousarray(chip[:, ::-1])
+        vecs = embedder.compute_face_descriptor([chip] if args.no_flip else [chip, chip_flip])
+        emb[i], emb_flip[i] = np.asarray(vecs[0]), np.asarray(vecs[-1])
+        boxes[i] = [d.left(), d.top(), d.right(), d.bottom()]
+        found[i] = True
+    for e in (emb, emb_flip):
+        e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    paths = np.array([os.path.join(args.prefix, f) if args.prefix else f for f in files])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, paths=paths, emb=emb, emb_flip=emb_flip, box=boxes, found=found)
+    os.replace(tmp, out)
+    print(f"teacher: {found.sum()}/{n} faces embedded -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
