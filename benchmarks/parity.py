@@ -34,13 +34,15 @@ class BackendEmbedder:
     """A recognizer file run by a runtime backend (``backend`` "onnxruntime", "tensorrt" or "auto")."""
 
     def __init__(self, path: str | os.PathLike, backend: str = "auto", device: str | None = None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, threads: int | None = None):
         from runtime.backends import load_model
         from runtime.metadata import preprocess_spec
         from runtime.preprocess import RECOGNIZER_SPEC
 
         self.path = str(path)
         options = {"device": device} if device else {}
+        if threads:
+            options["threads"] = threads  # ONNX Runtime intra-op threads (other backends ignore it)
         self.model = load_model(self.path, backend=backend, **options)
         meta = dict(self.model.metadata or {})
         if meta.get("task", "recognition") != "recognition":

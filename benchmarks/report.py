@@ -180,8 +180,9 @@ def to_markdown(report: dict) -> str:
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"- [{k}]({v})" for k, v in report["plots"].items()] + [""]
     if report.get("timings"):
-        lines += ["## Where the time went", "",
-                  table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in report["timings"].items()]), ""]
+        rows = [[k, f"{v['wall_s']:.1f}", f"{v['cpu_s']:.1f}"] if isinstance(v, dict) else [k, f"{v:.1f}", "–"]
+                for k, v in report["timings"].items()]
+        lines += ["## Where the time went", "", table(["stage", "wall s", "CPU s (all threads)"], rows), ""]
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"

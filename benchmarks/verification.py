@@ -36,28 +36,44 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def flip_sum_embeddings(embed: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, batch_size: int = 64,
-                        progress: str | None = None, return_parts: bool = False):
+                        progress: str | None = None, return_parts: bool = False, workers: int = 1):
     """insightface test-time flip: ``normalize(embed(crop) + embed(fliplr(crop)))`` for N×H×W×3 crops.
 
     ``embed`` maps a uint8 crop batch to raw (unnormalised) embeddings. With ``return_parts`` the raw
     embeddings of the crops and of their flips are returned too: ``(fused, raw, raw_flipped)``.
+    ``workers`` > 1 embeds that many batches concurrently (``embed`` must be thread-safe).
     """
     crops = np.asarray(crops)
     if crops.ndim != 4:
         raise ValueError(f"expected N×H×W×C crops, got shape {crops.shape}")
-    raw, raw_flip = [], []
+
+    def both(start: int) -> tuple[np.ndarray, np.ndarray]:
+        batch = crops[start:start + batch_size]
+        return (np.asarray(embed(batch), dtype=np.float32),
+                np.asarray(embed(np.ascontiguousarray(batch[:, :, ::-1])), dtype=np.float32))
+
     starts = range(0, len(crops), batch_size)
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=workers)
+        results = pool.map(both, starts)
+    else:
+        pool, results = None, map(both, starts)
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc=progress, unit="batch", leave=False, total=-(-len(crops) // batch_size))
-    for s in starts:
-        batch = crops[s:s + batch_size]
-        raw.append(np.asarray(embed(batch), dtype=np.float32))
-        raw_flip.append(np.asarray(embed(np.ascontiguousarray(batch[:, :, ::-1])), dtype=np.float32))
-    dim = raw[0].shape[1] if raw else 0
-    raw_a = np.concatenate(raw) if raw else np.zeros((0, dim), np.float32)
-    raw_b = np.concatenate(raw_flip) if raw_flip else np.zeros((0, dim), np.float32)
+        results = tqdm(results, desc=progress, unit="batch", leave=False, total=len(starts))
+    try:
+        parts = list(results)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if parts:
+        raw_a = np.concatenate([p[0] for p in parts])
+        raw_b = np.concatenate([p[1] for p in parts])
+    else:
+        raw_a = raw_b = np.zeros((0, 0), np.float32)
     fused = l2_normalize(raw_a + raw_b) if len(raw_a) else raw_a
     return (fused, raw_a, raw_b) if return_parts else fused
 

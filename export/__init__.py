@@ -3,6 +3,7 @@
 Command lines: ``python export/to_onnx.py`` and ``python export/to_trt.py``. Modules:
 
 - :mod:`export.onnx_export` — model sources (``--arch`` / ``--checkpoint``), the ONNX export itself, metadata;
+- :mod:`export.onnx_utils` — torch-free helpers: metadata in/out, precision detection, hashing, atomic writes;
 - :mod:`export.parity` — parity inputs (real aligned faces when available) and ONNX Runtime vs PyTorch checks;
 - :mod:`export.fp16` — fp16 graphs with fp32 inputs/outputs;
 - :mod:`export.calibration` — folders of aligned crops, the INT8 calibration reader;

@@ -46,6 +46,47 @@ def first_last_layers(proto: onnx.ModelProto) -> tuple[str, str]:
     return nodes[0].name, nodes[-1].name
 
 
+def downstream_nodes(proto: onnx.ModelProto, name: str) -> list[str]:
+    """Names of every node that (transitively) consumes the outputs of node ``name``, in graph order."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    start = next((n for n in proto.graph.node if n.name == name), None)
+    if start is None:
+        raise KeyError(f"no node named {name!r}")
+    seen: set[str] = set()
+    frontier = list(start.output)
+    while frontier:
+        for n in consumers.get(frontier.pop(), []):
+            if n.name and n.name not in seen:
+                seen.add(n.name)
+                frontier.extend(n.output)
+    return [n.name for n in proto.graph.node if n.name in seen]
+
+
+def float_ends(proto: onnx.ModelProto) -> list[str]:
+    """Nodes kept float by ``keep_float_ends``: the first weighted layer, the last one and everything after it
+    (e.g. the BN1d "features" layer behind the embedding FC)."""
+    first, last = first_last_layers(proto)
+    return [first, last] + [n for n in downstream_nodes(proto, last) if n not in (first, last)]
+
+
+def preprocess_for_quantization(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """ONNX Runtime's recommended pre-quantization pass (shape inference + graph optimisation, e.g. MatMul+BN
+    fused into one Gemm); falls back to ONNX shape inference only, then to the graph as is. Returns the
+    path to quantize."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    for symbolic_skip in (False, True):
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=symbolic_skip)
+            return str(dst)
+        except Exception:  # symbolic shape inference gives up on some graphs (e.g. Resize in the hourglass)
+            continue
+    return str(src)
+
+
 def qdq_counts(proto: onnx.ModelProto) -> tuple[int, int]:
     """(QuantizeLinear, DequantizeLinear) node counts."""
     ops = [n.op_type for n in proto.graph.node]
@@ -64,8 +105,12 @@ def node_is_quantized(proto: onnx.ModelProto, name: str) -> bool:
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, crops: np.ndarray,
                   spec: PreprocessSpec, *, keep_float_ends: bool = False, exclude: Sequence[str] = (),
                   per_channel: bool = True, method: str = "minmax", batch_size: int = 8,
-                  color_order: str = "BGR", metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                  color_order: str = "BGR", metadata: dict[str, Any] | None = None,
+                  preprocess: bool = True) -> dict[str, Any]:
     """Quantize an fp32 ONNX file to INT8 Q/DQ, calibrated on aligned ``crops`` (N×H×W×3 uint8).
+
+    ``preprocess``: run :func:`preprocess_for_quantization` first (node names may change, e.g. a fused Gemm);
+    ``keep_float_ends`` / ``exclude`` name nodes of the graph actually quantized (see ``info["kept_float"]``).
 
     Writes ``out_path`` (atomically) with facekit metadata ``precision="int8"`` plus the calibration details,
     and returns those details.
@@ -74,23 +119,25 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cro
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    proto = onnx.load(str(fp32_path))
-    input_name = proto.graph.input[0].name
-    excluded = list(exclude)
-    if keep_float_ends:
-        excluded += [n for n in first_last_layers(proto) if n not in excluded]
-    known = {n.name for n in proto.graph.node}
-    unknown = [n for n in excluded if n not in known]
-    if unknown:
-        raise ValueError(f"nodes to keep in float not found in the graph: {unknown}")
-    reader = make_calibration_reader(crops, spec, input_name, batch_size=batch_size, color_order=color_order)
+    source_proto = onnx.load(str(fp32_path))
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="facekit-int8-", dir=out_path.parent if out_path.parent.is_dir() else None) as tmp:
+        to_quantize = preprocess_for_quantization(fp32_path, Path(tmp) / "pre.onnx") if preprocess else str(fp32_path)
+        proto = onnx.load(to_quantize)
+        excluded = list(exclude)
+        if keep_float_ends:
+            excluded += [n for n in float_ends(proto) if n not in excluded]
+        known = {n.name for n in proto.graph.node}
+        unknown = [n for n in excluded if n not in known]
+        if unknown:
+            raise ValueError(f"nodes to keep in float not found in the graph: {unknown}")
+        reader = make_calibration_reader(crops, spec, proto.graph.input[0].name, batch_size=batch_size,
+                                         color_order=color_order)
         tmp_out = Path(tmp) / "int8.onnx"
         quantize_static(
-            model_input=str(fp32_path), model_output=str(tmp_out), calibration_data_reader=reader,
+            model_input=to_quantize, model_output=str(tmp_out), calibration_data_reader=reader,
             quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=excluded or None, calibrate_method=calib,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
@@ -98,9 +145,10 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cro
         q = onnx.load(str(tmp_out))
     n_q, n_dq = qdq_counts(q)
     info = {"calibration_images": int(len(crops)), "calibration_method": method, "per_channel": bool(per_channel),
-            "kept_float": excluded, "quantize_nodes": n_q, "dequantize_nodes": n_dq}
+            "symmetric": True, "preprocessed": to_quantize != str(fp32_path), "kept_float": excluded,
+            "quantize_nodes": n_q, "dequantize_nodes": n_dq}
     meta = dict(metadata) if metadata is not None else decode_metadata(
-        {p.key: p.value for p in proto.metadata_props}, source=str(fp32_path))
+        {p.key: p.value for p in source_proto.metadata_props}, source=str(fp32_path))
     meta.update(precision="int8", int8=info)
     set_metadata(q, meta)
     onnx.checker.check_model(q)

@@ -113,8 +113,6 @@ def _temp_path(out: Path, tag: str) -> Path:
 
 
 def run(args) -> int:
-    import numpy as np
-    import onnx
     import torch
 
     from export import onnx_export as ox
@@ -140,6 +138,9 @@ def run(args) -> int:
     if source.random_init:
         n_bn = ox.recalibrate_batchnorm(source.model, crops[:16], source.spec)
         print(f"random init: BatchNorm statistics of {n_bn} layers estimated on 16 parity inputs")
+        if args.int8:
+            print("note: random-init deep networks are chaotic (one grey level of input noise already moves their "
+                  "output to cosine ~0.9), so INT8 parity is only meaningful for trained checkpoints")
 
     proto = ox.export_fp32(source, opset)
     if args.simplify:

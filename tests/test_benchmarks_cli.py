@@ -155,3 +155,21 @@ def test_lfw_raw_photos_are_aligned_once_and_cached(facekit_data, recognizer, tm
     second = last_json(run(args, tmp_path))
     assert second["crops_from_cache"] and second["accuracy"] == first["accuracy"]
     assert second["fold_thresholds"] == first["fold_thresholds"]
+
+
+def test_landmarks_subcommand(facekit_data, tmp_path):
+    aligner = ROOT / "runtime" / "models" / "aligner.onnx"
+    if not aligner.is_file():
+        pytest.skip("no shipped aligner (runtime/models/aligner.onnx) yet")
+    src = need(facekit_data / "landmarks_300w" / "test")
+    sample = tmp_path / "faces"
+    sample.mkdir()
+    for pts in sorted(src.glob("*.pts5"))[:4]:
+        for f in (pts, pts.with_suffix(".jpg")):
+            (sample / f.name).symlink_to(f)
+    res = last_json(run(["landmarks", "--data", sample, "--json"], tmp_path))
+    assert res["images"] + res.get("missed", 0) == 4
+    for key in ("aligner", "detector"):
+        assert 0 <= res[key]["nme"] < 1 and 0 <= res[key]["failure_rate"] <= 1
+    proc = run(["landmarks", "--data", tmp_path / "nowhere"], tmp_path)
+    assert proc.returncode == 2 and "not found" in proc.stderr

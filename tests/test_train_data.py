@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,6 +19,8 @@ from train.evaluate import load_bin, verify
 from train.recordio import MAGIC, RecordIOReader, write_image_dataset
 from train.samplers import PKBatchSampler, ShuffleBatchSampler
 from train.synthetic import identity_sample, write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ RecordIO
@@ -260,3 +263,31 @@ def test_config_overrides_and_errors(tmp_path):
     y.write_text("data: {format: synthetic}\nschedule: {steps: 7}\n")
     c = load_config(y)
     assert c["name"] == "exp" and c["schedule"]["steps"] == 7
+
+
+def test_shipped_recognition_configs_validate():
+    import yaml
+
+    from train.backbones import BACKBONES
+
+    files = sorted((ROOT / "train" / "configs").glob("*.yaml"))
+    checked = 0
+    for f in files:
+        if (yaml.safe_load(f.read_text()) or {}).get("task", "recognition") != "recognition":
+            continue  # e.g. the aligner's config
+        cfg = load_config(f)
+        assert cfg["arch"] in BACKBONES and cfg["name"] == f.stem
+        checked += 1
+    assert checked >= 6
+
+
+def test_teacher_rows_found_through_make_aligned_manifest(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "crops", identities=2, per_identity=2, layout="folder")
+    src = folder_source(root)
+    sources = {k: f"photos/{k.replace('/', '_')}.jpg" for k in src.keys}  # what make_aligned.py read
+    (root / "manifest.csv").write_text("source,identity,status,reason,output\n" + "".join(
+        f"{v},x,ok,,{k}\n" for k, v in sources.items()))
+    emb = np.eye(4, dtype=np.float32)
+    np.savez(tmp_path / "t.npz", paths=np.array([f"wild/{sources[k]}" for k in src.keys]), emb=emb, emb_flip=emb)
+    ds = FaceDataset(src, "none", teacher=tmp_path / "t.npz")
+    assert np.array_equal(ds.teacher_emb, emb)

@@ -65,7 +65,15 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    finally:
+        if trainer.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not trainer.is_main:
+        return 0
     last = summary["last"]
     msg = f"step {summary['step']}/{summary['total_steps']}"
     if last.get("loss") is not None:

@@ -222,6 +222,8 @@ def _validate_semantics(cfg: dict) -> None:
     if d["sampler"] == "pk" and d["pk_p"] * d["pk_k"] != d["batch_size"]:
         raise ConfigError(f"data.sampler=pk needs data.batch_size = pk_p × pk_k = {d['pk_p'] * d['pk_k']}, "
                           f"got {d['batch_size']}")
+    if d["pin_memory"] not in ("auto", True, False):
+        raise ConfigError(f"data.pin_memory must be auto, true or false, got {d['pin_memory']!r}")
     needs = {"folder": "root", "list": "list", "rec": "rec"}.get(d["format"])
     if needs and not d[needs]:
         raise ConfigError(f"data.format={d['format']} needs data.{needs}")

@@ -314,6 +314,7 @@ class FaceDataset:
         if len(paths) != len(emb) or emb.shape != emb_flip.shape:
             raise DataError(f"{path}: paths, emb and emb_flip disagree in length/shape")
         row = {p: i for i, p in enumerate(paths)}
+        self._map_through_manifest(row)
         missing = [k for k in self.keys if k not in row]
         if missing:
             raise DataError(f"{path}: no teacher embedding for {len(missing)} of {len(self.keys)} samples "
@@ -329,6 +330,26 @@ class FaceDataset:
             emb[bad] = 0.0
             emb_flip[bad] = 0.0
         self.teacher_emb, self.teacher_emb_flip = emb, emb_flip
+
+    def _map_through_manifest(self, row: dict[str, int]) -> None:
+        """Crops made by make_aligned.py: find a teacher row by the crop's source photo (``manifest.csv``
+        maps ``output`` → ``source``), exactly or as a path suffix (the teacher may carry a prefix)."""
+        manifest = self.source.root / "manifest.csv" if self.source.root else None
+        if manifest is None or not manifest.is_file() or all(k in row for k in self.keys):
+            return
+        import csv
+
+        with open(manifest, newline="") as f:
+            source_of = {r["output"]: r["source"] for r in csv.DictReader(f) if r.get("output")}
+        by_suffix: dict[str, int] = {}
+        for p, i in row.items():
+            parts = p.split("/")
+            for j in range(len(parts)):
+                by_suffix.setdefault("/".join(parts[j:]), i)
+        for k in self.keys:
+            src = source_of.get(k)
+            if k not in row and src is not None and src in by_suffix:
+                row[k] = by_suffix[src]
 
     @property
     def teacher_dim(self) -> int:
@@ -386,7 +407,16 @@ def source_from_config(data: dict, progress: bool = True) -> Source:
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader worker set-up: one thread for OpenCV and torch (the workers are the parallelism)."""
+    """DataLoader worker set-up: one thread for OpenCV and torch (the workers are the parallelism).
+
+    Workers ignore SIGINT/SIGTERM: a signal sent to the whole process group (Ctrl-C, a scheduler's SIGTERM)
+    is handled by the trainer, which stops at the next step boundary with a checkpoint; a worker dying
+    under it would abort that step instead. Workers still exit when the trainer does.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(0)
     try:
         import torch

@@ -34,7 +34,8 @@ def same_face(crop_box: np.ndarray, teacher_box: np.ndarray) -> bool:
 
 def join_part(root: Path, aligned_dir: str, teacher_npz: str, source_prefix: str):
     """Rows (path, identity, emb, emb_flip) for one make_aligned output folder and its teacher file."""
-    t = np.load(root / teacher_npz, allow_pickle=False)
+    with np.load(root / teacher_npz, allow_pickle=False) as f:
+        t = {k: f[k] for k in ("paths", "emb", "emb_flip", "box", "found")}  # one read each, not one per row
     index = {str(p): i for i, p in enumerate(t["paths"])}
     rows = []
     with open(root / aligned_dir / "manifest.csv", newline="") as f:
@@ -46,7 +47,7 @@ def join_part(root: Path, aligned_dir: str, teacher_npz: str, source_prefix: str
             ok = i is not None and bool(t["found"][i]) and same_face(_box(r["box"]), t["box"][i])
             zero = np.zeros(t["emb"].shape[1], np.float32)
             rows.append((f"{aligned_dir}/{r['output']}", r["identity"],
-                         t["emb"][i] if ok else zero, t["emb_flip"][i] if ok else zero))
+                         t["emb"][i].copy() if ok else zero, t["emb_flip"][i].copy() if ok else zero))
     return rows
 
 

@@ -118,7 +118,12 @@ def load_lfw(root: str | Path, pairs_file: str | Path, size: tuple[int, int] = (
     for a, b, _ in usable:
         index.setdefault(a, len(index))
         index.setdefault(b, len(index))
-    crops = np.stack([fit_size(decode_image(p.read_bytes(), str(p)), size) for p in index])
+    images = [decode_image(p.read_bytes(), str(p)) for p in index]
+    if images[0].shape[:2] != tuple(size):
+        warnings.warn(f"LFW images under {root} are {images[0].shape[1]}×{images[0].shape[0]}, not aligned "
+                      f"{size[1]}×{size[0]} crops: resized (accuracy is indicative only; align them with "
+                      f"train/make_aligned.py)", stacklevel=2)
+    crops = np.stack([fit_size(im, size) for im in images])
     pairs = np.array([(index[a], index[b]) for a, b, _ in usable], dtype=np.int64)
     return PairSet("lfw", crops, pairs, np.array([s for _, _, s in usable], dtype=bool))
 

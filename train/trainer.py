@@ -171,6 +171,8 @@ class Trainer:
             self._load(resume_path)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob(".*.pt.*.tmp"):  # left by a writer killed mid-checkpoint
+                stale.unlink(missing_ok=True)
             save_config(cfg, self.out / "config.yaml")
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -382,7 +384,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # fp16: the scaler may skip optimizer.step() on overflow; that is fine
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         return float(loss.detach()), {k: float(v) for k, v in parts.items()}, True
 
     # ------------------------------------------------------------------------------------------- eval

@@ -53,11 +53,16 @@ MOBILEFACENET_SETTING = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128,
 class MobileFaceNet(nn.Module):
     """MobileFaceNet for 112×112 inputs; returns N×embedding_size (not normalised)."""
 
-    def __init__(self, embedding_size: int = 512, dropout: float = 0.0, width: float = 1.0):
+    def __init__(self, embedding_size: int = 512, dropout: float = 0.0, width: float = 1.0, stem_stride: int = 2,
+                 input_size: int = 112):
+        """``stem_stride=4`` is a CPU-budget variant: every later layer runs at half the resolution
+        (≈ 4× fewer MACs); the global depthwise conv then spans 4×4 instead of 7×7."""
         super().__init__()
+        if stem_stride not in (2, 4):
+            raise ValueError(f"stem_stride must be 2 (the paper) or 4, got {stem_stride}")
         self.embedding_size = check_embedding_size(embedding_size)
         ch = lambda c: max(8, int(round(c * width / 8)) * 8)  # noqa: E731 - width < 1: narrow variant for CPU tests
-        layers: list[nn.Module] = [ConvBlock(3, ch(64), 3, 2, 1), ConvBlock(ch(64), ch(64), 3, 1, 1, groups=ch(64))]
+        layers: list[nn.Module] = [ConvBlock(3, ch(64), 3, stem_stride, 1), ConvBlock(ch(64), ch(64), 3, 1, 1, groups=ch(64))]
         cin = ch(64)
         for t, c, n, s in MOBILEFACENET_SETTING:
             for i in range(n):
@@ -65,7 +70,10 @@ class MobileFaceNet(nn.Module):
                 cin = ch(c)
         layers.append(ConvBlock(cin, ch(512), 1))
         self.body = nn.Sequential(*layers)
-        self.gdconv = ConvBlock(ch(512), ch(512), 7, groups=ch(512), linear=True)  # global depthwise conv, 7×7 → 1×1
+        side = input_size
+        for stride in (stem_stride, 2, 2, 2):  # stem, then the three stride-2 bottleneck stages (k3, pad 1)
+            side = (side - 1) // stride + 1
+        self.gdconv = ConvBlock(ch(512), ch(512), side, groups=ch(512), linear=True)  # global depthwise conv, 7×7 → 1×1
         self.flatten = nn.Flatten(1)
         self.dropout = nn.Dropout(p=float(dropout))
         self.fc = nn.Linear(ch(512), embedding_size, bias=False)
