@@ -34,9 +34,9 @@ import numpy as np
 ALIGN_VERSION = 1
 CROP_SIZE = (112, 112)
 #: How each crop was obtained (stored per image in the cache and counted in reports).
-HOW_DETECTED, HOW_LOW_THRESHOLD, HOW_FALLBACK, HOW_PREALIGNED = 0, 1, 2, 3
+HOW_DETECTED, HOW_LOW_THRESHOLD, HOW_FALLBACK, HOW_PREALIGNED, HOW_UNREADABLE = 0, 1, 2, 3, 4
 HOW_NAMES = {HOW_DETECTED: "detected", HOW_LOW_THRESHOLD: "low_threshold", HOW_FALLBACK: "centre_fallback",
-             HOW_PREALIGNED: "prealigned"}
+             HOW_PREALIGNED: "prealigned", HOW_UNREADABLE: "unreadable_black"}
 DETECT_THRESHOLD = 0.5
 LOW_THRESHOLD = 0.05
 
@@ -453,8 +453,8 @@ class FaceAligner:
         self.detector = load_detector(model)
         self.landmarks = landmarks
         self.refiner = None
-        parts = {"align_version": ALIGN_VERSION, "landmarks": landmarks,
-                 "code": _source_hash(("runtime.geometry", "runtime.detector", "runtime.landmarks"))}
+        code = ("runtime.geometry", "runtime.detector") + (("runtime.landmarks",) if landmarks == "aligner" else ())
+        parts = {"align_version": ALIGN_VERSION, "landmarks": landmarks, "code": _source_hash(code)}
         if detector_model is None:
             from retinaface.weights import WEIGHTS
 
@@ -530,8 +530,9 @@ class CropSet:
 
     @property
     def fallbacks(self) -> int:
-        """Images whose crop did not come from a normal-threshold detection (low threshold or centre placement)."""
-        return int(np.sum((self.how == HOW_LOW_THRESHOLD) | (self.how == HOW_FALLBACK)))
+        """Images whose crop did not come from a normal-threshold detection (low threshold, centre placement,
+        or an unreadable file scored as a black crop)."""
+        return int(np.sum(np.isin(self.how, (HOW_LOW_THRESHOLD, HOW_FALLBACK, HOW_UNREADABLE))))
 
 
 def cache_dir() -> Path:
@@ -547,6 +548,7 @@ def _atomic_savez(path: Path, **arrays) -> None:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -556,17 +558,46 @@ def _atomic_savez(path: Path, **arrays) -> None:
         raise
 
 
-def _prealigned_crops(pairset: PairSet, size=CROP_SIZE, progress: bool = True) -> np.ndarray:
+#: Cached crop files kept per data set name (older ones, e.g. from earlier detector code, are deleted).
+CACHE_KEEP = 3
+
+
+def _prune_cache(folder: Path, name: str) -> None:
+    files = sorted(folder.glob(f"crops-{name}-*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[CACHE_KEEP:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
+
+
+def _prealigned_crops(pairset: PairSet, size=CROP_SIZE, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     from tqdm import tqdm
 
     out = np.zeros((len(pairset.images), size[0], size[1], 3), np.uint8)
+    how = np.full(len(out), HOW_PREALIGNED, np.int8)
     for i, src in enumerate(tqdm(pairset.images, desc=f"{pairset.name}: decode", unit="img", leave=False,
                                  disable=not progress)):
-        img = read_image(src)
+        img = _read_or_none(src)
+        if img is None:
+            how[i] = HOW_UNREADABLE  # scored as a black crop, counted in the report
+            continue
         if img.shape[:2] != tuple(size):
             img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
         out[i] = img
-    return out
+    return out, how
+
+
+def _read_or_none(src) -> np.ndarray | None:
+    """The image, or None when the file cannot be decoded (the error is printed once per image)."""
+    try:
+        return read_image(src)
+    except (ValueError, OSError) as e:  # runtime.image_io.ImageError is a ValueError
+        import sys
+
+        print(f"warning: {str(e).splitlines()[0] if str(e) else type(e).__name__}; scored as a black crop",
+              file=sys.stderr)
+        return None
 
 
 def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cache: bool = True,
@@ -578,8 +609,8 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
 
     t0 = time.perf_counter()
     if pairset.aligned:
-        crops = _prealigned_crops(pairset, progress=progress)
-        return CropSet(crops, np.full(len(crops), HOW_PREALIGNED, np.int8), seconds=time.perf_counter() - t0)
+        crops, how = _prealigned_crops(pairset, progress=progress)
+        return CropSet(crops, how, seconds=time.perf_counter() - t0)
     if aligner is None:
         aligner = FaceAligner()
     key = hashlib.sha256(json.dumps({"source": pairset.source, "images": pairset.image_keys(),
@@ -600,7 +631,9 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
     missing: list[tuple[int, tuple]] = []
 
     def locate(src):
-        img = read_image(src)
+        img = _read_or_none(src)
+        if img is None:
+            return None, None, HOW_UNREADABLE, None
         pts, kind = aligner.locate(img)
         return img.shape, pts, kind, (None if pts is None else _warp(img, pts))
 
@@ -611,6 +644,8 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
         for i, (shape, pts, kind, crop) in enumerate(tqdm(results, total=n, desc=f"{pairset.name}: detect+align",
                                                           unit="img", disable=not progress)):
             how[i] = kind
+            if kind == HOW_UNREADABLE:
+                continue
             if pts is None:
                 missing.append((i, shape))
                 continue
@@ -625,6 +660,7 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
         crops[i] = _warp(img, pts)
     if use_cache:
         _atomic_savez(path, crops=crops, how=how, keys=np.array(pairset.image_keys()))
+        _prune_cache(path.parent, pairset.name)
     return CropSet(crops, how, str(path) if use_cache else None, False, time.perf_counter() - t0)
 
 

@@ -89,12 +89,16 @@ def to_input(crops_bgr: np.ndarray, spec) -> np.ndarray:
     return to_model_input(crops_bgr, spec, color_order="BGR")
 
 
+_TORCH_DEFAULT_THREADS: dict[str, int] = {}
+
+
 class TorchEmbedder:
     """A training checkpoint run in PyTorch eager mode (fp32, or fp16 autocast on CUDA)."""
 
     backend = "pytorch"
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu", fp16: bool = False, batch_size: int = 64):
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu", fp16: bool = False, batch_size: int = 64,
+                 threads: int | None = None):
         import torch
 
         from runtime.preprocess import RECOGNIZER_SPEC
@@ -115,6 +119,8 @@ class TorchEmbedder:
         self.spec = RECOGNIZER_SPEC
         self.batch_size = batch_size
         self.metadata = {"arch": config.get("arch"), "embedding_size": config.get("embedding_size")}
+        #: intra-op threads while this embedder runs (None: torch's default for this process)
+        self.threads = threads or _TORCH_DEFAULT_THREADS.setdefault("n", torch.get_num_threads())
 
     @property
     def name(self) -> str:
@@ -122,6 +128,8 @@ class TorchEmbedder:
 
     def __call__(self, crops_bgr: np.ndarray) -> np.ndarray:
         torch = self.torch
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         x = torch.from_numpy(to_input(crops_bgr, self.spec)).to(self.device)
         with torch.inference_mode():
             if self.fp16:
@@ -170,12 +178,27 @@ class BackendPlan:
     fp16: bool = False
     skip_reason: str | None = None
 
-    def build(self, batch_size: int = 64):
+    def build(self, batch_size: int = 64, for_dataset: bool = False):
+        """The embedder. ``for_dataset``: on the CPU, one thread per call and ``workers`` concurrent batches
+        (faster through a data set on small CPUs); otherwise the backend's default threading (for latency)."""
+        cpu_split = for_dataset and self.device == "cpu" and _usable_cores() > 1
+        threads = 1 if cpu_split else None
         if self.kind == "torch":
-            return TorchEmbedder(self.path, device=self.device, fp16=self.fp16, batch_size=batch_size)
-        if self.kind == "engine":
-            return BackendEmbedder(self.path, backend="tensorrt", batch_size=batch_size)
-        return BackendEmbedder(self.path, backend="onnxruntime", device=self.device, batch_size=batch_size)
+            emb = TorchEmbedder(self.path, device=self.device, fp16=self.fp16, batch_size=batch_size, threads=threads)
+        elif self.kind == "engine":
+            emb = BackendEmbedder(self.path, backend="tensorrt", batch_size=batch_size)
+        else:
+            emb = BackendEmbedder(self.path, backend="onnxruntime", device=self.device, batch_size=batch_size,
+                                  threads=threads)
+        emb.workers = min(4, _usable_cores()) if cpu_split else 1
+        return emb
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def find_checkpoint(model: Path, explicit: str | None = None) -> Path | None:
@@ -312,7 +335,7 @@ def compare_backends(embedders: list, crops: np.ndarray, pairs: np.ndarray | Non
         t0 = time.perf_counter()
         fused, raw, raw_flip = flip_sum_embeddings(emb, crops, batch_size=getattr(emb, "batch_size", 64),
                                                    progress=f"parity {emb.name}" if progress else None,
-                                                   return_parts=True)
+                                                   return_parts=True, workers=getattr(emb, "workers", 1))
         seconds = time.perf_counter() - t0
         both = np.concatenate([raw, raw_flip])
         if ref_raw is None:

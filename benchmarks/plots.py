@@ -25,6 +25,7 @@ def _save(fig, path: str | os.PathLike) -> str:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -105,8 +106,11 @@ def tsne_map(embeddings: np.ndarray, identities: list[str], path, n_identities: 
     if len(idx) < 5:
         raise ValueError("too few labelled images for a t-SNE map")
     x = np.asarray(embeddings, np.float32)[idx]
-    xy = TSNE(n_components=2, perplexity=min(30.0, (len(idx) - 1) / 3), init="pca", random_state=seed,
-              metric="cosine").fit_transform(x)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # OpenMP threads make this small problem many times slower on a busy CPU
+        xy = TSNE(n_components=2, perplexity=min(30.0, (len(idx) - 1) / 3), init="pca", random_state=seed,
+                  metric="cosine").fit_transform(x)
     fig, ax = plt.subplots(figsize=(8, 7))
     cmap = plt.get_cmap("tab20")
     markers = "osD^v<>PX*"

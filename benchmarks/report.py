@@ -51,10 +51,18 @@ def gpu_names() -> list[str]:
     return [ln.strip() for ln in out.stdout.splitlines() if ln.strip()] if out.returncode == 0 else []
 
 
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: how busy the machine was (other processes slow every timing)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def machine_info() -> dict:
     """CPU model, usable cores, GPU(s), OS and library versions."""
     info = {"cpu": cpu_model(), "cores": usable_cores(), "gpus": gpu_names(), "os": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "load_average_at_start": load_average()}
     versions = {}
     for mod in ("numpy", "onnxruntime", "cv2", "torch", "tensorrt"):
         try:
@@ -135,12 +143,36 @@ def latency_table(rows: list[dict]) -> str:
     return table(header, out)
 
 
+def pipeline_section(pl: dict) -> str:
+    """Markdown for the end-to-end timing (or why it was not run)."""
+    if pl.get("skip_reason"):
+        return f"## End-to-end pipeline\n\nNot run: {pl['skip_reason']}"
+    return ("## End-to-end pipeline (detect → landmarks → warp → embed; decoded photos, one at a time)\n\n"
+            + table(["photos", "size px", "p50 ms/photo", "p95 ms/photo", "photos/s", "faces found"],
+                    [[str(pl["photos"]), str(pl["size_px"]), f"{pl['p50_ms']:.1f}", f"{pl['p95_ms']:.1f}",
+                      f"{pl['photos_per_s']:.1f}", str(pl["faces_found"])]]))
+
+
+def identification_section(i: dict) -> str:
+    """Markdown for the identification result."""
+    return "\n".join(["## Identification (TPR at FPR against distractors)", "",
+                      table(["TPR@FPR1e-2", "TPR@FPR1e-3", "TPR@FPR1e-4", "query ids / images", "distractors"],
+                            [[_pct(i.get("tpr_at_fpr_1e-2")), _pct(i.get("tpr_at_fpr_1e-3")),
+                              _pct(i.get("tpr_at_fpr_1e-4")), f"{i['query_identities']} / {i['query_images']}",
+                              str(i["distractor_images"])]]),
+                      "", f"Construction: {i.get('construction', '')}"])
+
+
 def to_markdown(report: dict) -> str:
     """The whole report as markdown."""
     m = report.get("machine", {})
-    lines = [f"# facekit benchmark — {report.get('date', '')}", "",
-             f"Machine: **{machine_line(m)}** ({m.get('os', '')}; " +
-             ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + ")", ""]
+    lines = [f"# facekit benchmark — {report.get('date', '')}", ""]
+    if m:
+        lines += [f"Machine: **{machine_line(m)}** ({m.get('os', '')}; " +
+                  ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()) + ")", ""]
+    if m.get("load_average_at_start") is not None:
+        lines += [f"Load average (1/5/15 min) at start: {m['load_average_at_start']}, at end: "
+                  f"{m.get('load_average_at_end', '–')} — timings are wall-clock on this machine as it was.", ""]
     if report.get("command"):
         lines += [f"Command: `{report['command']}`", ""]
     for key, value in report.get("models", {}).items():
@@ -162,21 +194,9 @@ def to_markdown(report: dict) -> str:
     if report.get("latency"):
         lines += ["## Recognizer latency (preprocessing + model; random crops)", "", latency_table(report["latency"]), ""]
     if report.get("pipeline"):
-        pl = report["pipeline"]
-        if pl.get("skip_reason"):
-            lines += ["## End-to-end pipeline", "", f"Not run: {pl['skip_reason']}", ""]
-        else:
-            lines += ["## End-to-end pipeline (detect → landmarks → warp → embed; decoded photos, one at a time)", "",
-                      table(["photos", "size px", "p50 ms/photo", "p95 ms/photo", "photos/s", "faces found"],
-                            [[str(pl["photos"]), str(pl["size_px"]), f"{pl['p50_ms']:.1f}", f"{pl['p95_ms']:.1f}",
-                              f"{pl['photos_per_s']:.1f}", str(pl["faces_found"])]]), ""]
+        lines += [pipeline_section(report["pipeline"]), ""]
     if report.get("identification"):
-        i = report["identification"]
-        lines += ["## Identification (TPR at FPR against distractors)", "",
-                  table(["TPR@FPR1e-2", "TPR@FPR1e-3", "TPR@FPR1e-4", "query ids / images", "distractors"],
-                        [[_pct(i.get("tpr_at_fpr_1e-2")), _pct(i.get("tpr_at_fpr_1e-3")), _pct(i.get("tpr_at_fpr_1e-4")),
-                          f"{i['query_identities']} / {i['query_images']}", str(i["distractor_images"])]]),
-                  "", f"Construction: {i.get('construction', '')}", ""]
+        lines += [identification_section(report["identification"]), ""]
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"- [{k}]({v})" for k, v in report["plots"].items()] + [""]
     if report.get("timings"):
@@ -196,6 +216,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

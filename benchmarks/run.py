@@ -45,7 +45,7 @@ from benchmarks.verification import evaluate, flip_sum_embeddings  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
 #: Parity subset of the default run: this many same and different pairs from each LFW fold.
-DEFAULT_PARITY_PER_FOLD = 50
+DEFAULT_PARITY_PER_FOLD = 30
 
 
 class UsageError(Exception):
@@ -110,6 +110,7 @@ def _atomic_npz(path: Path, **arrays) -> None:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -215,7 +216,7 @@ def cmd_identification(args) -> dict:
         out["plots"] = {"TPR@FPR": plots.tpr_at_fpr_curve(res.curve_fpr, res.curve_tpr,
                                                            Path(args.plots) / "identification-tpr-fpr.png",
                                                            res.tpr_at_fpr)}
-    _print_result(out, args, rp.to_markdown({"machine": rp.machine_info(), "identification": out}))
+    _print_result(out, args, rp.identification_section(out))
     return out
 
 
@@ -227,7 +228,7 @@ def cmd_parity(args) -> dict:
     crops = crops_for(pairset, args)
     rows = run_parity(model, args.checkpoint, pairset, crops, args)
     out = {"data": f"{pairset.name} ({len(pairset)} pairs, {len(pairset.images)} images)",
-           "reference": rows[0]["reference"] if rows else "", "rows": rows}
+           "reference": next((r["reference"] for r in rows if "reference" in r), ""), "rows": rows}
     _print_result(out, args, rp.parity_table(rows))
     return out
 
@@ -242,7 +243,7 @@ def run_parity(model: Path, checkpoint: str | None, pairset: ds.PairSet | None, 
             rows_skipped.append({"backend": plan.label, "skip_reason": plan.skip_reason})
             continue
         try:
-            embedders.append(plan.build())
+            embedders.append(plan.build(for_dataset=True))
         except Exception as e:  # a backend that fails to load is reported, not fatal
             rows_skipped.append({"backend": plan.label, "skip_reason": f"failed to load: {str(e).splitlines()[0]}"})
     if not embedders:
@@ -269,8 +270,8 @@ def cmd_latency(args) -> dict:
     if not args.no_pipeline and model.suffix == ".onnx":
         out["pipeline"] = pipeline_timing(model, args)
     md = rp.latency_table(rows)
-    if out.get("pipeline") and not out["pipeline"].get("skip_reason"):
-        md += "\n\n" + rp.to_markdown({"machine": rp.machine_info(), "pipeline": out["pipeline"]}).split("\n", 3)[-1]
+    if out.get("pipeline"):
+        md += "\n\n" + rp.pipeline_section(out["pipeline"])
     _print_result(out, args, md)
     return out
 
@@ -454,6 +455,7 @@ def cmd_default(args) -> dict:
     report["pipeline"] = pipeline_timing(model, args)
     clock.stop("pipeline latency")
     clock.total()
+    info["load_average_at_end"] = rp.load_average()
     report["timings"] = clock.stages
     report["plots"] = {k: os.path.relpath(v, results_dir) for k, v in report["plots"].items() if v}
     if not args.no_write:

@@ -16,14 +16,15 @@ Pixel convention everywhere: integer coordinates are pixel centres (OpenCV's ``w
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 
-from .geometry import LANDMARK_NAMES, transform_points
+from .geometry import LANDMARK_NAMES, flip_landmarks, transform_points
 from .preprocess import PreprocessSpec, to_model_input
 
 #: The aligner's input: 128×128 RGB, (x − 127.5) / 127.5 like every facekit model, NCHW.
@@ -38,7 +39,8 @@ class AlignerGeometry:
     """How a face is cropped for the aligner and how its heatmaps map back to the crop.
 
     ``input_size``/``heatmap_size`` are (height, width); ``sigma`` is in heatmap pixels;
-    ``crop_scale`` and ``center_shift`` relate the square crop to the detector box.
+    ``crop_scale`` and ``center_shift`` relate the square crop to the detector box; ``derotate`` levels the
+    crop by the eye line of initial landmarks; ``flip_test`` also runs the mirrored crop and averages.
     """
 
     input_size: tuple[int, int] = ALIGNER_SPEC.input_size
@@ -47,6 +49,7 @@ class AlignerGeometry:
     crop_scale: float = 1.2
     center_shift: float = 0.1
     derotate: bool = False
+    flip_test: bool = False
 
     def __post_init__(self):
         ih, iw = self.input_size
@@ -65,7 +68,8 @@ class AlignerGeometry:
     def to_dict(self) -> dict[str, Any]:
         return {"input_size": list(self.input_size), "heatmap_size": list(self.heatmap_size),
                 "sigma": float(self.sigma), "crop_scale": float(self.crop_scale),
-                "center_shift": float(self.center_shift), "derotate": bool(self.derotate)}
+                "center_shift": float(self.center_shift), "derotate": bool(self.derotate),
+                "flip_test": bool(self.flip_test)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AlignerGeometry":
@@ -78,6 +82,7 @@ class AlignerGeometry:
             crop_scale=float(d.get("crop_scale", default.crop_scale)),
             center_shift=float(d.get("center_shift", default.center_shift)),
             derotate=bool(d.get("derotate", default.derotate)),
+            flip_test=bool(d.get("flip_test", default.flip_test)),
         )
 
 
@@ -277,18 +282,49 @@ def face_crop(image_bgr: np.ndarray, box: np.ndarray, geometry: AlignerGeometry,
 def heatmaps_to_image(heatmaps: np.ndarray, matrices: np.ndarray, geometry: AlignerGeometry) -> np.ndarray:
     """Decode (N, 5, h, w) heatmaps and map the points through the inverse crop matrices: (N, 5, 2) image px."""
     pts, _ = decode_heatmaps(heatmaps)
-    pts = heatmap_to_crop(pts, geometry.stride)
-    return np.stack([transform_points(p, cv2.invertAffineTransform(m)) for p, m in zip(pts, matrices)]).astype(np.float32)
+    return crop_to_image(heatmap_to_crop(pts, geometry.stride), matrices)
+
+
+def crop_to_image(points: np.ndarray, matrices: np.ndarray) -> np.ndarray:
+    """(N, 5, 2) crop-pixel points → image pixels through the inverse of each image→crop matrix."""
+    return np.stack([transform_points(p, cv2.invertAffineTransform(m)) for p, m in zip(points, matrices)]
+                    ).astype(np.float32)
+
+
+def predict_points(run: Callable[[np.ndarray], np.ndarray], crops_rgb: np.ndarray, matrices: np.ndarray,
+                   geometry: AlignerGeometry, batch_size: int = 32) -> np.ndarray:
+    """(N, 5, 2) image-pixel landmarks for RGB aligner crops, ``run`` mapping an input batch to heatmaps.
+
+    With ``geometry.flip_test`` each crop also runs mirrored; its points are mirrored back (left/right
+    swapped) and averaged with the plain ones. Shared by the ONNX runtime and the PyTorch evaluation.
+    """
+    spec = aligner_spec(geometry)
+    width = geometry.input_size[1]
+    out = []
+    for s in range(0, len(crops_rgb), batch_size):
+        batch = np.asarray(crops_rgb[s:s + batch_size])
+        n = len(batch)
+        if geometry.flip_test:
+            batch = np.concatenate([batch, batch[:, :, ::-1]])
+        heat = np.asarray(run(to_model_input(batch, spec, color_order="RGB")))
+        pts, _ = decode_heatmaps(heat)
+        pts = heatmap_to_crop(pts, geometry.stride)
+        if geometry.flip_test:
+            mirrored = np.stack([flip_landmarks(p, width) for p in pts[n:]])
+            pts = (pts[:n] + mirrored) / 2
+        out.append(crop_to_image(pts, matrices[s:s + n]))
+    return np.concatenate(out) if out else np.zeros((0, len(LANDMARK_NAMES), 2), np.float32)
 
 
 class LandmarkRefiner:
     """Runs an exported hourglass aligner: 5 landmarks for a face given its detector box.
 
     ``path`` is an aligner ONNX (or engine) file with facekit metadata of task ``"landmarks"``;
+    ``flip_test`` (None: as the metadata says) also runs the mirrored crop and averages (twice the work);
     ``backend`` and ``options`` go to :func:`runtime.backends.load_model`.
     """
 
-    def __init__(self, path: str, backend: str = "auto", **options):
+    def __init__(self, path: str, backend: str = "auto", flip_test: bool | None = None, **options):
         from .backends import load_model
         from .backends.base import ModelLoadError
 
@@ -298,6 +334,8 @@ class LandmarkRefiner:
             raise ModelLoadError(f"{path}: not an aligner (metadata task is {meta.get('task')!r}, expected 'landmarks')")
         self.metadata = meta
         self.geometry = AlignerGeometry.from_dict(meta)
+        if flip_test is not None:
+            self.geometry = dataclasses.replace(self.geometry, flip_test=bool(flip_test))
         self.spec = PreprocessSpec.from_dict(meta["preprocess"])
         if tuple(self.spec.input_size) != tuple(self.geometry.input_size):
             raise ModelLoadError(f"{path}: preprocess input size {self.spec.input_size} disagrees with "
@@ -310,8 +348,8 @@ class LandmarkRefiner:
     def refine(self, image_bgr: np.ndarray, box: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
         """(5, 2) float32 landmarks of the face in ``box`` (x1, y1, x2, y2), image pixels.
 
-        ``landmarks`` (the detector's) only set the crop's rotation when the model was trained with
-        ``derotate``; otherwise the box alone defines the crop.
+        ``landmarks`` (the detector's) level the crop by their eye line when the model was trained with
+        ``derotate``; without them (or without ``derotate``) the box alone defines the crop.
         """
         return self.refine_many(image_bgr, [box], None if landmarks is None else [landmarks])[0]
 
@@ -327,17 +365,15 @@ class LandmarkRefiner:
             landmarks = np.asarray(landmarks, np.float64).reshape(-1, 5, 2)
             if len(landmarks) != len(boxes):
                 raise ValueError(f"{len(boxes)} boxes but {len(landmarks)} landmark sets")
-        out = np.zeros((len(boxes), 5, 2), np.float32)
-        for start in range(0, len(boxes), batch_size):
-            crops, mats = [], []
-            for i in range(start, min(start + batch_size, len(boxes))):
-                crop, m = face_crop(image, boxes[i], self.geometry, None if landmarks is None else landmarks[i])
-                crops.append(crop)
-                mats.append(m)
-            x = to_model_input(np.stack(crops), self.spec, color_order="RGB")
-            heatmaps = self.backend.run(x)[0]
-            out[start:start + len(crops)] = heatmaps_to_image(heatmaps, np.stack(mats), self.geometry)
-        return out
+        crops, mats = [], []
+        for i in range(len(boxes)):
+            crop, m = face_crop(image, boxes[i], self.geometry, None if landmarks is None else landmarks[i])
+            crops.append(crop)
+            mats.append(m)
+        if not crops:
+            return np.zeros((0, len(LANDMARK_NAMES), 2), np.float32)
+        return predict_points(lambda x: self.backend.run(x)[0], np.stack(crops), np.stack(mats), self.geometry,
+                              batch_size)
 
     def __repr__(self) -> str:
         return f"LandmarkRefiner({self.backend!r})"

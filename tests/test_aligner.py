@@ -144,7 +144,7 @@ def test_training_step_fits_a_batch(facekit_data):
         crop, pts = aug(image, box, gt)
         crops.append(crop)
         points.append(pts)
-    x, y = make_batch(crops, points, g)
+    x, y, hm_points = make_batch(crops, points, g)
     assert x.shape == (4, 3, 64, 64) and y.shape == (4, 5, 16, 16)
     torch.manual_seed(0)
     model = build_aligner(SMALL)
@@ -175,7 +175,8 @@ def test_runtime_landmarks_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
-def test_exported_aligner_matches_pytorch(facekit_data, tmp_path):
+@pytest.mark.parametrize("flip_test", [False, True])
+def test_exported_aligner_matches_pytorch(facekit_data, tmp_path, flip_test):
     """Checkpoint → ONNX (train/aligner.py --export) → LandmarkRefiner gives the PyTorch points."""
     from runtime.landmarks import LandmarkRefiner
     from train.aligner import TorchRefiner, export_onnx, full_config
@@ -188,17 +189,20 @@ def test_exported_aligner_matches_pytorch(facekit_data, tmp_path):
         for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.1, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
-    ckpt = save_checkpoint(tmp_path / "a.pt", {"model": model.state_dict(), "config": full_config(SMALL)})
+    config = full_config({**SMALL, "flip_test": flip_test, "derotate": True})
+    ckpt = save_checkpoint(tmp_path / "a.pt", {"model": model.state_dict(), "config": config})
     onnx_path = export_onnx(ckpt, tmp_path / "a.onnx")
     refiner = LandmarkRefiner(str(onnx_path))
-    assert refiner.metadata["task"] == "landmarks" and refiner.geometry == AlignerGeometry.from_dict(SMALL)
+    assert refiner.metadata["task"] == "landmarks" and refiner.geometry == AlignerGeometry.from_dict(config)
     image = cv2.imread(str(photo))
     boxes = np.array([[338.6, 77.8, 543.9, 379.5], [300.0, 60.0, 560.0, 400.0]])
-    onnx_pts = refiner.refine_many(image, boxes)
-    torch_pts = TorchRefiner(ckpt).refine_many(image, boxes)
+    init = np.array([[[400, 200], [480, 215], [440, 250], [410, 300], [470, 310]]] * 2, np.float32)
+    onnx_pts = refiner.refine_many(image, boxes, init)
+    torch_pts = TorchRefiner(ckpt).refine_many(image, boxes, init)
     assert onnx_pts.shape == (2, 5, 2)
     assert np.abs(onnx_pts - torch_pts).max() < 0.05
-    assert np.allclose(refiner.refine(image, boxes[0]), onnx_pts[0])
+    assert np.allclose(refiner.refine(image, boxes[0], init[0]), onnx_pts[0])
+    assert not np.allclose(refiner.refine(image, boxes[0]), onnx_pts[0])  # derotation used the landmarks
 
 
 SHIPPED = ROOT / "runtime" / "models" / "aligner.onnx"
@@ -221,3 +225,39 @@ def test_shipped_aligner_beats_the_detector_points(facekit_data):
         r = evaluate_landmarks(tmp, progress=False)
     assert r["images"] + r["missed"] == 60
     assert r["aligner"]["nme"] < r["detector"]["nme"], r
+
+
+def test_flip_test_mirrors_back_and_cancels_a_horizontal_bias():
+    """A stand-in network that finds painted landmarks (eyes red, nose green, mouth corners blue; left and
+    right by position, as a trained aligner sees them) and reports every point 1 px too far right. The
+    mirrored pass is biased the other way once mirrored back, so flip-test averaging removes the bias."""
+    from runtime.landmarks import face_crop, predict_points
+
+    g = AlignerGeometry(flip_test=False)
+    gf = AlignerGeometry(flip_test=True)
+    pts = np.array([[130.0, 110.0], [176.0, 112.0], [152.0, 140.0], [134.0, 165.0], [172.0, 166.0]])
+    img = np.full((300, 300, 3), 40, np.uint8)
+    for p, c in zip(pts, [(0, 0, 255), (0, 0, 255), (0, 255, 0), (255, 0, 0), (255, 0, 0)]):  # BGR
+        cv2.circle(img, (int(p[0]), int(p[1])), 3, c, -1)
+    box = np.array([100.0, 70.0, 205.0, 205.0])
+
+    def fake_run(x: np.ndarray) -> np.ndarray:
+        maps = []
+        for chw in x:
+            rgb = chw.transpose(1, 2, 0) * 127.5 + 127.5
+            found = []
+            for channel in (0, 1, 2):  # red: eyes, green: nose, blue: mouth
+                mask = ((rgb[..., channel] > 150) & (rgb.sum(-1) - rgb[..., channel] < 150)).astype(np.uint8)
+                _, _, _, cents = cv2.connectedComponentsWithStats(mask)
+                found += sorted(cents[1:].tolist())  # by x: left first
+            p = np.array(found) + [1.0, 0.0]  # biased to the right
+            maps.append(encode_heatmaps(crop_to_heatmap(p, g.stride), g.heatmap_size, 1.5))
+        return np.stack(maps)
+
+    crop, m = face_crop(img, box, g)
+    plain = predict_points(fake_run, crop[None], m[None], g)[0]
+    both = predict_points(fake_run, crop[None], m[None], gf)[0]
+    scale = np.sqrt(np.linalg.det(m[:, :2]))
+    assert np.allclose((plain - pts)[:, 0].mean(), 1.0 / scale, atol=0.35)  # the bias shows without flip
+    assert np.abs((both - pts).mean(0)).max() < 0.15  # and cancels with it
+    assert np.abs(both - pts).max() < 0.6

@@ -184,3 +184,12 @@ def test_real_protocol_files(facekit_data):
     cfp = need(facekit_data / "cfp" / "Protocol").parent
     fp = load_cfp(cfp, "FP")
     assert len(fp) == 7000 and fp.notes["fold_sizes"] == [700] * 10 and fp.issame.sum() == 3500
+
+
+def test_unreadable_image_is_scored_and_counted(tmp_path):
+    good = [jpeg(i)[0] for i in range(3)]
+    path = tmp_path / "damaged.bin"
+    path.write_bytes(pickle.dumps((good + [good[0][:50]], [True, False]), protocol=4))  # last JPEG truncated
+    crops = aligned_crops(load_bin(path), progress=False)
+    assert crops.counts() == {"prealigned": 3, "unreadable_black": 1} and crops.fallbacks == 1
+    assert crops.crops[3].max() == 0

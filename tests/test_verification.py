@@ -114,6 +114,7 @@ def test_flip_sum_embeddings_sums_raw_outputs_then_normalises():
         return batch.reshape(len(batch), -1).astype(np.float64) @ weights
 
     fused = flip_sum_embeddings(embed, crops, batch_size=4)
+    assert np.array_equal(fused, flip_sum_embeddings(embed, crops, batch_size=4, workers=3))  # order kept
     for i in range(len(crops)):
         raw = embed(crops[i:i + 1])[0] + embed(crops[i:i + 1, :, ::-1])[0]
         assert np.allclose(fused[i], raw / np.linalg.norm(raw), atol=1e-5)

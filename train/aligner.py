@@ -43,7 +43,7 @@ from runtime.landmarks import (  # noqa: E402
     encode_heatmaps,
     eye_angle,
     failure_rate,
-    heatmaps_to_image,
+    predict_points,
     nme,
 )
 from benchmarks.landmarks import landmark_files, match_detection, read_points  # noqa: E402
@@ -247,10 +247,13 @@ class Augmenter:
                     "blur": 0.1, **(cfg or {})}
         self.rng = rng
 
-    def __call__(self, image: np.ndarray, box: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(RGB uint8 crop, (5, 2) points in crop pixels)."""
+    def __call__(self, image: np.ndarray, box: np.ndarray, points: np.ndarray,
+                 base_angle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(RGB uint8 crop, (5, 2) points in crop pixels); ``base_angle`` (radians) is the eye-line angle the
+        runtime would level (``derotate``); the random rotation is applied on top of it."""
         c, r, g = self.cfg, self.rng, self.geometry
         angle = math.radians(r.uniform(-c["rotation"], c["rotation"])) if r.random() < c["rotation_p"] else 0.0
+        angle += base_angle
         scale = r.uniform(*c["scale"])
         shift = tuple(r.uniform(-c["translate"], c["translate"], size=2))
         m = crop_matrix(box, g, angle=angle, scale=scale, shift=shift)
@@ -279,17 +282,45 @@ class Augmenter:
         return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def make_batch(crops: list[np.ndarray], points: list[np.ndarray], geometry: AlignerGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model input (N,3,H,W) and Gaussian target heatmaps (N,5,h,w) for RGB crops and crop-pixel points."""
+def make_batch(crops: list[np.ndarray], points: list[np.ndarray], geometry: AlignerGeometry
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model input (N,3,H,W), Gaussian target heatmaps (N,5,h,w) and the target points in heatmap pixels
+    (N,5,2) for RGB crops and crop-pixel points."""
     x = to_model_input(np.stack(crops), aligner_spec(geometry), color_order="RGB")
-    y = np.stack([encode_heatmaps(crop_to_heatmap(p, geometry.stride), geometry.heatmap_size, geometry.sigma)
-                  for p in points])
-    return torch.from_numpy(x), torch.from_numpy(y)
+    hm_points = np.stack([crop_to_heatmap(p, geometry.stride) for p in points])
+    y = np.stack([encode_heatmaps(p, geometry.heatmap_size, geometry.sigma) for p in hm_points])
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(hm_points.astype(np.float32))
 
 
-def heatmap_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """Intermediate supervision: the MSE of every stack's heatmaps against the Gaussian targets, summed."""
-    return sum(F.mse_loss(o, target) for o in outputs)
+def soft_argmax(heatmaps: torch.Tensor, beta: float) -> torch.Tensor:
+    """Differentiable peak position (N,K,2) in heatmap pixels: expectation under softmax(beta · heatmap).
+
+    Used only as a training signal; inference decodes with :func:`runtime.landmarks.decode_heatmaps`.
+    """
+    n, k, h, w = heatmaps.shape
+    prob = torch.softmax(beta * heatmaps.reshape(n, k, h * w), dim=-1).reshape(n, k, h, w)
+    xs = torch.arange(w, dtype=heatmaps.dtype, device=heatmaps.device)
+    ys = torch.arange(h, dtype=heatmaps.dtype, device=heatmaps.device)
+    return torch.stack([(prob.sum(2) * xs).sum(-1), (prob.sum(3) * ys).sum(-1)], dim=-1)
+
+
+def heatmap_loss(outputs: list[torch.Tensor], target: torch.Tensor, points: torch.Tensor | None = None,
+                 foreground_weight: float = 0.0, coord_weight: float = 0.0, beta: float = 20.0) -> torch.Tensor:
+    """Intermediate supervision, summed over every stack: MSE against the Gaussian targets (pixels weighted
+    1 + ``foreground_weight`` × target, so the peaks are not drowned by the background), plus
+    ``coord_weight`` × the L1 distance (in heatmap widths) between the soft-argmax of each map and the
+    target point, for points inside the map."""
+    weight = 1.0 + foreground_weight * target
+    total = 0.0
+    for o in outputs:
+        total = total + (weight * (o - target) ** 2).mean()
+        if coord_weight and points is not None:
+            h, w = target.shape[-2:]
+            inside = ((points[..., 0] >= 0) & (points[..., 0] <= w - 1) & (points[..., 1] >= 0)
+                      & (points[..., 1] <= h - 1)).to(o.dtype)
+            err = (soft_argmax(o, beta) - points).abs().sum(-1) / w
+            total = total + coord_weight * (err * inside).sum() / inside.sum().clamp(min=1.0)
+    return total
 
 
 # ------------------------------------------------------------------------------------------- prediction
@@ -311,15 +342,14 @@ def eval_crops(data: LandmarkData, geometry: AlignerGeometry, use_landmarks: boo
 @torch.no_grad()
 def predict_torch(model: nn.Module, crops: np.ndarray, mats: np.ndarray, geometry: AlignerGeometry,
                   batch_size: int = 64) -> np.ndarray:
-    """(N, 5, 2) image-pixel landmarks from a PyTorch aligner for prepared crops."""
+    """(N, 5, 2) image-pixel landmarks from a PyTorch aligner for prepared RGB crops (the runtime's
+    :func:`runtime.landmarks.predict_points`, with the network in PyTorch)."""
     was_training = model.training
     model.eval()
-    out = []
-    for s in range(0, len(crops), batch_size):
-        x = torch.from_numpy(to_model_input(crops[s:s + batch_size], aligner_spec(geometry), "RGB"))
-        out.append(heatmaps_to_image(model(x).numpy(), mats[s:s + batch_size], geometry))
-    model.train(was_training)
-    return np.concatenate(out)
+    try:
+        return predict_points(lambda x: model(torch.from_numpy(x)).numpy(), crops, mats, geometry, batch_size)
+    finally:
+        model.train(was_training)
 
 
 class TorchRefiner:
@@ -392,6 +422,7 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False, progress: bool =
 
     opt_cfg = {"batch_size": 16, "epochs": 40, "lr": 2e-3, "weight_decay": 1e-4, "warmup_steps": 100,
                "checkpoint_every": 50, "eval_every": 5, "threads": 1, "max_minutes": 0, **(cfg.get("optim") or {})}
+    loss_cfg = {"foreground_weight": 0.0, "coord_weight": 0.0, "beta": 20.0, **(cfg.get("loss") or {})}
     torch.set_num_threads(int(opt_cfg["threads"]))
     cv2.setNumThreads(1)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,6 +469,11 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False, progress: bool =
     elif resume:
         print(f"no {last} yet: starting from scratch")
     augment = Augmenter(geometry, cfg.get("augment"), rng)
+    # derotate: level the crop by the detector's eye line, as the runtime does (ground truth where it missed)
+    base_angles = np.zeros(len(train_set))
+    if geometry.derotate:
+        base_angles = np.array([eye_angle(train_set.det_landmarks[j] if train_set.detected[j] else train_set.points[j])
+                                for j in range(len(train_set))])
 
     def checkpoint(metrics: dict | None = None) -> None:
         _save(last, {"model": model.state_dict(), "config": cfg, "step": step, "optimizer": optimizer.state_dict(),
@@ -460,11 +496,11 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False, progress: bool =
         order = np.random.default_rng(seed + 1000 * epoch).permutation(len(train_set))
         i = step % steps_per_epoch
         idx = order[i * bs:(i + 1) * bs]
-        views = [augment(train_set.images[j], train_set.boxes[j], train_set.points[j]) for j in idx]
-        x, y = make_batch([v[0] for v in views], [v[1] for v in views], geometry)
+        views = [augment(train_set.images[j], train_set.boxes[j], train_set.points[j], base_angles[j]) for j in idx]
+        x, y, pts = make_batch([v[0] for v in views], [v[1] for v in views], geometry)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, elapsed)
-        loss = heatmap_loss(model.forward_stacks(x), y)
+        loss = heatmap_loss(model.forward_stacks(x), y, pts, **loss_cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

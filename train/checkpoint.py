@@ -159,3 +159,21 @@ def build_model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dic
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes: {e}") from e
     return model.eval(), config
+
+
+def strip_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write only what inference needs (``model``, ``config``, ``step``, ``best_metric``) from ``src`` to ``dst``.
+
+    The result is the small file that ships beside an exported model; ``build_model_from_checkpoint`` loads it.
+    """
+    state = load_checkpoint(src)
+    keep = {k: state[k] for k in ("model", "config", "step", "best_metric") if k in state}
+    return save_checkpoint(dst, keep)
+
+
+if __name__ == "__main__":  # python -m train.checkpoint strip SRC DST
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "strip":
+        sys.exit("usage: python -m train.checkpoint strip SRC.pt DST.pt")
+    print(strip_checkpoint(sys.argv[2], sys.argv[3]))

@@ -3,7 +3,8 @@
 Writes one list file (``path identity``, paths relative to ``--root``) and one teacher npz keyed by the same
 paths, ready for a distillation config (``data.list`` / ``data.teacher``). A teacher vector is kept only when
 the teacher embedded the same face the crop shows (box centres closer than half the crop's box width);
-otherwise the crop stays in the list for the identity loss but gets no teacher vector (zeros).
+otherwise the crop stays in the list for the identity loss but gets no teacher vector (zeros). Teacher
+vectors are centred on their mean and re-normalised (see :func:`center_teacher`).
 
     python train/distill_set.py --root work_data --out work_data/celeba_distill \
         --part celeba_wild_112:teacher_wild.npz:wild --part celeba_aligned_112:teacher_aligned.npz:aligned_89x109
@@ -51,6 +52,22 @@ def join_part(root: Path, aligned_dir: str, teacher_npz: str, source_prefix: str
     return rows
 
 
+def center_teacher(emb: np.ndarray, emb_flip: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Subtract the teacher's mean embedding and re-normalise (zero rows stay zero).
+
+    dlib's descriptors share a large common component (different people have cosine ≈ 0.9), so a cosine
+    distillation loss on raw vectors mostly teaches that common direction; centred, different people sit
+    near cosine 0 and the loss is spent on what tells people apart.
+    """
+    have = np.linalg.norm(emb, axis=1) > 0
+    center = emb[have].mean(0) if have.any() else np.zeros(emb.shape[1], np.float32)
+    out = []
+    for e in (emb, emb_flip):
+        c = np.where(have[:, None], e - center, 0.0)
+        out.append((c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)).astype(np.float32))
+    return out[0], out[1], center.astype(np.float32)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, required=True, help="folder holding the aligned folders and teacher files")
@@ -64,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = np.array([r[0] for r in rows])
     emb = np.stack([r[2] for r in rows]).astype(np.float32)
     emb_flip = np.stack([r[3] for r in rows]).astype(np.float32)
+    emb, emb_flip, center = center_teacher(emb, emb_flip)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_list = args.out.with_name(args.out.name + ".txt.tmp")
     tmp_list.write_text("".join(f"{p} {r[1]}\n" for p, r in zip(paths, rows)))
     os.replace(tmp_list, args.out.with_name(args.out.name + ".txt"))
     tmp = args.out.with_name(args.out.name + "_teacher.tmp.npz")
-    np.savez(tmp, paths=paths, emb=emb, emb_flip=emb_flip)
+    np.savez(tmp, paths=paths, emb=emb, emb_flip=emb_flip, center=center)
     os.replace(tmp, args.out.with_name(args.out.name + "_teacher.npz"))
     have = int((np.linalg.norm(emb, axis=1) > 0).sum())
     ids = len({r[1] for r in rows})
