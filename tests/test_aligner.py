@@ -145,6 +145,15 @@ def test_training_step_fits_a_batch(facekit_data):
         crops.append(crop)
         points.append(pts)
     x, y, hm_points = make_batch(crops, points, g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: threads only fight over the shared cores
+    try:
+        _fit_one_batch(x, y, hm_points)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_one_batch(x: torch.Tensor, y: torch.Tensor, points: torch.Tensor) -> None:
     assert x.shape == (4, 3, 64, 64) and y.shape == (4, 5, 16, 16)
     torch.manual_seed(0)
     model = build_aligner(SMALL)
@@ -153,7 +162,7 @@ def test_training_step_fits_a_batch(facekit_data):
     assert len(outs) == 2 and all(o.shape == y.shape for o in outs)
     first = [float(torch.nn.functional.mse_loss(o, y)) for o in outs]
     for _ in range(30):
-        loss = heatmap_loss(model.forward_stacks(x), y)
+        loss = heatmap_loss(model.forward_stacks(x), y, points, foreground_weight=10.0, coord_weight=1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -161,6 +170,17 @@ def test_training_step_fits_a_batch(facekit_data):
     assert all(b < 0.5 * a for a, b in zip(first, last)), (first, last)
     model.eval()
     assert model(x).shape == y.shape  # forward: the last stack only (what is exported)
+
+
+def test_soft_argmax_finds_the_gaussian_peak():
+    """The training-only soft-argmax at the config's sharpness lands near the target; too soft a beta lets
+    the background pull it towards the map centre (why beta is 20)."""
+    from train.aligner import soft_argmax
+
+    pts = np.array([[[5.3, 7.7], [20.2, 11.1], [16.0, 16.0], [9.9, 25.4], [27.5, 3.6]]])
+    maps = torch.from_numpy(encode_heatmaps(pts[0], (32, 32), 1.5)[None])
+    assert np.abs(soft_argmax(maps, beta=20.0).numpy() - pts).max() < 0.2
+    assert np.abs(soft_argmax(maps, beta=5.0).numpy() - pts).max() > 2.0
 
 
 def test_build_aligner_checks_its_config():

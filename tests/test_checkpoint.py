@@ -114,8 +114,8 @@ def test_sigkilled_writer_always_leaves_a_loadable_checkpoint(tmp_path):
     ctx = mp.get_context("fork")
     saved = ctx.Value("i", 0, lock=False)  # a lock held by a killed writer would never be released
     rng = random.Random(0)
-    kills, mid_write, deadline = 0, 0, time.monotonic() + 12.0
-    while kills < 25 and time.monotonic() < deadline:
+    kills, mid_write, deadline = 0, 0, time.monotonic() + 60.0
+    while kills < 50 and time.monotonic() < deadline:
         before = saved.value
         proc = ctx.Process(target=_writer, args=(str(path), saved, size), daemon=True)
         proc.start()
@@ -129,7 +129,7 @@ def test_sigkilled_writer_always_leaves_a_loadable_checkpoint(tmp_path):
         # the last counted save, or one more when the kill fell between os.replace and the count
         assert step in (saved.value, saved.value + 1) and step >= before
         assert torch.all(state["model"]["w"] == float(step)), "a checkpoint mixes two saves"
-    assert kills >= 10 and saved.value > 0, f"only {kills} kills and {saved.value} completed saves"
+    assert kills == 50 and saved.value > 0, f"only {kills} kills and {saved.value} completed saves"
     assert mid_write > 0, "no kill landed during a write; the test proved nothing"
     # temp files of killed writers are cleaned up by the next successful save
     save_checkpoint(path, {"model": {"w": torch.zeros(1)}, "step": -1})

@@ -5,6 +5,7 @@ import csv
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -175,3 +176,22 @@ def test_several_faces_policy():
     assert choose_face([big_centre, twin], shape) == (None, "several faces")
     assert choose_face([doubtful, big_centre], shape) == (1, "")  # confident face outweighs a doubtful one
     assert choose_face([tiny, big_centre], shape) == (1, "")  # too-small faces do not compete
+
+
+SHIPPED_ALIGNER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "aligner.onnx"
+
+
+@pytest.mark.skipif(not SHIPPED_ALIGNER.is_file(), reason="runtime/models/aligner.onnx not shipped yet")
+def test_aligner_landmarks_option(facekit_data, tmp_path):
+    """--landmarks aligner: the crop is warped with the refined points, which the manifest records."""
+    photos = need(facekit_data / "photos")
+    (tmp_path / "src" / "obama").mkdir(parents=True)
+    os.symlink(photos / "obama.jpg", tmp_path / "src" / "obama" / "a.jpg")
+    sources = sources_from_tree(tmp_path / "src")
+    opts = Options(landmarks="aligner", aligner=str(SHIPPED_ALIGNER))
+    assert make_aligned(sources, tmp_path / "ali", opts, workers=1, progress=False)["ok"] == 1
+    assert make_aligned(sources, tmp_path / "det", Options(), workers=1, progress=False)["ok"] == 1
+    rows = [next(csv.DictReader(open(tmp_path / d / "manifest.csv"))) for d in ("ali", "det")]
+    ali, det = (np.array(r["landmarks"].split(), float).reshape(5, 2) for r in rows)
+    iod = np.linalg.norm(det[0] - det[1])
+    assert 0 < np.abs(ali - det).max() < 0.2 * iod  # refined, and still the same face

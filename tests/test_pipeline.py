@@ -319,3 +319,18 @@ def test_shipped_aligner_landmarks_agree_with_the_detector(facekit_data):
         width = float(a.box[2] - a.box[0])
         assert np.abs(a.landmarks - b.landmarks).max() < 0.15 * width
     assert "aligner" in ali.providers
+
+
+def test_shipped_models_identify_enrolled_portraits(shipped, facekit_data, tmp_path):
+    from runtime.gallery import Gallery
+
+    portraits = ["angelina_jolie", "biden", "kate_siegel", "obama", "paul_rudd", "shea_whigham"]
+    gallery = Gallery(threshold=shipped.threshold)
+    for name in portraits:
+        gallery.enroll(name, [_photo(facekit_data, f"{name}.jpg")], pipeline=shipped)
+    gallery.save(tmp_path / "people.npz")
+    reloaded = Gallery.load(tmp_path / "people.npz")
+    for name in portraits:
+        assert reloaded.identify(_photo(facekit_data, f"{name}.jpg"), pipeline=shipped)[0][0] == name
+    # a second photo of an enrolled person is recognised too
+    assert reloaded.identify(_photo(facekit_data, "obama2.jpg"), pipeline=shipped)[0][0] == "obama"

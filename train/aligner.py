@@ -532,8 +532,40 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False, progress: bool =
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, out / "metrics.json")
+    plot_log(log_path, out / "training_curve.png")
     print(json.dumps(metrics))
     return metrics
+
+
+def plot_log(log_csv: Path, png: Path) -> None:
+    """Training loss and test NME against the step, from log.csv, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.8, label="training loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    evals = [(int(r["step"]), 100 * float(r["test_nme"])) for r in rows if r.get("test_nme")]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "o-", color="tab:red", label="test NME %")
+        ax2.set_ylabel("test NME (% of inter-ocular distance)")
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper center")
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
 
 
 # --------------------------------------------------------------------------------------------- export

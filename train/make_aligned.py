@@ -339,14 +339,19 @@ def read_manifest(path: Path) -> dict[str, dict]:
     return rows
 
 
-def write_outputs(out: Path, rows: dict[str, dict]) -> dict:
-    """Rewrite manifest.csv, list.txt and summary.json atomically from all rows; returns the summary."""
-    ordered = [rows[k] for k in sorted(rows)]
+def write_manifest(out: Path, rows: dict[str, dict]) -> None:
+    """Rewrite manifest.csv atomically from ``rows`` (sorted by source)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: r.get(k, "") for k in MANIFEST_FIELDS} for r in ordered)
+    writer.writerows({k: rows[key].get(k, "") for k in MANIFEST_FIELDS} for key in sorted(rows))
     atomic_write_bytes(out / "manifest.csv", buf.getvalue().encode())
+
+
+def write_outputs(out: Path, rows: dict[str, dict]) -> dict:
+    """Rewrite manifest.csv, list.txt and summary.json atomically from all rows; returns the summary."""
+    ordered = [rows[k] for k in sorted(rows)]
+    write_manifest(out, rows)
     lines = [f"{r['output']} {r['identity']}" for r in ordered if r["status"] == "ok"]
     atomic_write_bytes(out / "list.txt", ("\n".join(lines) + ("\n" if lines else "")).encode())
     reasons = Counter(r["reason"].split(":")[0] for r in ordered if r["status"] == "failed")
@@ -380,8 +385,9 @@ def make_aligned(sources: list[Source], out: Path, opts: Options, workers: int =
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="aligning", unit="photo", disable=not progress)
-    # append rows as they come so a killed run loses nothing; rewritten atomically at the end
-    write_outputs(out, rows)
+    # append rows as they come so a killed run loses nothing; list.txt and summary.json keep their previous
+    # complete state until everything is rewritten atomically at the end
+    write_manifest(out, rows)
     with open(manifest, "a", newline="", encoding="utf-8") as mf:
         writer = csv.DictWriter(mf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
 
