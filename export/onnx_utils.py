@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
+
+from runtime.atomic import atomic_write_bytes  # noqa: F401 (used here and re-exported)
 from typing import Any
 
 import onnx
@@ -66,26 +67,3 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     if len(data) >= 2**31 - 1:
         raise ValueError(f"{path}: graph is {len(data) / 2**30:.1f} GiB; one-file ONNX is limited to 2 GiB")
     return atomic_write_bytes(path, data)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path

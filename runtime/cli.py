@@ -9,11 +9,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from . import atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -26,25 +27,12 @@ class CliError(Exception):
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
+    """Write ``data`` to ``path`` atomically; a missing folder is a user error, not created."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CliError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic.atomic_write_bytes(path, data, make_parents=False)
 
 
 def _pipeline(args, need_recognizer: bool):
@@ -234,7 +222,10 @@ def similarity_heatmap_png(sim: np.ndarray, names: Sequence[str], threshold: flo
 def _progress(items, desc: str):
     if len(items) < 20 or not sys.stderr.isatty():
         return items
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional for the runtime
+        return items
 
     return tqdm(items, desc=desc, unit="img")
 

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .atomic import fsync_dir
+
 UNKNOWN = None
 FORMAT = "facekit-gallery"
 VERSION = 1
@@ -326,7 +328,7 @@ class Gallery:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         _remove_stale_temporaries(path)
         return path
 
@@ -420,19 +422,6 @@ def _digest(emb: np.ndarray, owner: np.ndarray) -> str:
     h.update(np.ascontiguousarray(emb, np.float32).tobytes())
     h.update(np.ascontiguousarray(owner, np.int32).tobytes())
     return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows: directories cannot be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_temporaries(path: Path) -> None:

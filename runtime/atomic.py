@@ -1,0 +1,60 @@
+"""Atomic file writes, defined once: temp file in the same folder, flush, fsync, ``os.replace``, fsync the folder.
+
+A reader sees either the previous complete file or the new complete file, never a partial one, even when the
+writer is killed. Used by the gallery, the CLI, checkpoints, ONNX export and ``make_aligned.py``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], tmp_prefix: str | None = None,
+                 make_parents: bool = True) -> Path:
+    """Call ``write(file)`` on a temp file beside ``path``, then atomically put it in place; returns ``path``.
+
+    ``tmp_prefix`` names the temp file (default ``.<name>.``) so callers can find leftovers of killed writers.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if make_parents:
+        folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix or f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_parents: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(data), make_parents=make_parents)
