@@ -23,12 +23,13 @@ import io
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from runtime.files import atomic_write, sha256_file
 
 #: Bump when the crop selection / fallback logic changes (invalidates cached crops).
 ALIGN_VERSION = 1
@@ -401,14 +402,6 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_hash(module_names: tuple[str, ...]) -> str:
     """Hash of runtime source files that decide where landmarks land (geometry, detector, landmarks)."""
     import importlib.util
@@ -460,7 +453,7 @@ class FaceAligner:
 
             parts["detector"] = _sha256_bytes(WEIGHTS)
         else:
-            parts["detector"] = _sha256_file(detector_model)
+            parts["detector"] = sha256_file(detector_model)
         if landmarks == "aligner":
             from runtime.landmarks import LandmarkRefiner
 
@@ -468,7 +461,7 @@ class FaceAligner:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: aligner model not found (use --landmarks detector)")
             self.refiner = LandmarkRefiner(path, backend=backend, **options)
-            parts["aligner"] = _sha256_file(path)
+            parts["aligner"] = sha256_file(path)
         self.fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         self.description = {"landmarks": landmarks, "detector": detector_model or "retinaface-mobilenet0.25 (default)",
                             "aligner": aligner_model if landmarks == "aligner" else None}
@@ -538,24 +531,6 @@ class CropSet:
 def cache_dir() -> Path:
     """``$FACEKIT_CACHE`` or ``~/.cache/facekit``."""
     return Path(os.environ.get("FACEKIT_CACHE") or Path.home() / ".cache" / "facekit")
-
-
-def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 #: Cached crop files kept per data set name (older ones, e.g. from earlier detector code, are deleted).
@@ -659,7 +634,7 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
             pts = default_fallback_landmarks(shape)
         crops[i] = _warp(img, pts)
     if use_cache:
-        _atomic_savez(path, crops=crops, how=how, keys=np.array(pairset.image_keys()))
+        atomic_write(path, lambda f: np.savez(f, crops=crops, how=how, keys=np.array(pairset.image_keys())))
         _prune_cache(path.parent, pairset.name)
     return CropSet(crops, how, str(path) if use_cache else None, False, time.perf_counter() - t0)
 

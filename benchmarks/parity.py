@@ -210,10 +210,10 @@ def find_checkpoint(model: Path, explicit: str | None = None) -> Path | None:
     want = meta.get("checkpoint_sha256")
     cands = sorted(p for p in model.parent.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.stem.startswith(model.stem))
     if want:
-        from .datasets import _sha256_file
+        from runtime.files import sha256_file
 
         for c in cands:
-            if _sha256_file(c) == want:
+            if sha256_file(c) == want:
                 return c
         return None
     return cands[0] if len(cands) == 1 else None

@@ -14,8 +14,9 @@ import platform
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from runtime.files import atomic_write_bytes
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -208,22 +209,6 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def report_stem(info: dict, date: str | None = None) -> str:
     return f"{date or _dt.date.today().isoformat()}-{machine_slug(info)}"
 
@@ -232,8 +217,8 @@ def write_report(report: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, P
     """Write ``<date>-<machine>.md`` and ``.json`` (plots already live in the ``<date>-<machine>/`` folder)."""
     stem = report_stem(report["machine"], report.get("date"))
     md, js = results_dir / f"{stem}.md", results_dir / f"{stem}.json"
-    _atomic_write_text(md, to_markdown(report))
-    _atomic_write_text(js, json.dumps(report, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_bytes(md, to_markdown(report).encode())
+    atomic_write_bytes(js, (json.dumps(report, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
     return md, js
 
 

@@ -31,7 +31,6 @@ import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -41,6 +40,7 @@ from benchmarks import report as rp  # noqa: E402
 from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,  # noqa: E402
                                TorchEmbedder, compare_backends, plan_backends, subset_pairs)
 from benchmarks.verification import evaluate, flip_sum_embeddings  # noqa: E402
+from runtime.files import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
@@ -101,23 +101,6 @@ def _ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _atomic_npz(path: Path, **arrays) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def make_aligner(args) -> ds.FaceAligner:
     """Detector (+ aligner) for raw photos, as ``FacePipeline`` aligns faces."""
     return ds.FaceAligner(detector_model=getattr(args, "detector", None), landmarks=args.landmarks,
@@ -146,7 +129,7 @@ def verify(pairset: ds.PairSet, crops: ds.CropSet, embedder, args, plots_dir: Pa
            "crops_from_cache": crops.from_cache, "alignment_seconds": round(crops.seconds, 1),
            "embedding_seconds": round(embed_s, 1), "embedding_size": int(fused.shape[1])}
     if save:
-        _atomic_npz(Path(save), emb_a=emb_a, emb_b=emb_b, issame=pairset.issame)
+        atomic_write(Path(save), lambda f: np.savez(f, emb_a=emb_a, emb_b=emb_b, issame=pairset.issame))
         out["embeddings_file"] = str(save)
     if plots_dir is not None:
         out["plots"] = verification_plots(pairset.name, res, emb_a, emb_b, plots_dir)

@@ -1,25 +1,15 @@
 """Small torch-free ONNX helpers: metadata in and out, precision detection, hashing, atomic writes."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-from runtime.atomic import atomic_write_bytes  # noqa: F401 (used here and re-exported)
 from typing import Any
 
 import onnx
 
+from runtime.files import atomic_write_bytes, sha256_file  # noqa: F401 (used here and re-exported)
 from runtime.metadata import decode_metadata, encode_metadata
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def opset_of(proto: onnx.ModelProto) -> int:

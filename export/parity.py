@@ -87,10 +87,9 @@ def _central_detection(dets: list, shape: tuple[int, ...]):
     return min(dets, key=lambda d: np.linalg.norm((d.box[:2] + d.box[2:]) / 2 - centre) - 20 * d.score)
 
 
-def aligned_faces_from_photos(paths: Sequence[Path], size: tuple[int, int], n: int) -> np.ndarray:
-    """Detect (runtime's default detector) and warp (runtime.geometry) up to ``n`` faces; BGR crops."""
+def _crops_from_photos(paths: Sequence[Path], n: int, size: tuple[int, int], crop) -> np.ndarray:
+    """Up to ``n`` BGR crops: ``crop(image, detection)`` of the central face the default detector finds."""
     from runtime.detector import load_detector
-    from runtime.geometry import warp_face
     from runtime.image_io import load_image
 
     detector = load_detector()
@@ -99,30 +98,30 @@ def aligned_faces_from_photos(paths: Sequence[Path], size: tuple[int, int], n: i
         img = load_image(str(p))
         det = _central_detection(detector.detect(img), img.shape)
         if det is not None:
-            crops.append(warp_face(img, det.landmarks, size))
+            crops.append(crop(img, det))
         if len(crops) >= n:
             break
     return np.stack(crops) if crops else np.empty((0, size[0], size[1], 3), np.uint8)
 
 
+def aligned_faces_from_photos(paths: Sequence[Path], size: tuple[int, int], n: int) -> np.ndarray:
+    """Detect (runtime's default detector) and warp (runtime.geometry) up to ``n`` faces; BGR crops."""
+    from runtime.geometry import warp_face
+
+    return _crops_from_photos(paths, n, size, lambda img, det: warp_face(img, det.landmarks, size))
+
+
 def aligner_crops_from_photos(paths: Sequence[Path], geometry: dict, n: int) -> np.ndarray:
     """The aligner's own crops (:func:`runtime.landmarks.face_crop` around detector boxes); BGR."""
-    from runtime.detector import load_detector
-    from runtime.image_io import load_image
     from runtime.landmarks import AlignerGeometry, face_crop
 
     geo = AlignerGeometry.from_dict(geometry)
-    detector = load_detector()
-    crops = []
-    for p in paths:
-        img = load_image(str(p))
-        det = _central_detection(detector.detect(img), img.shape)
-        if det is not None:
-            rgb, _ = face_crop(img, det.box, geo, det.landmarks)
-            crops.append(np.ascontiguousarray(rgb[..., ::-1]))
-        if len(crops) >= n:
-            break
-    return np.stack(crops) if crops else np.empty((0, *geo.input_size, 3), np.uint8)
+
+    def crop(img: np.ndarray, det) -> np.ndarray:
+        rgb, _ = face_crop(img, det.box, geo, det.landmarks)
+        return np.ascontiguousarray(rgb[..., ::-1])
+
+    return _crops_from_photos(paths, n, tuple(geo.input_size), crop)
 
 
 def parity_crops(spec: PreprocessSpec, n: int, task: str = "recognition", faces_dir: str | os.PathLike | None = None,

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import atomic
+from . import files
 
 EXIT_BAD_INPUT = 2
 
@@ -32,7 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CliError(f"{path}: folder {folder} does not exist")
-    return atomic.atomic_write_bytes(path, data, make_parents=False)
+    return files.atomic_write_bytes(path, data, make_parents=False)
 
 
 def _pipeline(args, need_recognizer: bool):

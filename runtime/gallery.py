@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .atomic import fsync_dir
+from .files import fsync_dir
 
 UNKNOWN = None
 FORMAT = "facekit-gallery"

@@ -7,7 +7,6 @@ trainer keeps (step, optimizer, scheduler, scaler, rng, sampler, head, best_metr
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.atomic import atomic_write
+from runtime.files import atomic_write, sha256_file
 
 #: Stored in every checkpoint written by :func:`save_checkpoint`.
 FORMAT_VERSION = 1
@@ -88,11 +87,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of the checkpoint file (recorded in exported models' metadata)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

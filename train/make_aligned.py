@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime.atomic import atomic_write_bytes  # noqa: E402
+from runtime.files import atomic_write_bytes  # noqa: E402
 from runtime.geometry import template_for_size, warp_face  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -1,10 +1,12 @@
-"""Atomic file writes, defined once: temp file in the same folder, flush, fsync, ``os.replace``, fsync the folder.
+"""File helpers, defined once: atomic writes and file hashing.
 
-A reader sees either the previous complete file or the new complete file, never a partial one, even when the
-writer is killed. Used by the gallery, the CLI, checkpoints, ONNX export and ``make_aligned.py``.
+Atomic writes: temp file in the same folder, flush, fsync, ``os.replace``, fsync the folder. A reader sees
+either the previous complete file or the new complete file, never a partial one, even when the writer is
+killed. Used by the gallery, the CLI, checkpoints, ONNX export, ``make_aligned.py`` and the benchmarks.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -58,3 +60,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], t
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_parents: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(data), make_parents=make_parents)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
