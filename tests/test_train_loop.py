@@ -226,3 +226,48 @@ def test_trainer_options_run(tmp_path):
         rows = list(csv.DictReader(f))
     assert {"loss_arcface", "loss_center", "loss_triplet"} <= set(rows[0])
     assert all(np.isfinite(float(r["loss"])) for r in rows)
+
+
+def test_init_warm_starts_weights_only(tmp_path, reference_run):
+    """`init` copies the weights (and a head of the same shape) but starts the optimizer, step and schedule
+    afresh; a checkpoint of another shape is refused with a message naming the file."""
+    cfg = _cfg(tmp_path / "warm", *RESUME, f"init={reference_run / 'last.pt'}", "schedule.steps=2")
+    trainer = Trainer(cfg)
+    ref = load_checkpoint(reference_run / "last.pt")
+    assert trainer.step == 0 and trainer.initialised_from == reference_run / "last.pt"
+    assert all(torch.equal(v, ref["model"][k]) for k, v in trainer.backbone.state_dict().items())
+    assert all(torch.equal(v, ref["head"][k]) for k, v in trainer.criterion.state_dict().items())
+    assert trainer.scheduler.last_epoch == 0 and not trainer.optimizer.state  # fresh schedule, no momentum
+    trainer.train()
+    assert load_checkpoint(tmp_path / "warm" / "last.pt")["step"] == 2
+    with pytest.raises(ValueError, match="init: .*last.pt does not fit"):
+        Trainer(_cfg(tmp_path / "wide", *RESUME, "backbone_kwargs={width: 0.5}", f"init={reference_run / 'last.pt'}"))
+
+
+def test_resume_does_not_swallow_an_override(tmp_path):
+    """`--resume key=value` resumes the config's run and applies the override (argparse alone would take
+    `key=value` for --resume's optional checkpoint path); a real path after --resume stays a path."""
+    from train.arcface import parse_args
+
+    args = parse_args(["--config", "c.yaml", "--resume", "schedule.epochs=9", "train.threads=2"])
+    assert args.resume is True and args.overrides == ["schedule.epochs=9", "train.threads=2"]
+    run = tmp_path / "a=b"
+    run.mkdir()
+    args = parse_args(["--config", "c.yaml", "--resume", str(run), "train.threads=2"])
+    assert args.resume == str(run) and args.overrides == ["train.threads=2"]
+
+
+def test_resume_with_a_longer_schedule_follows_the_new_schedule(tmp_path):
+    """Resuming with more steps continues on the new cosine, not on the checkpoint's (LambdaLR's
+    load_state_dict would otherwise write the old total back into the schedule)."""
+    out = tmp_path / "run"
+    Trainer(_cfg(out, *RESUME, "schedule.steps=6")).train()
+    with pytest.warns(UserWarning, match="changed config: schedule.steps"):
+        trainer = Trainer(_cfg(out, *RESUME, "schedule.steps=40"), resume=True)
+    assert trainer.step == 6 and trainer.lr_lambda.total == 40
+    seen = []
+    trainer.callbacks.append(lambda t: seen.append(t.optimizer.param_groups[0]["lr"]))
+    trainer.cfg["train"]["stop_after"] = 2
+    trainer.train()
+    expected = [0.1 * trainer.lr_lambda(k) for k in (7, 8)]
+    assert seen == pytest.approx(expected) and seen[0] > 0.05  # the 6-step schedule would be at its minimum

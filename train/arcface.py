@@ -37,7 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--describe", metavar="ARCH", help="print params=<int> macs=<int> of a backbone and exit")
     ap.add_argument("--embedding-size", type=int, default=512, help="with --describe")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. optim.lr=0.1")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: argparse took the override as --resume's optional CKPT; give it back
+        args.overrides.insert(0, args.resume)
+        args.resume = True
+    return args
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "backbone_kwargs": {},
     "seed": 0,
     "output": None,  # default runs/<name>
+    "init": None,  # checkpoint whose weights start this run (fresh optimizer and schedule); ignored on --resume
     "data": {
         "format": "list",  # folder | list | rec | synthetic
         "root": None,  # folder tree root, or the root list-file paths are relative to

@@ -167,8 +167,11 @@ class Trainer:
         self._build_model()
         self._build_optim()
         self.step, self.epoch, self.batch_in_epoch, self.best_metric = 0, 0, 0, None
+        self.initialised_from: Path | None = None
         if resume_path is not None:
             self._load(resume_path)
+        elif cfg["init"]:
+            self._init_weights(expand_path(cfg["init"]))
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in self.out.glob(".*.pt.*.tmp"):  # left by a writer killed mid-checkpoint
@@ -290,10 +293,12 @@ class Trainer:
             self.optimizer = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"])
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
-        s = self.cfg["schedule"]
-        self.lr_lambda = WarmupCosine(self.total_steps, self.warmup_steps, s["min_lr_ratio"], s["restarts"],
-                                      s["restart_mult"])
+        self.lr_lambda = self._schedule_from_config()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+
+    def _schedule_from_config(self) -> WarmupCosine:
+        s = self.cfg["schedule"]
+        return WarmupCosine(self.total_steps, self.warmup_steps, s["min_lr_ratio"], s["restarts"], s["restart_mult"])
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -322,7 +327,9 @@ class Trainer:
         self.criterion.load_state_dict(ckpt["head"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        # the schedule follows the current config (e.g. more steps), the position follows the checkpoint
+        # the schedule follows the current config (e.g. more steps), the position follows the checkpoint;
+        # a new object, because LambdaLR.load_state_dict wrote the old run's settings into the one it held
+        self.lr_lambda = self._schedule_from_config()
         self.scheduler.lr_lambdas = [self.lr_lambda] * len(self.optimizer.param_groups)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
@@ -336,6 +343,20 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         self.resumed_from = path
+
+    def _init_weights(self, path: Path) -> None:
+        """Warm start: the backbone (and the margin head when its shape fits) from ``path``; nothing else."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        try:
+            self.backbone.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ValueError(f"init: {path} does not fit {self.cfg['arch']} {self.cfg['backbone_kwargs']} "
+                             f"with embedding {self.cfg['embedding_size']}: {e}") from e
+        head = ckpt.get("head") or {}
+        mine = self.criterion.state_dict()
+        if head and set(head) == set(mine) and all(head[k].shape == mine[k].shape for k in mine):
+            self.criterion.load_state_dict(head)
+        self.initialised_from = path
 
     def save(self, name: str = "last.pt") -> Path | None:
         """Write the full training state atomically to ``<out>/<name>`` (main process only)."""
