@@ -77,6 +77,8 @@ class FacePipeline:
     the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner. ``backend``: ``"auto"``
     (fastest available) or a backend name. ``threshold`` overrides the recognizer's ``threshold_cosine``.
     ``preprocess`` overrides the recognizer's metadata (only for models exported without it).
+    ``flip_test`` (default on) embeds each face and its mirror image and sums the two, as the benchmark
+    protocol does — the protocol that the shipped ``threshold_cosine`` comes from.
     """
 
     def __init__(self, recognizer: str | os.PathLike | Backend | None = None,
@@ -84,7 +86,7 @@ class FacePipeline:
                  aligner: str | os.PathLike | Backend | None = None, backend: str = "auto",
                  threshold: float | None = None, *, preprocess: PreprocessSpec | None = None,
                  score_threshold: float = 0.5, max_side: int = DEFAULT_MAX_SIDE,
-                 min_side: int = DEFAULT_MIN_SIDE, batch_size: int = 32):
+                 min_side: int = DEFAULT_MIN_SIDE, batch_size: int = 32, flip_test: bool = True):
         if landmarks not in LANDMARK_MODES:
             raise ValueError(f"landmarks must be one of {LANDMARK_MODES}, got {landmarks!r}")
         if batch_size < 1:
@@ -93,6 +95,7 @@ class FacePipeline:
         self.landmark_mode = landmarks
         self.score_threshold = float(score_threshold)
         self.batch_size = int(batch_size)
+        self.flip_test = bool(flip_test)
         self._threshold_override = None if threshold is None else float(threshold)
         self._preprocess_override = preprocess
         self._lock = threading.Lock()
@@ -246,7 +249,8 @@ class FacePipeline:
 
     def embed_aligned(self, crops: np.ndarray | Sequence[np.ndarray], color_order: str = "BGR",
                       batch_size: int | None = None) -> np.ndarray:
-        """L2-normalised embeddings (N×D float32) of aligned uint8 crops (N×H×W×3 or a list of H×W×3)."""
+        """L2-normalised embeddings (N×D float32) of aligned uint8 crops (N×H×W×3 or a list of H×W×3);
+        with ``flip_test`` each is the sum of the crop's and its mirror image's raw embeddings."""
         x = np.asarray(crops) if not isinstance(crops, (list, tuple)) else (
             np.stack([np.asarray(c) for c in crops]) if len(crops) else np.zeros((0, 0, 0, 3), np.uint8))
         if x.ndim == 3:
@@ -257,6 +261,9 @@ class FacePipeline:
         model = self.recognizer
         if len(x) == 0:
             return np.zeros((0, int(self._meta.get("embedding_size", 0) or 0)), np.float32)
+        n_faces = len(x)
+        if self.flip_test:
+            x = np.concatenate([x, x[:, :, ::-1]])
         bs = int(batch_size or self.batch_size)
         fixed = _fixed_batch(model)
         if fixed:
@@ -270,6 +277,8 @@ class FacePipeline:
             emb = np.asarray(model.run(chunk)[0], np.float32).reshape(len(chunk), -1)[:n]
             out.append(emb)
         emb = np.concatenate(out)
+        if self.flip_test:
+            emb = emb[:n_faces] + emb[n_faces:]
         if not np.isfinite(emb).all():
             raise RuntimeError(f"{model.path}: the recognizer produced NaN/inf embeddings")
         return l2_normalize(emb)
