@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -78,13 +79,28 @@ def preprocess_for_quantization(src: str | os.PathLike, dst: str | os.PathLike) 
     path to quantize."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     for symbolic_skip in (False, True):
         try:
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=symbolic_skip)
+            # when symbolic shape inference gives up it dumps sym_shape_infer_temp.onnx + <uuid>.data into
+            # the working directory: let that happen next to dst (a temporary folder), not in the user's
+            with _working_directory(dst.parent):
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=symbolic_skip)
             return str(dst)
         except Exception:  # symbolic shape inference gives up on some graphs (e.g. Resize in the hourglass)
             continue
     return str(src)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    """``os.chdir`` for the duration of a block (process-wide: for export tools, not for servers)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def qdq_counts(proto: onnx.ModelProto) -> tuple[int, int]:

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import ROOT
+
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
@@ -166,3 +168,18 @@ def test_calibration_folder_rejects_wrong_crop_size(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_crop_folder(tmp_path / "nope", (112, 112))
     assert Path(tmp_path / "a.png").exists()
+
+
+def test_preprocess_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """ORT's symbolic shape inference gives up on the hourglass (Resize) and dumps sym_shape_infer_temp.onnx
+    and a <uuid>.data file into the working directory; the pre-quantization pass keeps them out of it."""
+    from export.quantize import preprocess_for_quantization
+
+    aligner = ROOT / "runtime" / "models" / "aligner.onnx"
+    if not aligner.is_file():
+        pytest.skip("the shipped aligner is absent")
+    work, cwd = tmp_path / "work", tmp_path / "cwd"
+    work.mkdir(), cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = preprocess_for_quantization(aligner, work / "pre.onnx")
+    assert Path(out).is_file() and list(cwd.iterdir()) == []
