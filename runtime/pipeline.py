@@ -19,7 +19,7 @@ from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, Detection, load_detect
 from .geometry import ARCFACE_TEMPLATE_112, template_for_size, warp_face
 from .image_io import ImageError, load_image
 from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
-from .preprocess import PreprocessSpec, l2_normalize, to_model_input
+from .preprocess import PreprocessSpec, flip_sum, l2_normalize, to_model_input
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_RECOGNIZER = MODELS_DIR / "recognizer.onnx"
@@ -261,24 +261,22 @@ class FacePipeline:
         model = self.recognizer
         if len(x) == 0:
             return np.zeros((0, int(self._meta.get("embedding_size", 0) or 0)), np.float32)
-        n_faces = len(x)
-        if self.flip_test:
-            x = np.concatenate([x, x[:, :, ::-1]])
         bs = int(batch_size or self.batch_size)
         fixed = _fixed_batch(model)
         if fixed:
             bs = fixed
-        out = []
-        for start in range(0, len(x), bs):
-            chunk = to_model_input(x[start:start + bs], spec, color_order=color_order)
-            n = len(chunk)
-            if fixed and n < fixed:  # a model exported with a fixed batch: pad the last chunk
-                chunk = np.concatenate([chunk, np.zeros((fixed - n,) + chunk.shape[1:], chunk.dtype)])
-            emb = np.asarray(model.run(chunk)[0], np.float32).reshape(len(chunk), -1)[:n]
-            out.append(emb)
-        emb = np.concatenate(out)
-        if self.flip_test:
-            emb = emb[:n_faces] + emb[n_faces:]
+
+        def raw(crops: np.ndarray) -> np.ndarray:
+            out = []
+            for start in range(0, len(crops), bs):
+                chunk = to_model_input(crops[start:start + bs], spec, color_order=color_order)
+                n = len(chunk)
+                if fixed and n < fixed:  # a model exported with a fixed batch: pad the last chunk
+                    chunk = np.concatenate([chunk, np.zeros((fixed - n,) + chunk.shape[1:], chunk.dtype)])
+                out.append(np.asarray(model.run(chunk)[0], np.float32).reshape(len(chunk), -1)[:n])
+            return np.concatenate(out)
+
+        emb = flip_sum(raw, x) if self.flip_test else raw(x)
         if not np.isfinite(emb).all():
             raise RuntimeError(f"{model.path}: the recognizer produced NaN/inf embeddings")
         return l2_normalize(emb)

@@ -6,6 +6,7 @@ Training (``train/``), export (``export/``) and the runtime all call :func:`to_m
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -80,6 +81,14 @@ def to_model_input(crops: np.ndarray, spec: PreprocessSpec = RECOGNIZER_SPEC, co
     if spec.layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x)
+
+
+def flip_sum(embed: Callable[[np.ndarray], np.ndarray], crops: np.ndarray) -> np.ndarray:
+    """Test-time flip (insightface protocol): ``embed(crops) + embed(mirror(crops))`` for N×H×W×3 crops,
+    unnormalised (``l2_normalize`` it). ``embed`` maps a crop batch to raw embeddings."""
+    crops = np.asarray(crops)
+    return (np.asarray(embed(crops), np.float32)
+            + np.asarray(embed(np.ascontiguousarray(crops[:, :, ::-1])), np.float32))
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:

@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.preprocess import flip_sum, l2_normalize
+
 from .datasets import DataError, decode_image, fit_size
 
 
@@ -136,17 +138,10 @@ def load_pairset(fmt: str, path, pairs=None, max_pairs: int = 0, size=(112, 112)
     raise DataError(f"unknown verification format {fmt!r} (bin or lfw)")
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def flip_embeddings(embed: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """``normalize(embed(crop) + embed(mirror(crop)))`` for uint8 crops."""
-    out = []
-    for s in range(0, len(crops), batch_size):
-        b = crops[s:s + batch_size]
-        out.append(np.asarray(embed(b), np.float32) + np.asarray(embed(np.ascontiguousarray(b[:, :, ::-1])), np.float32))
-    return _l2n(np.concatenate(out))
+    return l2_normalize(np.concatenate([flip_sum(embed, crops[s:s + batch_size])
+                                        for s in range(0, len(crops), batch_size)]))
 
 
 def verify(embed: Callable[[np.ndarray], np.ndarray], ps: PairSet, batch_size: int = 64) -> dict:

@@ -34,7 +34,7 @@ from torch import nn
 from runtime.preprocess import RECOGNIZER_SPEC, to_model_input
 
 from .backbones import build_backbone
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .config import diff_configs, expand_path, output_dir, save_config
 from .datasets import DataError, FaceDataset, source_from_config, worker_init
 from .losses import build_loss
@@ -174,8 +174,8 @@ class Trainer:
             self._init_weights(expand_path(cfg["init"]))
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            for stale in self.out.glob(".*.pt.*.tmp"):  # left by a writer killed mid-checkpoint
-                stale.unlink(missing_ok=True)
+            for name in ("last.pt", "best.pt"):  # temp files of writers killed mid-checkpoint
+                remove_stale_temp_files(self.out / name)
             save_config(cfg, self.out / "config.yaml")
 
     # ------------------------------------------------------------------------------------------- set-up
