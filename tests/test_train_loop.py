@@ -271,3 +271,18 @@ def test_resume_with_a_longer_schedule_follows_the_new_schedule(tmp_path):
     trainer.train()
     expected = [0.1 * trainer.lr_lambda(k) for k in (7, 8)]
     assert seen == pytest.approx(expected) and seen[0] > 0.05  # the 6-step schedule would be at its minimum
+
+
+def test_init_widen_starts_a_wider_network_at_the_narrow_ones_function(tmp_path, reference_run):
+    """`init_widen: true` grows the width-0.25 reference run to width 0.5 (train/widen.py); embeddings stay
+    those of the narrow checkpoint, up to the symmetry-breaking noise, and a wrong architecture is refused."""
+    narrow = Trainer(_cfg(tmp_path / "narrow", *RESUME, f"init={reference_run / 'last.pt'}"))
+    wide = Trainer(_cfg(tmp_path / "wide", *RESUME, "backbone_kwargs={width: 0.5}", "init_widen=true",
+                        f"init={reference_run / 'last.pt'}"))
+    assert sum(p.numel() for p in wide.backbone.parameters()) > 2 * sum(p.numel() for p in narrow.backbone.parameters())
+    crops = np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+    a, b = narrow.embed(crops), wide.embed(crops)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.95
+    with pytest.raises(ValueError, match="init: .*last.pt does not fit"):
+        Trainer(_cfg(tmp_path / "other", *RESUME, "arch=iresnet18", "backbone_kwargs={}", "init_widen=true", f"init={reference_run / 'last.pt'}"))

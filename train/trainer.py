@@ -39,6 +39,7 @@ from .config import diff_configs, expand_path, output_dir, save_config
 from .datasets import DataError, FaceDataset, source_from_config, worker_init
 from .losses import build_loss
 from .samplers import PKBatchSampler, ShuffleBatchSampler
+from .widen import widen_state_dict
 
 MAX_NONFINITE_STEPS = 20
 
@@ -345,11 +346,17 @@ class Trainer:
         self.resumed_from = path
 
     def _init_weights(self, path: Path) -> None:
-        """Warm start: the backbone (and the margin head when its shape fits) from ``path``; nothing else."""
+        """Warm start: the backbone (and the margin head when its shape fits) from ``path``; nothing else.
+
+        With ``init_widen`` a narrower network of the same architecture is embedded function-preservingly
+        (:mod:`train.widen`)."""
         ckpt = load_checkpoint(path, map_location=self.device)
         try:
-            self.backbone.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
+            if self.cfg["init_widen"]:
+                self.backbone.load_state_dict(widen_state_dict(ckpt["model"], self.backbone.state_dict()))
+            else:
+                self.backbone.load_state_dict(ckpt["model"])
+        except (RuntimeError, ValueError) as e:
             raise ValueError(f"init: {path} does not fit {self.cfg['arch']} {self.cfg['backbone_kwargs']} "
                              f"with embedding {self.cfg['embedding_size']}: {e}") from e
         head = ckpt.get("head") or {}
