@@ -78,27 +78,18 @@ def test_int8_qdq_graph_runs_and_keeps_ends_float_when_asked(setup):
     x = to_model_input(held, RECOGNIZER_SPEC, color_order="BGR")
     ref = OnnxRuntimeBackend(str(fp32), device="cpu").run(x)[0]
     for path in (all_q, ends):  # the Q/DQ graph as written (what the quantizer chose), the same on every CPU
-        out = _run_unfused(path, x)
+        backend = OnnxRuntimeBackend(str(path), device="cpu", optimize=False)
+        assert backend.metadata["precision"] == "int8"
+        assert backend.metadata["int8"]["per_channel"] is True
+        out = backend.run(x)[0]
         assert out.shape == ref.shape and out.dtype == np.float32
         _, min_cos, _ = parity.compare_outputs(ref, out)
         assert min_cos >= 0.95, (how, path.name, "unfused", min_cos)
     # the default export through ONNX Runtime's fused int8 kernels, as deployed. A graph whose first layer is
     # quantized too can lose much more on x86 CPUs without VNNI, where those kernels saturate (u8s8 VPMADDUBSW):
     # all.onnx gave min cos 0.73 fused vs 0.98 unfused on a Zen 3 (AVX2) machine — why the ends stay float.
-    backend = OnnxRuntimeBackend(str(ends), device="cpu")
-    assert backend.metadata["precision"] == "int8" and backend.metadata["int8"]["per_channel"] is True
-    _, min_cos, _ = parity.compare_outputs(ref, backend.run(x)[0])
+    _, min_cos, _ = parity.compare_outputs(ref, OnnxRuntimeBackend(str(ends), device="cpu").run(x)[0])
     assert min_cos >= 0.95, (how, ends.name, "fused", min_cos)
-
-
-def _run_unfused(path: Path, x: np.ndarray) -> np.ndarray:
-    """Run an ONNX file with every graph optimisation off: DequantizeLinear → float op → QuantizeLinear."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def _pairs(held: np.ndarray) -> PairCrops:

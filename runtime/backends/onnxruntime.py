@@ -22,13 +22,15 @@ class OnnxRuntimeBackend(Backend):
     """Runs an ONNX model (path or bytes) with ONNX Runtime.
 
     ``device``: ``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda"``; asking for CUDA where it
-    does not really run raises instead of silently falling back to the CPU.
+    does not really run raises instead of silently falling back to the CPU. ``optimize=False`` turns ONNX
+    Runtime's graph optimisations off: a Q/DQ graph then runs as written (DequantizeLinear → float op →
+    QuantizeLinear) instead of through fused int8 kernels, whose results depend on the CPU.
     """
 
     name = "onnxruntime"
 
     def __init__(self, path: str | None = None, *, data: bytes | None = None, device: str = "auto",
-                 threads: int = 0, label: str | None = None):
+                 threads: int = 0, label: str | None = None, optimize: bool = True):
         super().__init__(path or label or "<bytes>")
         ort = _ort()
         source = data if data is not None else path
@@ -42,6 +44,8 @@ class OnnxRuntimeBackend(Backend):
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self.session = ort.InferenceSession(source, sess_options=opts, providers=_PROVIDERS[device])
         except Exception as e:  # ORT raises its own exception types for bad protobufs
