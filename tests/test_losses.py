@@ -188,6 +188,22 @@ def test_weighted_loss_sums_parts_and_build_loss_reads_config():
     assert set(triplet_only.parts) == {"triplet"}
 
 
+def test_unlabelled_rows_feed_only_the_distillation_part():
+    torch.manual_seed(3)
+    loss = build_loss({"embedding_size": 16, "num_classes": 4,
+                       "loss": {"head": "arcface", "s": 16, "m": 0.3, "distill": {"weight": 2.0, "teacher_dim": 16}}})
+    emb, teacher = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16)
+    labels = torch.tensor([0, -1, 1, -1, 2, 3])  # −1: a morph or other sample without an identity
+    total, parts = loss(emb, labels, teacher)
+    keep = labels >= 0
+    torch.testing.assert_close(parts["arcface"], loss.parts["arcface"](emb[keep], labels[keep]).detach())
+    torch.testing.assert_close(parts["distill"], loss.parts["distill"](emb, teacher).detach())  # every row
+    total, parts = loss(emb, torch.full((6,), -1), teacher)  # no labelled row: the identity term is 0
+    assert parts["arcface"].item() == 0.0
+    total.backward()
+    torch.testing.assert_close(emb.grad, torch.autograd.grad(2.0 * loss.parts["distill"](emb, teacher), emb)[0])
+
+
 HEADS = {
     "arcface": lambda: ArcFaceHead(32, 4, s=64.0, m=0.5),
     "cosface": lambda: CosFaceHead(32, 4, s=64.0, m=0.35),

@@ -13,7 +13,7 @@ import torch
 from runtime.preprocess import RECOGNIZER_SPEC, to_model_input
 from train.augment import PRESETS, build_augmenter
 from train.config import ConfigError, load_config
-from train.datasets import (DataError, FaceDataset, SyntheticSource, filter_identities, folder_source, list_source,
+from train.datasets import (UNLABELLED, DataError, FaceDataset, SyntheticSource, filter_identities, folder_source, list_source,
                             source_from_config)
 from train.evaluate import load_bin, verify
 from train.recordio import MAGIC, RecordIOReader, write_image_dataset
@@ -104,6 +104,19 @@ def test_folder_and_list_sources(tmp_path):
         list_source(tmp_path / "bad.txt")
     with pytest.raises(DataError, match="none of the"):
         list_source(root / "identity.txt", root=tmp_path)
+
+
+def test_unlabelled_samples_have_no_class_and_survive_subsets(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "flat", identities=3, per_identity=2, layout="list")
+    lines = (root / "identity.txt").read_text().splitlines()
+    names = [ln.split()[0] for ln in lines]
+    (root / "mixed.txt").write_text("\n".join(lines[:4] + [f"{names[4]} {UNLABELLED}", lines[5], f"{names[0]} {UNLABELLED}"]))
+    src = list_source(root / "mixed.txt")
+    assert src.class_names == ["1000", "1001", "1002"] and src.labels.tolist() == [0, 0, 1, 1, -1, 2, -1]
+    kept = filter_identities(src, min_per_identity=2)  # 1002 has one labelled image: dropped; −1 rows stay
+    assert kept.class_names == ["1000", "1001"] and kept.labels.tolist() == [0, 0, 1, 1, -1, -1]
+    s = PKBatchSampler(kept.labels, p=2, k=2, seed=0)
+    assert all(kept.labels[i] >= 0 for b in s for i, _ in b)  # P×K batches hold identities only
 
 
 def test_celeba_list_file(facekit_data):

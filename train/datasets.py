@@ -24,6 +24,10 @@ from .synthetic import identity_sample
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
+#: Identity name of a sample without an identity: it gets label −1, no class, and feeds only the losses that
+#: need no label (distillation; see :class:`train.losses.WeightedLoss`).
+UNLABELLED = "unlabelled"
+
 
 class DataError(ValueError):
     """A dataset cannot be used as configured; the message says which file and why."""
@@ -71,10 +75,11 @@ class Source:
         return str(self.root / self.keys[i]) if self.root else self.keys[i]
 
     def subset(self, indices: Sequence[int]) -> "Source":
-        """Keep ``indices`` and renumber labels 0..C-1 (class names follow)."""
+        """Keep ``indices`` and renumber labels 0..C-1 (class names follow; unlabelled samples stay −1)."""
         indices = np.asarray(indices, dtype=np.int64)
         old = self.labels[indices]
-        uniq, new = np.unique(old, return_inverse=True)
+        uniq = np.unique(old[old >= 0])
+        new = np.where(old >= 0, np.searchsorted(uniq, old), -1)
         self._subset_hook(indices)
         self.keys = [self.keys[i] for i in indices]
         self.labels = new.astype(np.int64)
@@ -86,9 +91,9 @@ class Source:
 
 
 def _contiguous_labels(raw: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    names = sorted(set(raw), key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
+    names = sorted(set(raw) - {UNLABELLED}, key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
     lookup = {n: i for i, n in enumerate(names)}
-    return np.array([lookup[r] for r in raw], dtype=np.int64), names
+    return np.array([lookup.get(r, -1) for r in raw], dtype=np.int64), names
 
 
 class FileSource(Source):
@@ -206,12 +211,12 @@ class SyntheticSource(Source):
 def filter_identities(source: Source, min_per_identity: int = 1, max_identities: int = 0,
                       max_per_identity: int = 0) -> Source:
     """Drop identities with fewer than ``min_per_identity`` images, keep the first ``max_identities``
-    (0: all) and at most ``max_per_identity`` images each (0: all)."""
-    counts = np.bincount(source.labels, minlength=source.num_classes)
+    (0: all) and at most ``max_per_identity`` images each (0: all). Unlabelled samples are kept."""
+    counts = np.bincount(source.labels[source.labels >= 0], minlength=source.num_classes)
     keep_ids = np.flatnonzero(counts >= max(1, min_per_identity))
     if max_identities:
         keep_ids = keep_ids[:max_identities]
-    mask = np.isin(source.labels, keep_ids)
+    mask = np.isin(source.labels, keep_ids) | (source.labels < 0)
     if max_per_identity:
         seen: dict[int, int] = {}
         for i in np.flatnonzero(mask):

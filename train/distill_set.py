@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,23 +34,46 @@ def same_face(crop_box: np.ndarray, teacher_box: np.ndarray) -> bool:
     return float(np.linalg.norm(c1 - c2)) < 0.5 * float(crop_box[2] - crop_box[0])
 
 
-def join_part(root: Path, aligned_dir: str, teacher_npz: str, source_prefix: str):
-    """Rows (path, identity, emb, emb_flip) for one make_aligned output folder and its teacher file."""
-    with np.load(root / teacher_npz, allow_pickle=False) as f:
-        t = {k: f[k] for k in ("paths", "emb", "emb_flip", "box", "found")}  # one read each, not one per row
-    index = {str(p): i for i, p in enumerate(t["paths"])}
-    rows = []
+@dataclass(frozen=True)
+class CropFace:
+    """One make_aligned crop and the teacher's view of its source photo (``row`` < 0: no usable teacher face)."""
+
+    crop: str  # path relative to the join root
+    identity: str
+    source: str  # the photo, as the teacher npz names it
+    row: int
+    box: tuple[float, float, float, float] | None  # the teacher's face box in the photo
+
+
+def match_part(root: Path, aligned_dir: str, teacher: dict, source_prefix: str) -> list[CropFace]:
+    """The ``ok`` crops of one make_aligned folder, each matched to its teacher row (see :func:`same_face`)."""
+    index = {str(p): i for i, p in enumerate(teacher["paths"])}
+    out = []
     with open(root / aligned_dir / "manifest.csv", newline="") as f:
         for r in csv.DictReader(f):
             if r["status"] != "ok":
                 continue
             key = os.path.join(source_prefix, r["source"]) if source_prefix else r["source"]
             i = index.get(key)
-            ok = i is not None and bool(t["found"][i]) and same_face(_box(r["box"]), t["box"][i])
-            zero = np.zeros(t["emb"].shape[1], np.float32)
-            rows.append((f"{aligned_dir}/{r['output']}", r["identity"],
-                         t["emb"][i].copy() if ok else zero, t["emb_flip"][i].copy() if ok else zero))
-    return rows
+            ok = i is not None and bool(teacher["found"][i]) and same_face(_box(r["box"]), teacher["box"][i])
+            out.append(CropFace(f"{aligned_dir}/{r['output']}", r["identity"], key, i if ok else -1,
+                                tuple(float(v) for v in teacher["box"][i]) if ok else None))
+    return out
+
+
+def load_teacher(path: Path) -> dict:
+    """A teacher_dlib.py npz as a dict of arrays (one read each, not one per row)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in ("paths", "emb", "emb_flip", "box", "found")}
+
+
+def join_part(root: Path, aligned_dir: str, teacher_npz: str, source_prefix: str):
+    """Rows (path, identity, emb, emb_flip) for one make_aligned output folder and its teacher file."""
+    t = load_teacher(root / teacher_npz)
+    zero = np.zeros(t["emb"].shape[1], np.float32)
+    return [(c.crop, c.identity, t["emb"][c.row].copy() if c.row >= 0 else zero,
+             t["emb_flip"][c.row].copy() if c.row >= 0 else zero)
+            for c in match_part(root, aligned_dir, t, source_prefix)]
 
 
 def center_teacher(emb: np.ndarray, emb_flip: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

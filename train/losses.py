@@ -236,10 +236,21 @@ class DistillLoss(nn.Module):
             return (s @ s.t() - t @ t.t()).pow(2).mean()
 
 
+def _on_labelled(part: nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``part(emb, labels)`` on the rows with a label (≥ 0); 0 (attached to the graph) when there are none."""
+    keep = labels >= 0
+    if bool(keep.all()):
+        return part(emb, labels)
+    if not bool(keep.any()):
+        return _fp32(emb).sum() * 0.0
+    return part(emb[keep], labels[keep])
+
+
 class WeightedLoss(nn.Module):
     """Weighted sum of named loss parts; ``forward(emb, labels, teacher=None) -> (total, {name: part})``.
 
-    Parts are called as ``part(emb, labels)``, except :class:`DistillLoss` parts: ``part(emb, teacher)``.
+    Parts are called as ``part(emb, labels)`` on the labelled rows (label ≥ 0; unlabelled samples, label −1,
+    feed only the distillation parts), except :class:`DistillLoss` parts: ``part(emb, teacher)`` on every row.
     The returned parts are detached, unweighted float32 scalars.
     """
 
@@ -261,7 +272,7 @@ class WeightedLoss(nn.Module):
             else:
                 if labels is None:
                     raise ValueError(f"loss part {name!r} needs labels")
-                value = part(emb, labels)
+                value = _on_labelled(part, emb, labels)
             values[name] = value.detach()
             term = self.weights[name] * value
             total = term if total is None else total + term

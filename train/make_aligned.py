@@ -52,9 +52,9 @@ import numpy as np  # noqa: E402
 
 from runtime.files import atomic_write_bytes  # noqa: E402
 from runtime.geometry import template_for_size, warp_face  # noqa: E402
+from train.datasets import UNLABELLED  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-UNLABELLED = "unlabelled"
 MANIFEST_FIELDS = ("source", "identity", "status", "reason", "output", "faces", "score", "box", "landmarks")
 
 

@@ -93,10 +93,11 @@ class PKBatchSampler(_ResumableBatchSampler):
         self.p, self.k = int(p), int(k)
         if self.p < 1 or self.k < 1:
             raise ValueError(f"P and K must be ≥ 1, got P={p} K={k}")
-        self.identities = np.unique(labels)
+        self.identities = np.unique(labels[labels >= 0])  # unlabelled samples (−1) have no identity to pack
         if len(self.identities) < self.p:
             raise ValueError(f"P={p} identities per batch but the data has only {len(self.identities)}")
-        order = np.argsort(labels, kind="stable")
+        order = np.flatnonzero(labels >= 0)
+        order = order[np.argsort(labels[order], kind="stable")]
         bounds = np.flatnonzero(np.diff(labels[order])) + 1
         self.members = np.split(order, bounds)
 
