@@ -16,7 +16,7 @@ are), the rest at random. Morphs have no identity: they feed only the distillati
         --merged work_data/celeba_distill_morphs
 
 Output (``--out``): ``shard<k>/<n>.png`` crops and ``shard<k>.npz`` (``paths`` relative to ``--root``,
-``emb`` the raw L2-normalised teacher vectors, ``parents`` the two crops, ``lam``).
+``emb`` the raw L2-normalised teacher vectors, ``parents`` the two crops, ``lam``, ``index`` in the plan).
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def generate(args) -> int:
     from runtime.files import atomic_write_bytes
     from train.teacher_dlib import load_dlib
 
-    k, n_shards = (int(v) for v in args.shard.split("/"))
+    k, n_shards = args.shard
     faces = _faces(args.root, args.part)
     with np.load(str(args.distill) + "_teacher.npz") as f:
         centred = dict(zip(map(str, f["paths"]), f["emb"]))
@@ -108,10 +108,13 @@ def generate(args) -> int:
     mine = np.arange(k, len(pairs), n_shards)
     args.out.mkdir(parents=True, exist_ok=True)
     out_npz = args.out / f"shard{k}.npz"
-    done = {"paths": [], "emb": [], "parents": [], "lam": []}
+    done = {"index": [], "paths": [], "emb": [], "parents": [], "lam": []}
     if out_npz.exists():
         with np.load(out_npz) as f:
             done = {key: list(f[key]) for key in done}
+        if not np.array_equal(done["index"], mine[:len(done["index"])]):
+            sys.exit(f"teacher_morphs: {out_npz} was made with other --views/--seed/--shard or other data; "
+                     f"use a new --out or delete it")
     todo = mine[len(done["paths"]):]
     dlib, _, predictor, embedder = load_dlib()
     need = np.unique(pairs[todo].ravel())
@@ -129,6 +132,7 @@ def generate(args) -> int:
             a, b = pairs[m]
             rel = f"{args.out_rel}/shard{k}/{m:06d}.png"
             atomic_write_bytes(args.root / rel, cv2.imencode(".png", blend(crops[a], crops[b], lams[m]))[1].tobytes())
+            done["index"].append(m)
             done["paths"].append(rel)
             done["emb"].append(vec / max(float(np.linalg.norm(vec)), 1e-12))
             done["parents"].append(np.array([faces[a].crop, faces[b].crop]))
@@ -186,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args)
     if not args.photos or not args.part:
         ap.error("generating morphs needs --photos and at least one --part")
+    shard = args.shard
+    try:
+        args.shard = tuple(int(v) for v in shard.split("/"))
+        if len(args.shard) != 2 or not 0 <= args.shard[0] < args.shard[1]:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--shard must be K/N with 0 <= K < N, got {shard!r}")
     try:
         args.out_rel = args.out.resolve().relative_to(args.root.resolve()).as_posix()
     except ValueError:
