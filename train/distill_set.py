@@ -14,10 +14,15 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.files import atomic_write, atomic_write_bytes  # noqa: E402
 
 
 def _box(text: str) -> np.ndarray:
@@ -106,13 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     emb = np.stack([r[2] for r in rows]).astype(np.float32)
     emb_flip = np.stack([r[3] for r in rows]).astype(np.float32)
     emb, emb_flip, center = center_teacher(emb, emb_flip)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_list = args.out.with_name(args.out.name + ".txt.tmp")
-    tmp_list.write_text("".join(f"{p} {r[1]}\n" for p, r in zip(paths, rows)))
-    os.replace(tmp_list, args.out.with_name(args.out.name + ".txt"))
-    tmp = args.out.with_name(args.out.name + "_teacher.tmp.npz")
-    np.savez(tmp, paths=paths, emb=emb, emb_flip=emb_flip, center=center)
-    os.replace(tmp, args.out.with_name(args.out.name + "_teacher.npz"))
+    text = "".join(f"{p} {r[1]}\n" for p, r in zip(paths, rows))
+    atomic_write_bytes(args.out.with_name(args.out.name + ".txt"), text.encode())
+    atomic_write(args.out.with_name(args.out.name + "_teacher.npz"),
+                 lambda f: np.savez(f, paths=paths, emb=emb, emb_flip=emb_flip, center=center))
     have = int((np.linalg.norm(emb, axis=1) > 0).sum())
     ids = len({r[1] for r in rows})
     print(f"distill set: {len(rows)} crops, {ids} identities, {have} with a teacher vector -> {args.out}.txt")

@@ -41,6 +41,11 @@ def load_dlib():
             dlib.face_recognition_model_v1(frm.face_recognition_model_location()))
 
 
+def face_chip(dlib, predictor, rgb: np.ndarray, rect) -> np.ndarray:
+    """dlib's 150×150 RGB chip of the face in ``rect`` (a ``dlib.rectangle``), aligned by its 5-point predictor."""
+    return dlib.get_face_chip(rgb, predictor(rgb, rect), 150, 0.25)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", required=True, help="dataset root")
@@ -76,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(dets) == 0:
             continue
         d = max(dets, key=lambda r: r.width() * r.height())
-        shape = predictor(rgb, d)
-        chip = dlib.get_face_chip(rgb, shape, 150, 0.25)
+        chip = face_chip(dlib, predictor, rgb, d)
         chip_flip = np.ascontiguousarray(chip[:, ::-1])
         vecs = embedder.compute_face_descriptor([chip] if args.no_flip else [chip, chip_flip])
         emb[i], emb_flip[i] = np.asarray(vecs[0]), np.asarray(vecs[-1])

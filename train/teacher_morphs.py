@@ -21,7 +21,6 @@ Output (``--out``): ``shard<k>/<n>.png`` crops and ``shard<k>.npz`` (``paths`` r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.datasets import UNLABELLED  # noqa: E402  (morphs have no identity: distillation only)
-from train.distill_set import load_teacher, match_part  # noqa: E402
+from runtime.files import atomic_write, atomic_write_bytes  # noqa: E402
+from train.distill_set import CropFace, load_teacher, match_part  # noqa: E402
+from train.teacher_dlib import face_chip, load_dlib  # noqa: E402
 
 
 def plan_morphs(teacher: np.ndarray, identities: np.ndarray, views: int, near: float = 2 / 3, k: int = 50,
@@ -64,40 +65,33 @@ def blend(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
     return np.clip(np.rint(lam * x.astype(np.float32) + (1 - lam) * y.astype(np.float32)), 0, 255).astype(np.uint8)
 
 
-def _faces(root: Path, parts: list[str]):
-    """The crops with a teacher face, over every ``ALIGNED:TEACHER:PREFIX`` part, and their teacher files."""
-    faces, teachers = [], {}
+def _faces(root: Path, parts: list[str]) -> list[CropFace]:
+    """The crops with a teacher face, over every ``ALIGNED:TEACHER:PREFIX`` part."""
+    faces = []
     for part in parts:
         aligned, teacher_npz, prefix = (part.split(":") + ["", ""])[:3]
-        teachers[teacher_npz] = load_teacher(root / teacher_npz)
-        faces += [c for c in match_part(root, aligned, teachers[teacher_npz], prefix) if c.row >= 0]
+        faces += [c for c in match_part(root, aligned, load_teacher(root / teacher_npz), prefix) if c.row >= 0]
     return faces
 
 
 def _chip(dlib, predictor, photo: Path, box) -> np.ndarray:
-    """dlib's 150×150 RGB chip of the face in ``box`` (its 5-point alignment, as ``teacher_dlib.py`` made it)."""
+    """dlib's chip of the face in ``box`` of ``photo``, made as ``teacher_dlib.py`` made it."""
     import cv2
 
     img = cv2.imread(str(photo), cv2.IMREAD_COLOR)
     if img is None:
         raise FileNotFoundError(f"cannot read {photo}")
-    rgb = np.ascontiguousarray(img[:, :, ::-1])
     x1, y1, x2, y2 = (int(round(v)) for v in box)
-    return dlib.get_face_chip(rgb, predictor(rgb, dlib.rectangle(x1, y1, x2, y2)), 150, 0.25)
+    return face_chip(dlib, predictor, np.ascontiguousarray(img[:, :, ::-1]), dlib.rectangle(x1, y1, x2, y2))
 
 
 def _save(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def generate(args) -> int:
     import cv2
     from tqdm import tqdm
-
-    from runtime.files import atomic_write_bytes
-    from train.teacher_dlib import load_dlib
 
     k, n_shards = args.shard
     faces = _faces(args.root, args.part)
@@ -159,9 +153,8 @@ def merge(args) -> int:
     emb = np.concatenate(emb) - base["center"]  # the set's centring (train/distill_set.py), not the morphs' own
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     merged = Path(args.merged)
-    tmp_list = merged.with_name(merged.name + ".txt.tmp")
-    tmp_list.write_text("\n".join(lines + [f"{p} {UNLABELLED}" for p in paths]) + "\n")
-    os.replace(tmp_list, merged.with_name(merged.name + ".txt"))
+    text = "\n".join(lines + [f"{p} {UNLABELLED}" for p in paths]) + "\n"
+    atomic_write_bytes(merged.with_name(merged.name + ".txt"), text.encode())
     all_emb = np.concatenate([base["emb"], emb]).astype(np.float32)
     all_flip = np.concatenate([base["emb_flip"], emb]).astype(np.float32)
     _save(merged.with_name(merged.name + "_teacher.npz"), paths=np.array(list(map(str, base["paths"])) + paths),
