@@ -14,6 +14,10 @@ are), the rest at random. Morphs have no identity: they feed only the distillati
     # then join the distillation set and the morphs into one list + teacher npz for a config
     python train/teacher_morphs.py --merge --distill work_data/celeba_distill --out work_data/morphs \\
         --merged work_data/celeba_distill_morphs
+    # more morphs later: another --seed into another --out, then merge the folders together
+    python train/teacher_morphs.py ... --seed 1 --out work_data/morphs_seed1 --shard 0/2
+    python train/teacher_morphs.py --merge --distill work_data/celeba_distill --out work_data/morphs \\
+        --out work_data/morphs_seed1 --merged work_data/celeba_distill_morphs2
 
 Output (``--out``): ``shard<k>/<n>.png`` crops and ``shard<k>.npz`` (``paths`` relative to ``--root``,
 ``emb`` the raw L2-normalised teacher vectors, ``parents`` the two crops, ``lam``, ``index`` in the plan).
@@ -139,17 +143,29 @@ def generate(args) -> int:
 
 
 def merge(args) -> int:
-    """Distillation set + every morph shard → one list file and teacher npz (morphs centred on the set's mean)."""
+    """Distillation set + every morph shard → one list file and teacher npz (morphs centred on the set's mean).
+
+    Every morph's parents must be crops of the ``--distill`` set: the morphs are re-centred on that set's mean,
+    so shards planned on another set would be silently mis-centred.
+    """
     with np.load(str(args.distill) + "_teacher.npz") as f:
         base = {key: f[key] for key in ("paths", "emb", "emb_flip", "center")}
     lines = Path(str(args.distill) + ".txt").read_text().splitlines()
+    known = set(map(str, base["paths"]))
     paths, emb = [], []
-    for shard in sorted(args.out.glob("shard*.npz")):
+    shards = [shard for out in args.out for shard in sorted(out.glob("shard*.npz"))]
+    for shard in shards:
         with np.load(shard) as f:
+            strangers = set(map(str, f["parents"].ravel())) - known
+            if strangers:
+                sys.exit(f"teacher_morphs: {shard} blends crops that are not in {args.distill}_teacher.npz "
+                         f"(e.g. {sorted(strangers)[0]}); it was planned on another distillation set")
             paths += list(map(str, f["paths"]))
             emb.append(f["emb"])
     if not paths:
-        sys.exit(f"teacher_morphs: no shard*.npz under {args.out}; generate the morphs first")
+        sys.exit(f"teacher_morphs: no shard*.npz under {', '.join(map(str, args.out))}; generate the morphs first")
+    if len(set(paths)) != len(paths):
+        sys.exit("teacher_morphs: the same morph path is in two shards; give each --out folder once")
     emb = np.concatenate(emb) - base["center"]  # the set's centring (train/distill_set.py), not the morphs' own
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     merged = Path(args.merged)
@@ -159,7 +175,7 @@ def merge(args) -> int:
     all_flip = np.concatenate([base["emb_flip"], emb]).astype(np.float32)
     _save(merged.with_name(merged.name + "_teacher.npz"), paths=np.array(list(map(str, base["paths"])) + paths),
           emb=all_emb, emb_flip=all_flip, center=base["center"])
-    print(f"merged: {len(lines)} crops + {len(paths)} morphs -> {merged}.txt")
+    print(f"merged: {len(lines)} crops + {len(paths)} morphs from {len(shards)} shards -> {merged}.txt")
     return 0
 
 
@@ -170,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill", type=Path, required=True, help="distill_set.py output stem (centred teacher, list)")
     ap.add_argument("--part", action="append", default=[], help="ALIGNED_DIR:TEACHER_NPZ:SOURCE_PREFIX, as distill_set.py")
     ap.add_argument("--views", type=int, default=2, help="morphs per face")
-    ap.add_argument("--out", type=Path, required=True, help="morph folder, under --root")
+    ap.add_argument("--out", type=Path, action="append", required=True,
+                    help="morph folder, under --root (--merge: repeat it to join several folders)")
     ap.add_argument("--shard", default="0/1", help="K/N: make the K-th of N interleaved shares (one process per core)")
     ap.add_argument("--chunk", type=int, default=256, help="morphs per saved chunk")
     ap.add_argument("--seed", type=int, default=0)
@@ -181,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.merged:
             ap.error("--merge needs --merged")
         return merge(args)
+    if len(args.out) != 1:
+        ap.error("generating morphs writes one --out folder")
+    args.out = args.out[0]
     if not args.photos or not args.part:
         ap.error("generating morphs needs --photos and at least one --part")
     shard = args.shard
