@@ -64,13 +64,13 @@ def test_merge_appends_unlabelled_morphs_centred_like_the_set(tmp_path):
 
 
 def _morph_set(tmp_path, rng):
-    """A 4-crop distillation set under ``tmp_path`` (stem ``set``); returns its crop paths and centre."""
+    """A 4-crop distillation set under ``tmp_path`` (stem ``set``); returns its crop paths."""
     real = [f"crops/{i}.png" for i in range(4)]
     (tmp_path / "set.txt").write_text("".join(f"{p} {i // 2}\n" for i, p in enumerate(real)))
     emb = _unit(rng.normal(size=(4, 16)))
     center = rng.normal(size=16).astype(np.float32)
     np.savez(tmp_path / "set_teacher.npz", paths=np.array(real), emb=emb, emb_flip=emb, center=center)
-    return real, center
+    return real
 
 
 def _shard(path, names, parents, rng):
@@ -81,7 +81,7 @@ def _shard(path, names, parents, rng):
 
 def test_merge_joins_several_morph_folders_in_order(tmp_path):
     rng = np.random.default_rng(3)
-    real, _ = _morph_set(tmp_path, rng)
+    real = _morph_set(tmp_path, rng)
     _shard(tmp_path / "m1" / "shard0.npz", ["m1/shard0/000000.png"], real[:2], rng)
     _shard(tmp_path / "m1" / "shard1.npz", ["m1/shard1/000001.png"], real[1:3], rng)
     _shard(tmp_path / "m2" / "shard0.npz", ["m2/shard0/000000.png", "m2/shard0/000002.png"], real[2:], rng)
@@ -92,15 +92,15 @@ def test_merge_joins_several_morph_folders_in_order(tmp_path):
                                        "m2/shard0/000000.png", "m2/shard0/000002.png"]
 
 
-def test_merge_refuses_morphs_planned_on_another_set(tmp_path):
+def test_merge_refuses_shards_of_another_set_or_given_twice(tmp_path):
     rng = np.random.default_rng(4)
-    real, _ = _morph_set(tmp_path, rng)
+    real = _morph_set(tmp_path, rng)
     _shard(tmp_path / "m" / "shard0.npz", ["m/shard0/000000.png"], [real[0], "crops/elsewhere.png"], rng)
     with pytest.raises(SystemExit, match="planned on another distillation set"):
         main(["--merge", "--distill", str(tmp_path / "set"), "--out", str(tmp_path / "m"),
               "--merged", str(tmp_path / "all")])
+    _shard(tmp_path / "m" / "shard0.npz", ["m/shard0/000000.png"], real[:2], rng)  # now a valid shard
     with pytest.raises(SystemExit, match="give each --out folder once"):
-        _shard(tmp_path / "m" / "shard0.npz", ["m/shard0/000000.png"], real[:2], rng)
         main(["--merge", "--distill", str(tmp_path / "set"), "--out", str(tmp_path / "m"),
               "--out", str(tmp_path / "m"), "--merged", str(tmp_path / "all")])
     assert not (tmp_path / "all.txt").exists()
