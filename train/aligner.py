@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from runtime.files import atomic_write, atomic_write_bytes  # noqa: E402
 from runtime.geometry import LANDMARK_NAMES, flip_landmarks, transform_points  # noqa: E402
 from runtime.landmarks import (  # noqa: E402
     AlignerGeometry,
@@ -191,10 +192,7 @@ def detect_samples(samples: list[tuple[Path, Path]], cache: Path | None = None, 
             boxes[i], points[i], scores[i] = d.box, d.landmarks, d.score
     result = {"keys": keys, "boxes": boxes, "landmarks": points, "scores": scores}
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, keys=np.array(keys), boxes=boxes, landmarks=points, scores=scores)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda f: np.savez(f, keys=np.array(keys), boxes=boxes, landmarks=points, scores=scores))
     return result
 
 
@@ -529,9 +527,7 @@ def train(cfg: dict[str, Any], out: Path, resume: bool = False, progress: bool =
     metrics["train_minutes"] = elapsed / 60
     metrics["steps"] = step
     checkpoint(metrics)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     plot_log(log_path, out / "training_curve.png")
     print(json.dumps(metrics))
     return metrics

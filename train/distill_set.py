@@ -72,6 +72,12 @@ def load_teacher(path: Path) -> dict:
         return {k: f[k] for k in ("paths", "emb", "emb_flip", "box", "found")}
 
 
+def parse_part(part: str) -> tuple[str, str, str]:
+    """``ALIGNED_DIR:TEACHER_NPZ:SOURCE_PREFIX`` (the ``--part`` option; missing fields are empty)."""
+    aligned, teacher_npz, prefix = (part.split(":") + ["", ""])[:3]
+    return aligned, teacher_npz, prefix
+
+
 def join_part(root: Path, aligned_dir: str, teacher_npz: str, source_prefix: str):
     """Rows (path, identity, emb, emb_flip) for one make_aligned output folder and its teacher file."""
     t = load_teacher(root / teacher_npz)
@@ -105,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     for part in args.part:
-        aligned, teacher, prefix = (part.split(":") + ["", ""])[:3]
-        rows += join_part(args.root, aligned, teacher, prefix)
+        rows += join_part(args.root, *parse_part(part))
     paths = np.array([r[0] for r in rows])
     emb = np.stack([r[2] for r in rows]).astype(np.float32)
     emb_flip = np.stack([r[3] for r in rows]).astype(np.float32)

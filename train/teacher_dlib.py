@@ -25,6 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.files import atomic_write  # noqa: E402
+
 
 def load_dlib():
     """dlib's detector, 5-point predictor and embedder, or a clear error telling how to install them."""
@@ -97,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in (emb, emb_flip):
         e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
     paths = np.array([os.path.join(args.prefix, f) if args.prefix else f for f in files])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, paths=paths, emb=emb, emb_flip=emb_flip, box=boxes, found=found)
-    os.replace(tmp, out)
+    out = atomic_write(args.out, lambda f: np.savez(f, paths=paths, emb=emb, emb_flip=emb_flip, box=boxes, found=found))
     print(f"teacher: {found.sum()}/{n} faces embedded -> {out}")
     return 0
 

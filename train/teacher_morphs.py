@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.datasets import UNLABELLED  # noqa: E402  (morphs have no identity: distillation only)
 from runtime.files import atomic_write, atomic_write_bytes  # noqa: E402
-from train.distill_set import CropFace, load_teacher, match_part  # noqa: E402
+from train.distill_set import CropFace, load_teacher, match_part, parse_part  # noqa: E402
 from train.teacher_dlib import face_chip, load_dlib  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def _faces(root: Path, parts: list[str]) -> list[CropFace]:
     """The crops with a teacher face, over every ``ALIGNED:TEACHER:PREFIX`` part."""
     faces = []
     for part in parts:
-        aligned, teacher_npz, prefix = (part.split(":") + ["", ""])[:3]
+        aligned, teacher_npz, prefix = parse_part(part)
         faces += [c for c in match_part(root, aligned, load_teacher(root / teacher_npz), prefix) if c.row >= 0]
     return faces
 
