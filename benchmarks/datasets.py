@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from runtime.files import atomic_write, sha256_file
+from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec
 
 #: Bump when the crop selection / fallback logic changes (invalidates cached crops).
 ALIGN_VERSION = 1
@@ -546,9 +547,15 @@ def _prune_cache(folder: Path, name: str) -> None:
             pass
 
 
-def _prealigned_crops(pairset: PairSet, size=CROP_SIZE, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _prealigned_crops(pairset: PairSet, spec: PreprocessSpec = RECOGNIZER_SPEC,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Decode pre-aligned crops (ArcFace template, any size) and re-warp them onto ``spec``'s crop."""
     from tqdm import tqdm
 
+    from runtime.geometry import template_for_size
+
+    size = tuple(spec.input_size)
+    arcface_framing = np.allclose(template_for_size(size), spec.crop_template, atol=1e-3)
     out = np.zeros((len(pairset.images), size[0], size[1], 3), np.uint8)
     how = np.full(len(out), HOW_PREALIGNED, np.int8)
     for i, src in enumerate(tqdm(pairset.images, desc=f"{pairset.name}: decode", unit="img", leave=False,
@@ -557,9 +564,12 @@ def _prealigned_crops(pairset: PairSet, size=CROP_SIZE, progress: bool = True) -
         if img is None:
             how[i] = HOW_UNREADABLE  # scored as a black crop, counted in the report
             continue
-        if img.shape[:2] != tuple(size):
-            img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-        out[i] = img
+        if not arcface_framing:  # the crop's own template points are its landmarks
+            out[i] = spec.warp(img, template_for_size(img.shape[:2]))
+        elif img.shape[:2] != size:
+            out[i] = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        else:
+            out[i] = img
     return out, how
 
 
@@ -576,20 +586,25 @@ def _read_or_none(src) -> np.ndarray | None:
 
 
 def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cache: bool = True,
-                  cache: Path | None = None, progress: bool = True) -> CropSet:
-    """Aligned 112×112 BGR crops of every image of ``pairset`` (cached for raw photos)."""
+                  cache: Path | None = None, progress: bool = True,
+                  spec: PreprocessSpec = RECOGNIZER_SPEC) -> CropSet:
+    """Aligned BGR crops (``spec``'s size and template; 112×112 ArcFace by default) of every image of
+    ``pairset`` (cached for raw photos)."""
     import time
 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     if pairset.aligned:
-        crops, how = _prealigned_crops(pairset, progress=progress)
+        crops, how = _prealigned_crops(pairset, spec, progress=progress)
         return CropSet(crops, how, seconds=time.perf_counter() - t0)
     if aligner is None:
         aligner = FaceAligner()
-    key = hashlib.sha256(json.dumps({"source": pairset.source, "images": pairset.image_keys(),
-                                     "aligner": aligner.fingerprint}).encode()).hexdigest()[:20]
+    parts = {"source": pairset.source, "images": pairset.image_keys(), "aligner": aligner.fingerprint}
+    size = tuple(spec.input_size)
+    if size != CROP_SIZE or not np.allclose(spec.crop_template, RECOGNIZER_SPEC.crop_template):
+        parts["crop"] = [list(size), spec.crop_template.round(3).tolist()]  # the default keeps older keys
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
     path = (cache or cache_dir()) / f"crops-{pairset.name}-{key}.npz"
     if use_cache and path.is_file():
         try:
@@ -600,7 +615,7 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
         except (OSError, ValueError, KeyError, EOFError):
             pass  # a damaged cache file is recomputed
     n = len(pairset.images)
-    crops = np.zeros((n, CROP_SIZE[0], CROP_SIZE[1], 3), np.uint8)
+    crops = np.zeros((n, size[0], size[1], 3), np.uint8)
     how = np.zeros(n, np.int8)
     found: list[np.ndarray] = []  # landmarks relative to image size, for the fallback placement
     missing: list[tuple[int, tuple]] = []
@@ -610,7 +625,7 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
         if img is None:
             return None, None, HOW_UNREADABLE, None
         pts, kind = aligner.locate(img)
-        return img.shape, pts, kind, (None if pts is None else _warp(img, pts))
+        return img.shape, pts, kind, (None if pts is None else spec.warp(img, pts))
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -632,17 +647,11 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
             pts = np.median(np.stack(found), axis=0) * np.array([shape[1], shape[0]], np.float32)
         else:
             pts = default_fallback_landmarks(shape)
-        crops[i] = _warp(img, pts)
+        crops[i] = spec.warp(img, pts)
     if use_cache:
         atomic_write(path, lambda f: np.savez(f, crops=crops, how=how, keys=np.array(pairset.image_keys())))
         _prune_cache(path.parent, pairset.name)
     return CropSet(crops, how, str(path) if use_cache else None, False, time.perf_counter() - t0)
-
-
-def _warp(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    from runtime.geometry import warp_face
-
-    return warp_face(image, landmarks, size=CROP_SIZE)
 
 
 def load_pairset(kind: str, data: str | os.PathLike) -> PairSet:

@@ -57,7 +57,8 @@ def recognizer_latency(embedder, batch_sizes=BATCH_SIZES, warmup: int = 3, min_c
     for b in batch_sizes:
         if max_batch and b > max_batch and not getattr(embedder, "fixed_batch", None):
             continue
-        crops = rng.integers(0, 256, size=(b, 112, 112, 3), dtype=np.uint8)
+        h, w = getattr(getattr(embedder, "spec", None), "input_size", (112, 112))
+        crops = rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8)
         # fewer calls for big batches: at least 2 timed calls, but keep each size to about the budget
         times = time_calls(lambda: embedder(crops), warmup=warmup if b < 64 else 1,
                            min_calls=min_calls if b < 64 else 2, budget_s=budget_s)

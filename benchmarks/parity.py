@@ -1,6 +1,6 @@
 """Embedders for every backend, and how closely they agree on the same aligned crops.
 
-An *embedder* maps uint8 BGR crops (N×112×112×3) to raw (unnormalised) embeddings:
+An *embedder* maps uint8 BGR crops (N×H×W×3, its ``spec``'s size) to raw (unnormalised) embeddings:
 
 - :class:`BackendEmbedder`: an exported model through ``runtime.backends.load_model`` (ONNX Runtime CPU /
   CUDA for fp32, fp16 and INT8 Q/DQ ONNX files; TensorRT engines when ``tensorrt`` is installed), fed by
@@ -101,7 +101,7 @@ class TorchEmbedder:
                  threads: int | None = None):
         import torch
 
-        from runtime.preprocess import RECOGNIZER_SPEC
+        from runtime.preprocess import spec_from_config
         from train.checkpoint import build_model_from_checkpoint
 
         if fp16 and not str(device).startswith("cuda"):
@@ -116,7 +116,7 @@ class TorchEmbedder:
         self.device = str(device)
         self.fp16 = fp16
         self.precision = "fp16-autocast" if fp16 else "fp32"
-        self.spec = RECOGNIZER_SPEC
+        self.spec = spec_from_config(config)
         self.batch_size = batch_size
         self.metadata = {"arch": config.get("arch"), "embedding_size": config.get("embedding_size")}
         #: intra-op threads while this embedder runs (None: torch's default for this process)

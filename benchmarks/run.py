@@ -107,10 +107,11 @@ def make_aligner(args) -> ds.FaceAligner:
                           aligner_model=getattr(args, "aligner", None))
 
 
-def crops_for(pairset: ds.PairSet, args, aligner=None) -> ds.CropSet:
+def crops_for(pairset: ds.PairSet, args, spec, aligner=None) -> ds.CropSet:
+    """The pair set's crops in the recognizer's framing (``spec``: its size and template)."""
     if not pairset.aligned and aligner is None:
         aligner = make_aligner(args)
-    return ds.aligned_crops(pairset, aligner, use_cache=not args.no_cache, progress=not args.quiet)
+    return ds.aligned_crops(pairset, aligner, use_cache=not args.no_cache, progress=not args.quiet, spec=spec)
 
 
 def verify(pairset: ds.PairSet, crops: ds.CropSet, embedder, args, plots_dir: Path | None = None,
@@ -165,7 +166,7 @@ def cmd_verification(args) -> dict:
         keep = subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold)
         pairset = _subset(pairset, keep)
     embedder = make_embedder(resolve_model(args.model), args.backend, args.device)
-    crops = crops_for(pairset, args)
+    crops = crops_for(pairset, args, embedder.spec)
     plots_dir = Path(args.plots) if args.plots else None
     result, _, _ = verify(pairset, crops, embedder, args, plots_dir, args.save_embeddings)
     _print_result(result, args, rp.verification_table({pairset.name: result}))
@@ -189,7 +190,7 @@ def cmd_identification(args) -> dict:
 
     pairset = ds.load_lfw(args.data)
     embedder = make_embedder(resolve_model(args.model), args.backend, args.device)
-    crops = crops_for(pairset, args)
+    crops = crops_for(pairset, args, embedder.spec)
     fused = flip_sum_embeddings(embedder, crops.crops, batch_size=embedder.batch_size,
                                 progress=None if args.quiet else "identification: embed",
                                 workers=getattr(embedder, "workers", 1))
@@ -208,7 +209,7 @@ def cmd_parity(args) -> dict:
     if args.pairs_per_fold:
         pairset = _subset(pairset, subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold))
     model = resolve_model(args.model)
-    crops = crops_for(pairset, args)
+    crops = crops_for(pairset, args, make_embedder(model, "onnxruntime", "cpu").spec)
     rows = run_parity(model, args.checkpoint, pairset, crops, args)
     out = {"data": f"{pairset.name} ({len(pairset)} pairs, {len(pairset.images)} images)",
            "reference": next((r["reference"] for r in rows if "reference" in r), ""), "rows": rows}
@@ -360,7 +361,7 @@ def cmd_default(args) -> dict:
     if (lfw_dir / "pairs.txt").is_file():
         lfw_set = ds.load_lfw(lfw_dir)
         clock.start()
-        lfw_crops = crops_for(lfw_set, args, aligner)
+        lfw_crops = crops_for(lfw_set, args, main.spec, aligner)
         clock.stop("LFW detect+align" + (" (cache)" if lfw_crops.from_cache else ""))
         clock.start()
         save = _save_name(args.save_embeddings, "lfw")
@@ -385,7 +386,7 @@ def cmd_default(args) -> dict:
     if (cfp_dir / "Protocol").is_dir():
         cfp_set = ds.load_cfp(cfp_dir, "FP")
         clock.start()
-        cfp_crops = crops_for(cfp_set, args, aligner)
+        cfp_crops = crops_for(cfp_set, args, main.spec, aligner)
         clock.stop("CFP-FP detect+align" + (" (cache)" if cfp_crops.from_cache else ""))
         clock.start()
         res_dict, _, res = verify(cfp_set, cfp_crops, main, args, plots_dir, _save_name(args.save_embeddings, "cfp-fp"))
@@ -413,7 +414,7 @@ def cmd_default(args) -> dict:
                             "reference": next((r["reference"] for r in rows if "reference" in r), "")}
     else:
         rng = np.random.default_rng(0)
-        fake = ds.CropSet(rng.integers(0, 256, (256, 112, 112, 3), dtype=np.uint8), np.zeros(256, np.int8))
+        fake = ds.CropSet(rng.integers(0, 256, (256, *main.spec.input_size, 3), dtype=np.uint8), np.zeros(256, np.int8))
         rows = run_parity(model, args.checkpoint, None, fake, args, plans)
         report["parity"] = {"data": "256 random crops (no LFW data: cosines only)", "rows": rows,
                             "reference": rows[0].get("reference", "") if rows else ""}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from runtime.metadata import METADATA_KEY
-from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec, to_model_input
+from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec, spec_from_config, to_model_input
 
 from .onnx_utils import (atomic_write_bytes, opset_of, precision_of, read_metadata, save_onnx, set_metadata,
                          set_metadata_props, sha256_file)
@@ -91,7 +91,7 @@ def from_checkpoint(path: str | os.PathLike, threshold_cosine: float | None = No
         threshold_cosine = config.get("threshold_cosine")
     if task == "landmarks":
         return aligner_source(config, model=model, checkpoint=str(path))
-    spec = PreprocessSpec.from_dict(config["preprocess"]) if isinstance(config.get("preprocess"), dict) else RECOGNIZER_SPEC
+    spec = spec_from_config(config)
     return ModelSource(model=model, task=task, spec=spec, arch=str(config.get("arch")),
                        embedding_size=int(config.get("embedding_size", 512)), checkpoint=str(path),
                        checkpoint_sha256=sha256_file(path),

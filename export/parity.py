@@ -104,11 +104,9 @@ def _crops_from_photos(paths: Sequence[Path], n: int, size: tuple[int, int], cro
     return np.stack(crops) if crops else np.empty((0, size[0], size[1], 3), np.uint8)
 
 
-def aligned_faces_from_photos(paths: Sequence[Path], size: tuple[int, int], n: int) -> np.ndarray:
-    """Detect (runtime's default detector) and warp (runtime.geometry) up to ``n`` faces; BGR crops."""
-    from runtime.geometry import warp_face
-
-    return _crops_from_photos(paths, n, size, lambda img, det: warp_face(img, det.landmarks, size))
+def aligned_faces_from_photos(paths: Sequence[Path], spec: PreprocessSpec, n: int) -> np.ndarray:
+    """Detect (runtime's default detector) and warp onto ``spec``'s template up to ``n`` faces; BGR crops."""
+    return _crops_from_photos(paths, n, tuple(spec.input_size), lambda img, det: spec.warp(img, det.landmarks))
 
 
 def aligner_crops_from_photos(paths: Sequence[Path], geometry: dict, n: int) -> np.ndarray:
@@ -143,7 +141,7 @@ def parity_crops(spec: PreprocessSpec, n: int, task: str = "recognition", faces_
     if paths:
         try:
             if task == "recognition":
-                crops = aligned_faces_from_photos(paths, size, n)
+                crops = aligned_faces_from_photos(paths, spec, n)
                 how = "LFW photos, detected and warped to the template"
             else:
                 crops = aligner_crops_from_photos(paths, {**(geometry or {}), "input_size": list(size)}, n)

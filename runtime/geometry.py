@@ -23,6 +23,21 @@ ARCFACE_TEMPLATE_112 = np.array(
     dtype=np.float32,
 )
 
+#: dlib's 150×150 face chip (``get_face_chip``, padding 0.25) seen by facekit's landmarks: the mean RetinaFace
+#: points on dlib chips of 280 CelebA photos (``python -m train.dlib_import --measure-template``), mirrored
+#: about the chip's centre column. The preprocessing of recognizers imported from dlib
+#: (``train.dlib_import.DLIB_SPEC``): warping onto it reproduces the framing dlib's network was trained on.
+DLIB_CHIP_TEMPLATE_150 = np.array(
+    [
+        [48.23, 45.49],
+        [100.77, 45.49],
+        [74.50, 77.93],
+        [51.67, 100.85],
+        [97.33, 100.85],
+    ],
+    dtype=np.float32,
+)
+
 #: Landmark index pairs that swap under a horizontal flip.
 FLIP_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (3, 4))
 
@@ -68,17 +83,36 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return pts @ np.asarray(matrix)[:, :2].T + np.asarray(matrix)[:, 2]
 
 
-def alignment_matrix(landmarks: np.ndarray, size: tuple[int, int] = (112, 112)) -> np.ndarray:
-    """Similarity matrix that maps 5 image landmarks onto the template of a crop of ``size`` (h, w)."""
-    return estimate_similarity(np.asarray(landmarks).reshape(5, 2), template_for_size(size))
+def check_template(template: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``template`` as a 5×2 float32 array; ValueError unless it is finite, inside a ``size`` (h, w) crop,
+    with the eyes apart and above the mouth (a template that would warp faces upside down or to a point)."""
+    t = np.asarray(template, dtype=np.float32)
+    h, w = size
+    if t.shape != (5, 2) or not np.all(np.isfinite(t)):
+        raise ValueError(f"an alignment template is 5 finite (x, y) points, got shape {t.shape}")
+    if t[:, 0].min() < 0 or t[:, 1].min() < 0 or t[:, 0].max() > w or t[:, 1].max() > h:
+        raise ValueError(f"alignment template {t.tolist()} lies outside the {h}×{w} crop")
+    if not (t[1, 0] - t[0, 0] > 0.05 * w and t[3:, 1].mean() > t[:2, 1].mean()):
+        raise ValueError(f"alignment template {t.tolist()} is not a face (eyes left to right, above the mouth)")
+    return t
 
 
-def warp_face(image: np.ndarray, landmarks: np.ndarray, size: tuple[int, int] = (112, 112)) -> np.ndarray:
-    """Crop one face: similarity-warp ``image`` so its 5 landmarks land on the template.
+def alignment_matrix(landmarks: np.ndarray, size: tuple[int, int] = (112, 112),
+                     template: np.ndarray | None = None) -> np.ndarray:
+    """Similarity matrix that maps 5 image landmarks onto ``template`` (default: the ArcFace template
+    scaled to a crop of ``size`` (h, w))."""
+    dst = template_for_size(size) if template is None else np.asarray(template, np.float32)
+    return estimate_similarity(np.asarray(landmarks).reshape(5, 2), dst)
+
+
+def warp_face(image: np.ndarray, landmarks: np.ndarray, size: tuple[int, int] = (112, 112),
+              template: np.ndarray | None = None) -> np.ndarray:
+    """Crop one face: similarity-warp ``image`` so its 5 landmarks land on ``template`` (default: the
+    ArcFace template for ``size``).
 
     The colour order of ``image`` is kept; the crop is ``size`` (h, w), borders are black.
     """
-    m = alignment_matrix(landmarks, size)
+    m = alignment_matrix(landmarks, size, template)
     h, w = size
     return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 

@@ -16,7 +16,6 @@ import numpy as np
 
 from .backends.base import Backend, ModelLoadError, load_model
 from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, Detection, load_detector
-from .geometry import ARCFACE_TEMPLATE_112, template_for_size, warp_face
 from .image_io import ImageError, load_image
 from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
 from .preprocess import PreprocessSpec, flip_sum, l2_normalize, to_model_input
@@ -245,7 +244,7 @@ class FacePipeline:
         if not np.isfinite(pts).all():
             raise ValueError("landmarks are missing (NaN): this detector has no landmark head; "
                              "use landmarks='aligner'")
-        return warp_face(img_bgr, pts, size=tuple(self.spec.input_size))
+        return self.spec.warp(img_bgr, pts)
 
     def embed_aligned(self, crops: np.ndarray | Sequence[np.ndarray], color_order: str = "BGR",
                       batch_size: int | None = None) -> np.ndarray:
@@ -340,14 +339,11 @@ def _fixed_batch(model: Backend) -> int | None:
 
 
 def _check_template(spec: PreprocessSpec, source: str) -> None:
-    """The warp uses the ArcFace template (``runtime.geometry``); refuse metadata asking for another one."""
-    tmpl = np.asarray(spec.template, np.float32)
-    ok = tmpl.shape == (5, 2) and (
-        np.allclose(tmpl, template_for_size(tuple(spec.input_size)), atol=1e-3)
-        or np.allclose(tmpl, ARCFACE_TEMPLATE_112, atol=1e-3)
-    )
-    if not ok:
-        raise ModelMetadataError(f"{source}: metadata asks for an alignment template this runtime does not use")
+    """Refuse metadata whose alignment template or landmark order the warp cannot use."""
+    try:
+        spec.check()
+    except ValueError as e:
+        raise ModelMetadataError(f"{source}: {e}") from None
     if tuple(spec.landmark_order) != tuple(PreprocessSpec().landmark_order):
         raise ModelMetadataError(f"{source}: metadata landmark order {spec.landmark_order} is not facekit's")
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from .geometry import ARCFACE_TEMPLATE_112, LANDMARK_NAMES
+from .geometry import ARCFACE_TEMPLATE_112, LANDMARK_NAMES, check_template, template_for_size, warp_face
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,24 @@ class PreprocessSpec:
         default_factory=lambda: tuple(map(tuple, ARCFACE_TEMPLATE_112.tolist()))
     )
     landmark_order: tuple[str, ...] = LANDMARK_NAMES
+
+    @property
+    def crop_template(self) -> np.ndarray:
+        """The 5 points (x, y) faces are warped onto in an ``input_size`` crop. The 112×112 ArcFace template
+        given for another size means that template scaled to it (how facekit models always used it)."""
+        t = np.asarray(self.template, np.float32)
+        if tuple(self.input_size) != (112, 112) and np.allclose(t, ARCFACE_TEMPLATE_112, atol=1e-3):
+            return template_for_size(tuple(self.input_size))
+        return t
+
+    def warp(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The aligned ``input_size`` crop of the face with 5 ``landmarks`` in ``image`` (colour order kept)."""
+        return warp_face(image, landmarks, tuple(self.input_size), self.crop_template)
+
+    def check(self) -> "PreprocessSpec":
+        """Self, after checking that its template fits its crop (ValueError otherwise)."""
+        check_template(self.crop_template, tuple(self.input_size))
+        return self
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -64,6 +82,13 @@ class PreprocessSpec:
 
 #: The recognizer preprocessing used by every facekit model unless its metadata says otherwise.
 RECOGNIZER_SPEC = PreprocessSpec()
+
+
+def spec_from_config(config: dict) -> PreprocessSpec:
+    """The preprocessing a training config (or checkpoint config) declares: its ``preprocess`` dict,
+    else :data:`RECOGNIZER_SPEC`."""
+    d = config.get("preprocess")
+    return PreprocessSpec.from_dict(d).check() if isinstance(d, dict) else RECOGNIZER_SPEC
 
 
 def to_model_input(crops: np.ndarray, spec: PreprocessSpec = RECOGNIZER_SPEC, color_order: str = "RGB") -> np.ndarray:

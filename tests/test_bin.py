@@ -35,6 +35,30 @@ def test_small_lfw_bin(facekit_data):
     assert crops.counts() == {"prealigned": 20}
 
 
+def test_prealigned_crops_are_rewarped_for_another_framing(tmp_path):
+    """A .bin of 112×112 ArcFace crops benchmarked with a model framed like dlib's 150×150 chip: each crop's
+    template points land where the similarity fit onto the model's template puts them (bright dots drawn
+    there move with it), within a few pixels of dlib's points."""
+    from runtime.geometry import ARCFACE_TEMPLATE_112, DLIB_CHIP_TEMPLATE_150, alignment_matrix, transform_points
+    from runtime.preprocess import PreprocessSpec
+
+    img = np.zeros((112, 112, 3), np.uint8)
+    for x, y in ARCFACE_TEMPLATE_112:
+        cv2.circle(img, (int(round(x)), int(round(y))), 2, (255, 255, 255), -1)
+    ok, buf = cv2.imencode(".png", img)
+    path = tmp_path / "dots.bin"
+    path.write_bytes(pickle.dumps(([buf.tobytes()] * 2, [True])))
+    spec = PreprocessSpec(input_size=(150, 150), template=tuple(map(tuple, DLIB_CHIP_TEMPLATE_150.tolist())))
+    crops = aligned_crops(load_bin(path), progress=False, spec=spec).crops
+    assert crops.shape == (2, 150, 150, 3)
+    moved = transform_points(ARCFACE_TEMPLATE_112, alignment_matrix(ARCFACE_TEMPLATE_112, (150, 150),
+                                                                    DLIB_CHIP_TEMPLATE_150))
+    assert np.abs(moved - DLIB_CHIP_TEMPLATE_150).max() < 6
+    for x, y in moved:
+        assert crops[0, int(round(y)), int(round(x))].min() > 100, (x, y)
+    assert crops[0].max(axis=2).sum() < 0.05 * 255 * 150 * 150  # and little else is bright
+
+
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_generated_agedb_style_bin(tmp_path, protocol):
     """AgeDB-30 / CFP-FP .bin files are the same format: pickle of (list of JPEG bytes, list of bools)."""

@@ -8,12 +8,13 @@ from typing import Callable
 
 from torch import nn
 
+from .dlib_resnet import DlibResNet
 from .iresnet import IRESNET_LAYERS, IBasicBlock, IResNet, make_iresnet
 from .mobilefacenet import MobileFaceNet
 from .torchvision_nets import TorchvisionEmbedder, make_torchvision
 
 #: name → builder ``(embedding_size=512, **kw) -> nn.Module``.
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"mobilefacenet": MobileFaceNet}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"mobilefacenet": MobileFaceNet, "dlib_resnet": DlibResNet}
 BACKBONES.update({name: make_iresnet(name) for name in IRESNET_LAYERS})
 BACKBONES.update({name: make_torchvision(name) for name in ("resnet34", "resnet50", "resnext50", "efficientnet_b0")})
 
@@ -35,4 +36,4 @@ def build_backbone(arch: str, embedding_size: int = 512, **kw) -> nn.Module:
     return model
 
 
-__all__ = ["BACKBONES", "build_backbone", "MobileFaceNet", "IResNet", "IBasicBlock", "TorchvisionEmbedder"]
+__all__ = ["BACKBONES", "build_backbone", "MobileFaceNet", "DlibResNet", "IResNet", "IBasicBlock", "TorchvisionEmbedder"]
