@@ -1,14 +1,15 @@
 """Read dlib's face-recognition ResNet weights into :class:`train.backbones.dlib_resnet.DlibResNet`.
 
-``dlib_face_recognition_resnet_model_v1.dat`` (CC0, from the ``face_recognition_models`` package) is dlib's
-own serialisation of the network: layers bottom-up, each a version string and its fields (integers in
+``dlib_face_recognition_resnet_model_v1.dat`` (public domain, from the ``face_recognition_models`` package) is
+dlib's own serialisation of the network: layers bottom-up, each a version string and its fields (integers in
 dlib's variable-length form, doubles as mantissa/exponent, tensors as four dimensions and raw little-endian
 float32). Only the layers with weights are read (``con_4`` + ``affine_`` pairs, then ``fc_2``); dlib itself is
-not needed. The affine layers are folded into the convolutions, dlib's input scaling into the first one, and
-an optional ``centre`` (the mean teacher vector) becomes the last layer's bias, so the output is the
-centred descriptor that :mod:`train.distill_set` trains students towards.
+not needed. The affine layers are folded into the convolutions and dlib's input scaling into the first one.
+An optional ``centre`` becomes the last layer's bias (``--centre-on``: the mean output over some photos; it
+lowered LFW accuracy, see runtime/models/recognizer.md, so the default output is dlib's raw descriptor).
 
-    python -m train.dlib_import --out work_data/dlib_resnet.pt [--centre work_data/teacher_aligned.npz]
+    python -m train.dlib_import --out work_data/dlib_resnet.pt          # then export/to_onnx.py --checkpoint
+    python -m train.dlib_import --measure-template $FACEKIT_DATA/celeba --limit 300   # needs dlib
 """
 from __future__ import annotations
 
@@ -49,10 +50,6 @@ class _Reader:
         value = int.from_bytes(self.data[self.pos + 1:self.pos + 1 + n], "little")
         self.pos += 1 + n
         return -value if head & 0x80 else value
-
-    def double(self) -> float:
-        mantissa = self.int()
-        return mantissa * 2.0 ** self.int()
 
     def tensor(self) -> np.ndarray:
         if self.int() != 2:
@@ -236,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder of photos (e.g. $FACEKIT_DATA/celeba/wild) whose mean output becomes the fc bias, "
                         "so the network outputs centred descriptors")
     p.add_argument("--limit", type=int, default=2000, help="photos used by --centre-on / --measure-template")
-    p.add_argument("--out", type=Path, help="checkpoint to write (an init: for train/arcface.py)")
+    p.add_argument("--out", type=Path, help="checkpoint to write (export it with export/to_onnx.py --checkpoint)")
     p.add_argument("--measure-template", type=Path, metavar="PHOTOS",
                    help="print where facekit's landmarks fall on dlib's chips of these photos (needs dlib) and exit")
     a = p.parse_args(argv)
@@ -246,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if a.measure_template:
         template, n = measure_chip_template(a.measure_template, a.limit)
-        print(f"mean RetinaFace landmarks on {n} dlib chips (150×150), mirrored:\n{np.round(template, 2).tolist()}")
+        print(f"mean RetinaFace landmarks on {n} dlib chips (150×150), mirrored:\n"
+              f"{np.round(template.astype(np.float64), 2).tolist()}")
         return 0
     if a.out is None:
         p.error("--out is required")
