@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from runtime.metadata import decode_metadata
-from runtime.preprocess import PreprocessSpec, to_model_input
+from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec, to_model_input
 
 from .calibration import make_calibration_reader
 from .onnx_utils import atomic_write_bytes, set_metadata
@@ -216,11 +216,12 @@ def save_pair_crops(path: str | os.PathLike, pc: PairCrops) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_pair_crops(path: str | os.PathLike, kind: str = "auto", size: tuple[int, int] = (112, 112),
+def load_pair_crops(path: str | os.PathLike, kind: str = "auto", spec: PreprocessSpec = RECOGNIZER_SPEC,
                     progress: bool = True) -> PairCrops:
     """Held-out pairs for the guard from an npz (``crops``/``pairs``/``issame``, BGR), an insightface ``.bin``,
     an LFW folder (``pairs.txt`` + images) or a CFP folder (``cfp-fp`` / ``cfp-ff``). Raw photos are
-    detected and warped through :mod:`benchmarks.datasets` (cached)."""
+    detected and warped onto ``spec``'s template through :mod:`benchmarks.datasets` (cached)."""
+    size = tuple(spec.input_size)
     path = Path(path)
     if kind == "auto":
         if path.suffix.lower() == ".npz":
@@ -243,7 +244,7 @@ def load_pair_crops(path: str | os.PathLike, kind: str = "auto", size: tuple[int
         from benchmarks.datasets import aligned_crops, load_pairset
 
         pairset = load_pairset(kind, path)
-        cropset = aligned_crops(pairset, progress=progress)
+        cropset = aligned_crops(pairset, progress=progress, spec=spec)
         pc = PairCrops(cropset.crops, pairset.pairs, pairset.issame, pairset.name, {"crops": cropset.counts()})
     if tuple(pc.crops.shape[1:3]) != tuple(size):
         raise ValueError(f"{path}: crops are {pc.crops.shape[2]}×{pc.crops.shape[1]}, the model expects {size[1]}×{size[0]}")

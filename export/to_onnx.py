@@ -224,7 +224,7 @@ def quantize(args, source, fp32_path: Path, meta: dict, crops, temps: list[Path]
           f"kept float: {', '.join(info['kept_float']) or 'none'}")
     pairs = None
     if args.pairs is not None:
-        pairs = load_pair_crops(args.pairs, args.pairs_kind, tuple(source.spec.input_size)).subset(args.pairs_limit)
+        pairs = load_pair_crops(args.pairs, args.pairs_kind, source.spec).subset(args.pairs_limit)
     else:
         print("int8: WARNING no --pairs given: verification accuracy is NOT measured, only embedding cosines")
     threads = {"threads": args.threads} if args.threads else {}

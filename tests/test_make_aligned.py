@@ -195,3 +195,24 @@ def test_aligner_landmarks_option(facekit_data, tmp_path):
     ali, det = (np.array(r["landmarks"].split(), float).reshape(5, 2) for r in rows)
     iod = np.linalg.norm(det[0] - det[1])
     assert 0 < np.abs(ali - det).max() < 0.2 * iod  # refined, and still the same face
+
+
+def test_like_crops_in_a_recognizers_own_framing(facekit_data, tmp_path, detector):
+    """``--like MODEL``: crops get the size and template from the model's metadata (here a recognizer framed
+    like dlib's 150×150 chip), and the face's eyes land on that template, not the ArcFace one."""
+    from runtime.geometry import DLIB_CHIP_TEMPLATE_150
+    from runtime.preprocess import PreprocessSpec
+    from tests.test_pipeline import make_recognizer
+
+    spec = PreprocessSpec(input_size=(150, 150), template=tuple(map(tuple, DLIB_CHIP_TEMPLATE_150.tolist())))
+    model = make_recognizer(tmp_path / "chip.onnx", spec)
+    src = tmp_path / "src" / "obama"
+    src.mkdir(parents=True)
+    os.symlink(need(facekit_data / "photos" / "obama.jpg"), src / "obama.jpg")
+    assert main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--like", str(model),
+                 "--workers", "1", "--no-progress"]) == 0
+    crop = cv2.imread(str(next((tmp_path / "out").rglob("*.png"))))
+    assert crop.shape == (150, 150, 3)
+    big = cv2.resize(crop, (300, 300))  # RetinaFace wants some context around a face this tight
+    eyes = max(detector.detect(big), key=lambda d: d.score).landmarks[:2] / 2
+    assert np.linalg.norm(eyes - DLIB_CHIP_TEMPLATE_150[:2], axis=1).max() < 4.0, eyes

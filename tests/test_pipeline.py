@@ -377,3 +377,16 @@ def test_shipped_models_identify_enrolled_portraits(shipped, facekit_data, tmp_p
         assert reloaded.identify(_photo(facekit_data, f"{name}.jpg"), pipeline=shipped)[0][0] == name
     # a second photo of an enrolled person is recognised too
     assert reloaded.identify(_photo(facekit_data, "obama2.jpg"), pipeline=shipped)[0][0] == "obama"
+
+
+def test_shipped_int8_recognizer_matches_the_fp32_one(shipped, facekit_data):
+    """recognizer_int8.onnx declares the same framing and threshold as the default and embeds the same faces
+    alike (its export guard required cosine ≥ 0.98 on LFW)."""
+    int8 = DEFAULT_RECOGNIZER.with_name("recognizer_int8.onnx")
+    if not int8.is_file():
+        pytest.skip("no shipped INT8 recognizer")
+    quant = FacePipeline(recognizer=str(int8))
+    assert quant.spec == shipped.spec and quant.threshold == shipped.threshold
+    for name in ("obama.jpg", "biden.jpg", "kate_siegel.jpg"):
+        a, b = shipped.embed(_photo(facekit_data, name))[0], quant.embed(_photo(facekit_data, name))[0]
+        assert float(a.embedding @ b.embedding) > 0.98

@@ -1,7 +1,9 @@
 """Raw photos → aligned, identity-labelled 112×112 face crops (the recognizer's training set).
 
 For every photo: load → detect (``runtime.detector``) → pick one face → 5 landmarks (the detector's own, or
-refined by the hourglass aligner) → ``runtime.geometry.warp_face`` onto the ArcFace template.
+refined by the hourglass aligner) → ``runtime.geometry.warp_face`` onto the ArcFace template (or, with
+``--like MODEL``, onto that recognizer's own framing and size, e.g. calibration crops for an imported dlib
+network: ``--like runtime/models/recognizer.onnx``).
 
     # CelebA in-the-wild: a list file ``file identity`` plus the folder holding the files
     python train/make_aligned.py --list $FACEKIT_DATA/celeba/identity_wild.txt \
@@ -70,6 +72,8 @@ class Source:
 @dataclass
 class Options:
     size: int = 112
+    #: 5 (x, y) points to warp onto; None: the ArcFace template scaled to ``size``
+    template: tuple[tuple[float, float], ...] | None = None
     landmarks: str = "detector"
     aligner: str | None = None
     score_threshold: float = 0.5
@@ -252,7 +256,8 @@ def _process(src: Source) -> dict:
         try:
             if _WORKER["refiner"] is not None:
                 points = _WORKER["refiner"].refine(image, det.box, det.landmarks)
-            crop = warp_face(image, points, (opts.size, opts.size))
+            crop = warp_face(image, points, (opts.size, opts.size),
+                             None if opts.template is None else np.asarray(opts.template, np.float32))
         except ValueError as e:
             reason = f"landmarks failed: {e}"
         else:
@@ -263,7 +268,7 @@ def _process(src: Source) -> dict:
     row["reason"] = reason
     if opts.debug:
         pts = points if index is not None and crop is not None else None
-        picture = debug_picture(image, detections, index, pts, crop, opts.size)
+        picture = debug_picture(image, detections, index, pts, crop, opts.size, opts.template)
         name = os.path.splitext(src.rel)[0].replace("/", "__") + ".jpg"
         write_image(Path(opts.out) / "debug" / row["status"] / name, picture, "jpg")
         stale = Path(opts.out) / "debug" / ("failed" if row["status"] == "ok" else "ok") / name
@@ -273,7 +278,7 @@ def _process(src: Source) -> dict:
 
 
 def debug_picture(image: np.ndarray, detections: list, chosen: int | None, landmarks: np.ndarray | None,
-                  crop: np.ndarray | None, size: int) -> np.ndarray:
+                  crop: np.ndarray | None, size: int, template=None) -> np.ndarray:
     """The photo with every face box (chosen: green, others: red) and landmarks, beside the crop with the template."""
     canvas = image.copy()
     thick = max(1, round(max(image.shape[:2]) / 300))
@@ -288,13 +293,27 @@ def debug_picture(image: np.ndarray, detections: list, chosen: int | None, landm
             cv2.circle(canvas, (int(round(x)), int(round(y))), thick + 1, (255, 200, 0), -1)
     h = canvas.shape[0]
     side = crop.copy() if crop is not None else np.zeros((size, size, 3), np.uint8)
-    for x, y in template_for_size((size, size)):
+    for x, y in (template_for_size((size, size)) if template is None else template):
         cv2.drawMarker(side, (int(round(x)), int(round(y))), (0, 255, 255), cv2.MARKER_CROSS, 6, 1)
     if h > size:
         side = cv2.resize(side, (h, h), interpolation=cv2.INTER_NEAREST)
     pad = np.zeros((h, side.shape[1], 3), np.uint8)
     pad[: side.shape[0]] = side[:h]
     return np.hstack([canvas, pad])
+
+
+def model_spec(model: str):
+    """The preprocessing of a recognizer: a checkpoint's config or an ONNX file's facekit metadata."""
+    from runtime.preprocess import spec_from_config
+
+    if Path(model).suffix in (".pt", ".pth", ".ckpt"):
+        from train.checkpoint import load_checkpoint
+
+        return spec_from_config(load_checkpoint(model).get("config") or {})
+    from runtime.backends import load_model
+    from runtime.metadata import preprocess_spec
+
+    return preprocess_spec(load_model(model, backend="onnxruntime").metadata or {})
 
 
 def write_image(path: Path, image: np.ndarray, image_format: str) -> None:
@@ -407,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the detector's 5 points, or refined by the hourglass aligner")
     p.add_argument("--aligner", default=None, help="aligner ONNX (default: runtime/models/aligner.onnx)")
     p.add_argument("--size", type=int, default=112, help="crop side in pixels (default 112)")
+    p.add_argument("--like", metavar="MODEL", help="crop in this recognizer's framing instead (its size and template, "
+                                                   "from a checkpoint's config or an ONNX file's metadata)")
     p.add_argument("--layout", choices=("tree", "flat"), default="tree")
     p.add_argument("--format", dest="image_format", choices=("png", "jpg"), default="png")
     p.add_argument("--score-threshold", type=float, default=0.5)
@@ -433,7 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         aligner = aligner or str(Path(__file__).resolve().parents[1] / "runtime" / "models" / "aligner.onnx")
         if not os.path.isfile(aligner):
             p.error(f"aligner model {aligner} not found (export one, or use --landmarks detector)")
-    opts = Options(size=a.size, landmarks=a.landmarks, aligner=aligner, score_threshold=a.score_threshold,
+    size, template = a.size, None
+    if a.like:
+        spec = model_spec(a.like)
+        size, template = spec.input_size[0], tuple(map(tuple, spec.crop_template.tolist()))
+        if spec.input_size[0] != spec.input_size[1]:
+            p.error(f"{a.like}: crops are square here, the model takes {spec.input_size}")
+    opts = Options(size=size, template=template, landmarks=a.landmarks, aligner=aligner,
+                   score_threshold=a.score_threshold,
                    min_face=a.min_face, dominance=a.dominance, layout=a.layout, image_format=a.image_format,
                    debug=a.debug)
     summary = make_aligned(sources, a.out, opts, workers=a.workers, redo=a.redo, conflicting=conflicting,
