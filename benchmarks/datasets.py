@@ -1,4 +1,5 @@
-"""Verification pair sets (LFW, CFP-FP / CFP-FF, insightface ``.bin``) and their aligned 112×112 crops.
+"""Verification pair sets (LFW, CFP-FP / CFP-FF, insightface ``.bin``) and their aligned crops (112×112 ArcFace
+by default, or the framing of the recognizer being measured).
 
 A :class:`PairSet` lists each image once (``images``) and the pairs as indices into that list, in the
 protocol's order (so 10 contiguous folds are the official splits):
@@ -416,7 +417,8 @@ def _source_hash(module_names: tuple[str, ...]) -> str:
 
 
 class FaceAligner:
-    """Raw photo → one 112×112 crop of the photo's subject, the way the runtime pipeline aligns faces.
+    """Raw photo → the 5 landmarks of the photo's subject, the way the runtime pipeline finds them (the crop is
+    then warped onto the recognizer's template by :func:`aligned_crops`).
 
     Detector (``runtime.detector.load_detector``) → the subject's face (insightface's LFW rule: largest box,
     penalised by its distance from the image centre) → 5 landmarks (the detector's, or the aligner's
@@ -511,7 +513,8 @@ def default_fallback_landmarks(shape) -> np.ndarray:
 
 @dataclass
 class CropSet:
-    """Aligned crops (N×112×112×3 uint8, BGR) of a pair set's images and how each was obtained."""
+    """Aligned crops (N×H×W×3 uint8, BGR, in the recognizer's framing) of a pair set's images and how each was
+    obtained."""
 
     crops: np.ndarray
     how: np.ndarray

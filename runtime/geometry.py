@@ -26,7 +26,7 @@ ARCFACE_TEMPLATE_112 = np.array(
 #: dlib's 150×150 face chip (``get_face_chip``, padding 0.25) seen by facekit's landmarks: the mean RetinaFace
 #: points on dlib chips of 280 CelebA photos, mirrored about the chip's centre column
 #: (``python -m train.dlib_import --measure-template $FACEKIT_DATA/celeba --limit 300``). The preprocessing of recognizers imported from dlib
-#: (``train.dlib_import.DLIB_SPEC``): warping onto it reproduces the framing dlib's network was trained on.
+#: (``runtime.preprocess.DLIB_CHIP_SPEC``): warping onto it reproduces the framing dlib's network was trained on.
 DLIB_CHIP_TEMPLATE_150 = np.array(
     [
         [48.23, 45.49],

@@ -10,7 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from .geometry import ARCFACE_TEMPLATE_112, LANDMARK_NAMES, check_template, template_for_size, warp_face
+from .geometry import (ARCFACE_TEMPLATE_112, DLIB_CHIP_TEMPLATE_150, LANDMARK_NAMES, check_template, template_for_size,
+                       warp_face)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class PreprocessSpec:
 
 #: The recognizer preprocessing used by every facekit model unless its metadata says otherwise.
 RECOGNIZER_SPEC = PreprocessSpec()
+#: Networks imported from dlib (``train/dlib_import.py``): a 150×150 crop framed like dlib's face chips, the
+#: usual ``(x − 127.5) / 127.5`` RGB tensor (dlib's own input scaling is folded into the network).
+DLIB_CHIP_SPEC = PreprocessSpec(input_size=(150, 150), template=tuple(map(tuple, DLIB_CHIP_TEMPLATE_150.tolist())))
 
 
 def spec_from_config(config: dict) -> PreprocessSpec:

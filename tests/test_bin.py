@@ -40,7 +40,7 @@ def test_prealigned_crops_are_rewarped_for_another_framing(tmp_path):
     template points land where the similarity fit onto the model's template puts them (bright dots drawn
     there move with it), within a few pixels of dlib's points."""
     from runtime.geometry import ARCFACE_TEMPLATE_112, DLIB_CHIP_TEMPLATE_150, alignment_matrix, transform_points
-    from runtime.preprocess import PreprocessSpec
+    from runtime.preprocess import DLIB_CHIP_SPEC
 
     img = np.zeros((112, 112, 3), np.uint8)
     for x, y in ARCFACE_TEMPLATE_112:
@@ -48,8 +48,7 @@ def test_prealigned_crops_are_rewarped_for_another_framing(tmp_path):
     ok, buf = cv2.imencode(".png", img)
     path = tmp_path / "dots.bin"
     path.write_bytes(pickle.dumps(([buf.tobytes()] * 2, [True])))
-    spec = PreprocessSpec(input_size=(150, 150), template=tuple(map(tuple, DLIB_CHIP_TEMPLATE_150.tolist())))
-    crops = aligned_crops(load_bin(path), progress=False, spec=spec).crops
+    crops = aligned_crops(load_bin(path), progress=False, spec=DLIB_CHIP_SPEC).crops
     assert crops.shape == (2, 150, 150, 3)
     moved = transform_points(ARCFACE_TEMPLATE_112, alignment_matrix(ARCFACE_TEMPLATE_112, (150, 150),
                                                                     DLIB_CHIP_TEMPLATE_150))

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from runtime.geometry import DLIB_CHIP_TEMPLATE_150
-from train.backbones.dlib_resnet import DlibBlock, DlibResNet
-from train.dlib_import import (DLIB_MEAN_RGB, DLIB_SCALE, DLIB_SPEC, DlibFormatError, default_model_path,
+from runtime.preprocess import DLIB_CHIP_SPEC
+from train.backbones.dlib_resnet import INPUT_SIZE, DlibBlock, DlibResNet
+from train.dlib_import import (DLIB_MEAN_RGB, DLIB_SCALE, DlibFormatError, default_model_path,
                                import_dlib_resnet, read_layers, state_dict_from_layers)
 
 
@@ -114,14 +115,14 @@ def test_port_agrees_with_dlib_on_its_own_chips(weights, facekit_data):
         chips.append(face_chip(dlib, predictor, rgb, max(hog(rgb, 1), key=lambda r: r.area())))
     ref = np.stack([np.asarray(embedder.compute_face_descriptor(c)) for c in chips])
     with torch.no_grad():
-        out = import_dlib_resnet(weights)(torch.from_numpy(to_model_input(np.stack(chips), DLIB_SPEC))).numpy()
+        out = import_dlib_resnet(weights)(torch.from_numpy(to_model_input(np.stack(chips), DLIB_CHIP_SPEC))).numpy()
     assert np.abs(out - ref).max() < 1e-5, np.abs(out - ref).max()
 
 
 def test_spec_frames_faces_like_dlib_chips():
-    assert DLIB_SPEC.input_size == (150, 150)
-    assert np.allclose(DLIB_SPEC.crop_template, DLIB_CHIP_TEMPLATE_150)
-    assert DLIB_SPEC.mean == (127.5, 127.5, 127.5)  # dlib's own scaling lives in the stem
+    assert DLIB_CHIP_SPEC.input_size == (INPUT_SIZE, INPUT_SIZE) == (150, 150)
+    assert np.allclose(DLIB_CHIP_SPEC.crop_template, DLIB_CHIP_TEMPLATE_150)
+    assert DLIB_CHIP_SPEC.mean == (127.5, 127.5, 127.5)  # dlib's own scaling lives in the stem
 
 
 def test_shipped_recognizer_is_the_imported_network(weights):

@@ -201,11 +201,10 @@ def test_like_crops_in_a_recognizers_own_framing(facekit_data, tmp_path, detecto
     """``--like MODEL``: crops get the size and template from the model's metadata (here a recognizer framed
     like dlib's 150×150 chip), and the face's eyes land on that template, not the ArcFace one."""
     from runtime.geometry import DLIB_CHIP_TEMPLATE_150
-    from runtime.preprocess import PreprocessSpec
+    from runtime.preprocess import DLIB_CHIP_SPEC
     from tests.test_pipeline import make_recognizer
 
-    spec = PreprocessSpec(input_size=(150, 150), template=tuple(map(tuple, DLIB_CHIP_TEMPLATE_150.tolist())))
-    model = make_recognizer(tmp_path / "chip.onnx", spec)
+    model = make_recognizer(tmp_path / "chip.onnx", DLIB_CHIP_SPEC)
     src = tmp_path / "src" / "obama"
     src.mkdir(parents=True)
     os.symlink(need(facekit_data / "photos" / "obama.jpg"), src / "obama.jpg")

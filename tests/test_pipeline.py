@@ -122,9 +122,9 @@ def test_metadata_template_and_size_decide_the_crop(tmp_path):
     """A recognizer whose metadata declares another framing (dlib's 150×150 chip) gets crops of that size
     with the landmarks on its template, not on the ArcFace one."""
     from runtime.geometry import DLIB_CHIP_TEMPLATE_150
+    from runtime.preprocess import DLIB_CHIP_SPEC
 
-    spec = PreprocessSpec(input_size=(150, 150), template=tuple(map(tuple, DLIB_CHIP_TEMPLATE_150.tolist())))
-    pipe = FacePipeline(recognizer=str(make_recognizer(tmp_path / "chip.onnx", spec)))
+    pipe = FacePipeline(recognizer=str(make_recognizer(tmp_path / "chip.onnx", DLIB_CHIP_SPEC)))
     angle, t = np.deg2rad(-17.0), np.array([140.0, 120.0])
     rot = 2.2 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     landmarks = DLIB_CHIP_TEMPLATE_150.astype(np.float64) @ rot.T + t

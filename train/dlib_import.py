@@ -21,18 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.geometry import DLIB_CHIP_TEMPLATE_150
-from runtime.preprocess import PreprocessSpec
+from runtime.preprocess import DLIB_CHIP_SPEC
 
 from .backbones.dlib_resnet import INPUT_SIZE, DlibResNet
 
 #: dlib's ``input_rgb_image`` mean per channel (R, G, B); it divides by 256 after subtracting it.
 DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
 DLIB_SCALE = 256.0
-#: The facekit preprocessing of an imported network: facekit's RGB ``(x − 127.5) / 127.5`` tensor of a
-#: 150×150 crop framed like dlib's face chips.
-DLIB_SPEC = PreprocessSpec(input_size=(INPUT_SIZE, INPUT_SIZE),
-                           template=tuple(map(tuple, DLIB_CHIP_TEMPLATE_150.tolist())))
 _LAYER = re.compile(rb"\x01\x05con_4|\x01\x07affine_|\x01\x04fc_2")
 
 
@@ -155,7 +150,7 @@ def _largest(detections):
 
 def output_mean(model: DlibResNet, folder: str | Path, limit: int = 2000) -> tuple[np.ndarray, int]:
     """Mean raw output of ``model`` over the largest face of up to ``limit`` photos of ``folder``, each
-    detected and warped the way the runtime does (RetinaFace → :data:`DLIB_SPEC`); and the face count."""
+    detected and warped the way the runtime does (RetinaFace → :data:`DLIB_CHIP_SPEC`); and the face count."""
     from tqdm import tqdm
 
     from runtime.detector import load_detector
@@ -168,7 +163,7 @@ def output_mean(model: DlibResNet, folder: str | Path, limit: int = 2000) -> tup
         det = _largest(detector.detect(img))
         if det is None:
             continue
-        x = torch.from_numpy(to_model_input(DLIB_SPEC.warp(img, det.landmarks), DLIB_SPEC, color_order="BGR"))
+        x = torch.from_numpy(to_model_input(DLIB_CHIP_SPEC.warp(img, det.landmarks), DLIB_CHIP_SPEC, color_order="BGR"))
         with torch.inference_mode():
             total += model(x)[0].double().numpy()
         n += 1
@@ -213,7 +208,7 @@ def measure_chip_template(folder: str | Path, limit: int = 300) -> tuple[np.ndar
 def import_config(centred: bool) -> dict:
     """The checkpoint config of an imported network (task, arch, its 150×150 preprocessing)."""
     return {"name": "dlib_import", "task": "recognition", "arch": "dlib_resnet", "embedding_size": 128,
-            "backbone_kwargs": {"fc_bias": bool(centred)}, "preprocess": DLIB_SPEC.to_dict()}
+            "backbone_kwargs": {"fc_bias": bool(centred)}, "preprocess": DLIB_CHIP_SPEC.to_dict()}
 
 
 def default_model_path() -> Path:
