@@ -31,6 +31,7 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(min_cos=0.99999, max_rel=1e-3),
     "fp16": Tolerance(min_cos=0.999, max_rel=5e-2),
     "int8": Tolerance(min_cos=0.98, max_rel=None),
+    "fp16-weights": Tolerance(min_cos=0.9999, max_rel=5e-3),  # fp32 compute, weights rounded to fp16
 }
 
 

@@ -3,6 +3,7 @@
     python export/to_onnx.py --arch mobilefacenet --out /tmp/mfn.onnx              # random init (testing)
     python export/to_onnx.py --checkpoint runs/x/best.pt --out runtime/models/recognizer.onnx
     python export/to_onnx.py --checkpoint runs/x/best.pt --fp16 --out rec_fp16.onnx
+    python export/to_onnx.py --checkpoint runs/x/best.pt --fp16-weights --out rec.onnx   # fp32, half the size
     python export/to_onnx.py --checkpoint runs/x/best.pt --int8 --calib aligned/ --pairs $FACEKIT_DATA/lfw \\
         --out rec_int8.onnx
     python export/to_onnx.py --checkpoint runs/aligner/best.pt --out runtime/models/aligner.onnx
@@ -63,13 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="fp16 weights/compute, fp32 inputs and outputs")
     prec.add_argument("--int8", action="store_true", help="INT8 Q/DQ (static calibration; needs --calib)")
+    prec.add_argument("--fp16-weights", action="store_true",
+                      help="fp32 compute with the weights stored as fp16 (half the file; ONNX Runtime casts them "
+                           "back when it loads the model)")
     p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
     p.add_argument("--batch", nargs="+", default=["1,7,64"], help="parity batch sizes (default 1,7,64)")
     p.add_argument("--faces", type=Path, help="folder of aligned crops for the parity check "
                    "(default: $FACEKIT_DATA/lfw photos, detected and warped; else generated images)")
     p.add_argument("--threshold", type=float, help="cosine threshold to store (default: the checkpoint config's)")
     p.add_argument("--min-cos", type=float, help="parity tolerance: minimum cosine vs PyTorch "
-                   "(default 0.99999 fp32, 0.999 fp16, 0.98 int8)")
+                   "(default 0.99999 fp32, 0.9999 fp16-weights, 0.999 fp16, 0.98 int8)")
     p.add_argument("--seed", type=int, default=0, help="random init / generated inputs seed")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch and ONNX Runtime (0: default)")
     q = p.add_argument_group("INT8")
@@ -170,6 +174,14 @@ def run(args) -> int:
             ox.save_onnx(p16, candidate)
         elif args.int8:
             candidate, guard = quantize(args, source, fp32_path, meta, crops, temps)
+        elif args.fp16_weights:
+            from export.fp16 import with_fp16_weights
+
+            small = with_fp16_weights(proto)
+            ox.set_metadata(small, {**meta, "weight_storage": "fp16"})
+            candidate = _temp_path(args.out, "fp16w")
+            temps.append(candidate)
+            ox.save_onnx(small, candidate)
 
         threads = {"threads": args.threads} if args.threads else {}
         backend = OnnxRuntimeBackend(str(candidate), device="cpu", **threads)
@@ -177,7 +189,7 @@ def run(args) -> int:
             raise ExportError("metadata read back through the runtime differs from what was written")
         results = parity.check_parity(lambda x: ox.torch_forward(source.model, x), backend.run, crops,
                                       source.spec, batches)
-        tol = parity.TOLERANCES[precision]
+        tol = parity.TOLERANCES["fp16-weights" if args.fp16_weights else precision]
         if args.min_cos is not None:
             tol = parity.Tolerance(args.min_cos, tol.max_rel)
         problems = parity.failures(results, tol)

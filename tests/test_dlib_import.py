@@ -126,8 +126,8 @@ def test_spec_frames_faces_like_dlib_chips():
 
 
 def test_shipped_recognizer_is_the_imported_network(weights):
-    """runtime/models/recognizer.onnx is what `python -m train.dlib_import` + `export/to_onnx.py` make:
-    same outputs as the PyTorch import on the same inputs, dlib's framing in its metadata."""
+    """runtime/models/recognizer.onnx is what `python -m train.dlib_import` + `export/to_onnx.py --fp16-weights`
+    make: the outputs of the PyTorch import with its weights rounded to fp16, dlib's framing in its metadata."""
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.pipeline import DEFAULT_RECOGNIZER
     from runtime.metadata import preprocess_spec
@@ -137,9 +137,16 @@ def test_shipped_recognizer_is_the_imported_network(weights):
     backend = OnnxRuntimeBackend(str(DEFAULT_RECOGNIZER), device="cpu")
     meta = backend.metadata
     assert meta["arch"] == "dlib_resnet" and meta["embedding_size"] == 128
+    assert meta["weights"] == "checkpoint" and meta["weight_storage"] == "fp16"
     spec = preprocess_spec(meta)
     assert spec.input_size == (150, 150) and np.allclose(spec.crop_template, DLIB_CHIP_TEMPLATE_150)
     x = np.random.default_rng(0).uniform(-1, 1, (3, 3, 150, 150)).astype(np.float32)
+    from export.fp16 import FP16_WEIGHTS_MIN_ELEMENTS
+
+    model = import_dlib_resnet(weights)
     with torch.no_grad():
-        ref = import_dlib_resnet(weights)(torch.from_numpy(x)).numpy()
+        for p in model.parameters():
+            if p.numel() >= FP16_WEIGHTS_MIN_ELEMENTS:  # what with_fp16_weights stores as fp16
+                p.copy_(p.half().float())
+        ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(backend.run(x)[0] - ref).max() < 1e-4

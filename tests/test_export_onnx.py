@@ -197,3 +197,53 @@ def test_checkpoint_export_and_rejection(tmp_path):
     # a missing checkpoint: one-line error, non-zero exit
     assert to_onnx.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(bad)]) == 1
     json.dumps(meta)  # metadata stays plain JSON
+
+
+def test_fp16_weight_storage_halves_the_file_and_keeps_fp32_outputs(tmp_path):
+    """with_fp16_weights: large weights stored fp16 (cast back at load), small ones fp32; ONNX Runtime
+    gives the fp32 model's outputs up to the fp16 rounding of the weights; weights beyond fp16 are refused."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.fp16 import with_fp16_weights
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from tests.test_pipeline import make_recognizer
+
+    src = make_recognizer(tmp_path / "fp32.onnx")
+    proto = onnx.load(str(src))
+    small = with_fp16_weights(proto, min_elements=64)
+    onnx.save(small, str(tmp_path / "fp16w.onnx"))
+    assert (tmp_path / "fp16w.onnx").stat().st_size < 0.6 * src.stat().st_size
+    assert {t.data_type for t in small.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 3, 112, 112)).astype(np.float32)
+    a = OnnxRuntimeBackend(str(src), device="cpu").run(x)[0]
+    b = OnnxRuntimeBackend(str(tmp_path / "fp16w.onnx"), device="cpu").run(x)[0]
+    assert b.dtype == np.float32 and np.abs(a - b).max() < 5e-3 * np.abs(a).max()
+    assert {t.data_type for t in with_fp16_weights(proto, min_elements=10**6).graph.initializer} == {onnx.TensorProto.FLOAT}
+    big = onnx.ModelProto()
+    big.CopyFrom(proto)
+    w = numpy_helper.to_array(big.graph.initializer[0]).copy()
+    w.flat[0] = 1e6
+    big.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, big.graph.initializer[0].name))
+    with pytest.raises(ValueError, match="fp16 range"):
+        with_fp16_weights(big)
+
+
+def test_checkpoint_export_with_fp16_weight_storage(tmp_path):
+    """--fp16-weights: about half the file of the fp32 export, fp32 parity within its tolerance, and the
+    metadata says how the weights are stored without losing where they came from."""
+    from export import to_onnx
+    from train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = ox.from_arch("mobilefacenet", 128).model
+    config = {"task": "recognition", "arch": "mobilefacenet", "embedding_size": 128}
+    ckpt = save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "config": config, "step": 1})
+    faces = _crop_dir(tmp_path)
+    full, half = tmp_path / "fp32.onnx", tmp_path / "fp16w.onnx"
+    for out, extra in ((full, []), (half, ["--fp16-weights"])):
+        assert to_onnx.main(["--checkpoint", str(ckpt), "--out", str(out), "--batch", "2", "--faces", str(faces),
+                             *extra]) == 0
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    meta = ox.read_metadata(half)
+    assert meta["weight_storage"] == "fp16" and meta["weights"] == "checkpoint" and meta["precision"] == "fp32"
