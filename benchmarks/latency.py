@@ -50,14 +50,15 @@ def time_calls(fn: Callable[[], object], warmup: int = 3, min_calls: int = 5, bu
 
 def recognizer_latency(embedder, batch_sizes=BATCH_SIZES, warmup: int = 3, min_calls: int = 5,
                        budget_s: float = 2.0, seed: int = 0) -> list[LatencyRow]:
-    """p50/p95 and throughput of ``embedder`` on random crops at each batch size (preprocessing included)."""
+    """p50/p95 and throughput of ``embedder`` on random crops of its input size at each batch size
+    (preprocessing included)."""
     rng = np.random.default_rng(seed)
     rows = []
     max_batch = getattr(embedder, "max_batch", None)
     for b in batch_sizes:
         if max_batch and b > max_batch and not getattr(embedder, "fixed_batch", None):
             continue
-        h, w = getattr(getattr(embedder, "spec", None), "input_size", (112, 112))
+        h, w = embedder.spec.input_size
         crops = rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8)
         # fewer calls for big batches: at least 2 timed calls, but keep each size to about the budget
         times = time_calls(lambda: embedder(crops), warmup=warmup if b < 64 else 1,

@@ -9,14 +9,15 @@ import torch.nn.functional as F
 from runtime.geometry import DLIB_CHIP_TEMPLATE_150
 from runtime.preprocess import DLIB_CHIP_SPEC
 from train.backbones.dlib_resnet import INPUT_SIZE, DlibBlock, DlibResNet
-from train.dlib_import import (DLIB_MEAN_RGB, DLIB_SCALE, DlibFormatError, default_model_path,
+from train.dlib_import import (DLIB_MEAN_RGB, DLIB_SCALE, DlibFormatError,
                                import_dlib_resnet, read_layers, state_dict_from_layers)
+from train.teacher_dlib import DLIB_EMBEDDER, dlib_model_file
 
 
 @pytest.fixture(scope="module")
 def weights():
     try:
-        return default_model_path()
+        return dlib_model_file(DLIB_EMBEDDER)
     except FileNotFoundError as e:
         pytest.skip(f"{e} (install the 'teacher' extra)")
 

@@ -24,6 +24,7 @@ import torch
 from runtime.preprocess import DLIB_CHIP_SPEC
 
 from .backbones.dlib_resnet import INPUT_SIZE, DlibResNet
+from .teacher_dlib import DLIB_EMBEDDER, dlib_model_file
 
 #: dlib's ``input_rgb_image`` mean per channel (R, G, B); it divides by 256 after subtracting it.
 DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
@@ -211,13 +212,6 @@ def import_config(centred: bool) -> dict:
             "backbone_kwargs": {"fc_bias": bool(centred)}, "preprocess": DLIB_CHIP_SPEC.to_dict()}
 
 
-def default_model_path() -> Path:
-    """dlib's weights in the installed ``face_recognition_models`` package (FileNotFoundError when absent)."""
-    from .teacher_dlib import DLIB_EMBEDDER, dlib_model_file
-
-    return dlib_model_file(DLIB_EMBEDDER)
-
-
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import save_checkpoint
 
@@ -233,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="print where facekit's landmarks fall on dlib's chips of these photos (needs dlib) and exit")
     a = p.parse_args(argv)
     try:
-        weights = a.weights or default_model_path()
+        weights = a.weights or dlib_model_file(DLIB_EMBEDDER)
     except FileNotFoundError as e:
         p.error(str(e))
     if a.measure_template:
