@@ -57,10 +57,8 @@ class BackendEmbedder:
         self.precision = str(meta.get("precision") or _precision_from_name(self.path))
         self.backend = self.model.name
         self.device = self.model.device
-        shape = list(getattr(self.model, "input_shape", []) or [])
-        fixed = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
-        self.max_batch = fixed or int(getattr(self.model, "max_batch", 0) or 0) or None
-        self.fixed_batch = fixed
+        self.max_batch = self.model.max_batch
+        self.fixed_batch = self.model.fixed_batch
         self.batch_size = min(batch_size, self.max_batch) if self.max_batch else batch_size
 
     @property

@@ -197,7 +197,7 @@ class _OnnxDetector:
         self.backend = _load_backend(model, backend)
         self.max_side = max_side
         self.min_side = min_side
-        shape = list(getattr(self.backend, "input_shape", ["n", 3, "h", "w"]))
+        shape = list(self.backend.input_shape)
         self.fixed_size = tuple(shape[2:4]) if all(isinstance(v, int) and v > 0 for v in shape[2:4]) else None
 
     @property

@@ -145,7 +145,7 @@ class FacePipeline:
                 spec = self._preprocess_override
             else:
                 if not meta:  # backends decode metadata when present; report its absence clearly
-                    meta = decode_metadata(getattr(model, "raw_metadata", {}) or {}, source=model.path)
+                    meta = decode_metadata(model.raw_metadata, source=model.path)
                 if meta.get("task") != "recognition":
                     raise ModelMetadataError(
                         f"{model.path}: not a recognizer (metadata task is {meta.get('task')!r}, expected 'recognition')"
@@ -261,7 +261,7 @@ class FacePipeline:
         if len(x) == 0:
             return np.zeros((0, int(self._meta.get("embedding_size", 0) or 0)), np.float32)
         bs = int(batch_size or self.batch_size)
-        fixed = _fixed_batch(model)
+        fixed = model.fixed_batch
         if fixed:
             bs = fixed
 
@@ -329,13 +329,6 @@ def _load(image, color_order: str) -> np.ndarray:
     if isinstance(image, Path):
         image = str(image)
     return load_image(image, color_order=color_order)
-
-
-def _fixed_batch(model: Backend) -> int | None:
-    shape = getattr(model, "input_shape", None)
-    if shape and isinstance(shape[0], int) and shape[0] > 0:
-        return int(shape[0])
-    return None
 
 
 def _check_template(spec: PreprocessSpec, source: str) -> None:

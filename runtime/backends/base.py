@@ -24,7 +24,10 @@ class Backend(abc.ABC):
 
     def __init__(self, path: str):
         self.path = path
+        #: the decoded facekit metadata (:func:`runtime.metadata.decode_metadata`), ``{}`` when absent
         self.metadata: dict = {}
+        #: every metadata entry the model file carries, key → string (facekit's and foreign ones)
+        self.raw_metadata: dict[str, str] = {}
 
     @property
     @abc.abstractmethod
@@ -37,7 +40,23 @@ class Backend(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def input_shape(self) -> list:
+        """The input's dimensions: an int for a fixed axis, a name (str) or None for a dynamic one."""
+
+    @property
+    @abc.abstractmethod
     def output_names(self) -> list[str]: ...
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model was exported with when its batch axis is fixed, else None."""
+        first = self.input_shape[0] if self.input_shape else None
+        return first if isinstance(first, int) and first > 0 else None
+
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch one :meth:`run` call accepts in one piece (None: no limit)."""
+        return self.fixed_batch
 
     @abc.abstractmethod
     def run(self, x: np.ndarray) -> list[np.ndarray]:
@@ -90,8 +109,6 @@ def _discover() -> None:
     import importlib
     import pkgutil
 
-    from . import __path__ as pkg_path
-
-    for mod in pkgutil.iter_modules(pkg_path):
+    for mod in pkgutil.iter_modules([os.path.dirname(__file__)]):
         if mod.name != "base":
             importlib.import_module(f"{__package__}.{mod.name}")

@@ -210,7 +210,8 @@ class TensorRTBackend(Backend):
                                  + ". Rebuild it: python export/to_trt.py SOURCE.onnx --out " + path)
         try:
             meta = self.sidecar.get("facekit") or {}
-            self.metadata = decode_metadata(encode_metadata(meta), source=path) if meta else {}
+            self.raw_metadata = encode_metadata(meta) if meta else {}
+            self.metadata = decode_metadata(self.raw_metadata, source=path) if meta else {}
         except ModelMetadataError as e:
             raise ModelLoadError(str(e)) from None
         cuda_check(cudart.cudaSetDevice(self._device_id))
@@ -251,6 +252,10 @@ class TensorRTBackend(Backend):
     @property
     def output_names(self) -> list[str]:
         return list(self._outputs)
+
+    @property
+    def max_batch(self) -> int | None:
+        return self._max_batch
 
     @property
     def batch_range(self) -> tuple[int, int]:
