@@ -93,7 +93,7 @@ def photos_640(data_dir: Path, size: int = 640) -> list[np.ndarray]:
     """The single-face portraits of ``data_dir/photos``, resized so the longer side is ``size`` px (BGR)."""
     import cv2
 
-    from .datasets import read_image
+    from evaluation.crops import read_image
 
     out = []
     for name in SINGLE_PORTRAITS:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .verification import evaluate, flip_sum_embeddings, l2_normalize
+from evaluation.verification import evaluate, flip_sum_embeddings
+from runtime.cpu import usable_cores
+from runtime.preprocess import l2_normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_RECOGNIZER = ROOT / "runtime" / "models" / "recognizer.onnx"
@@ -179,7 +181,7 @@ class BackendPlan:
     def build(self, batch_size: int = 64, for_dataset: bool = False):
         """The embedder. ``for_dataset``: on the CPU, one thread per call and ``workers`` concurrent batches
         (faster through a data set on small CPUs); otherwise the backend's default threading (for latency)."""
-        cpu_split = for_dataset and self.device == "cpu" and _usable_cores() > 1
+        cpu_split = for_dataset and self.device == "cpu" and usable_cores() > 1
         threads = 1 if cpu_split else None
         if self.kind == "torch":
             emb = TorchEmbedder(self.path, device=self.device, fp16=self.fp16, batch_size=batch_size, threads=threads)
@@ -188,15 +190,8 @@ class BackendPlan:
         else:
             emb = BackendEmbedder(self.path, backend="onnxruntime", device=self.device, batch_size=batch_size,
                                   threads=threads)
-        emb.workers = min(4, _usable_cores()) if cpu_split else 1
+        emb.workers = min(4, usable_cores()) if cpu_split else 1
         return emb
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def find_checkpoint(model: Path, explicit: str | None = None) -> Path | None:
@@ -347,16 +342,3 @@ def compare_backends(embedders: list, crops: np.ndarray, pairs: np.ndarray | Non
                               device=str(getattr(emb, "device", "")), file=os.path.basename(getattr(emb, "path", ""))))
         fused_by_name[emb.name] = fused
     return rows, fused_by_name
-
-
-def subset_pairs(pairs: np.ndarray, issame: np.ndarray, per_fold: int, n_folds: int = 10) -> np.ndarray:
-    """Indices of the first ``per_fold`` same and ``per_fold`` different pairs of each of the contiguous folds,
-    kept in protocol order (so 10-fold evaluation on the subset still uses one block per original fold)."""
-    n = len(pairs)
-    bounds = np.linspace(0, n, n_folds + 1).astype(int)
-    keep = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        idx = np.arange(lo, hi)
-        same, diff = idx[issame[idx]], idx[~issame[idx]]
-        keep.extend(sorted(np.concatenate([same[:per_fold], diff[:per_fold]]).tolist()))
-    return np.asarray(keep, dtype=np.int64)

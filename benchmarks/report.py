@@ -16,27 +16,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from runtime.cpu import cpu_model, usable_cores
 from runtime.files import atomic_write_bytes
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (``/proc/cpuinfo`` model name, else ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return " ".join(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def gpu_names() -> list[str]:

@@ -35,11 +35,14 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks import datasets as ds  # noqa: E402
 from benchmarks import report as rp  # noqa: E402
 from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,  # noqa: E402
-                               TorchEmbedder, compare_backends, plan_backends, subset_pairs)
-from benchmarks.verification import evaluate, flip_sum_embeddings  # noqa: E402
+                               TorchEmbedder, compare_backends, plan_backends)
+from evaluation import crops as ec  # noqa: E402
+from evaluation import pairs as ep  # noqa: E402
+from evaluation.data import data_root  # noqa: E402
+from evaluation.verification import evaluate, flip_sum_embeddings  # noqa: E402
+from runtime.cpu import usable_cores  # noqa: E402
 from runtime.files import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +57,6 @@ class UsageError(Exception):
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def data_root() -> Path:
-    """``$FACEKIT_DATA``, defaulting to ``../shared/data`` next to the project (as the tests do)."""
-    return Path(os.environ.get("FACEKIT_DATA") or ROOT.parent / "shared" / "data")
 
 
 def resolve_model(model: str | None) -> Path:
@@ -87,8 +85,8 @@ def make_embedder(model: Path, backend: str = "auto", device: str | None = None,
         return BackendEmbedder(model, backend="tensorrt", batch_size=batch_size)
     if for_dataset and backend in ("auto", "onnxruntime") and (device == "cpu" or (device is None and not _ort_cuda())):
         emb = BackendEmbedder(model, backend="onnxruntime", device="cpu", batch_size=batch_size,
-                              threads=1 if rp.usable_cores() > 1 else None)
-        emb.workers = min(4, rp.usable_cores())
+                              threads=1 if usable_cores() > 1 else None)
+        emb.workers = min(4, usable_cores())
         return emb
     return BackendEmbedder(model, backend=backend, device=device, batch_size=batch_size)
 
@@ -101,20 +99,20 @@ def _ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def make_aligner(args) -> ds.FaceAligner:
+def make_aligner(args) -> ec.FaceAligner:
     """Detector (+ aligner) for raw photos, as ``FacePipeline`` aligns faces."""
-    return ds.FaceAligner(detector_model=getattr(args, "detector", None), landmarks=args.landmarks,
+    return ec.FaceAligner(detector_model=getattr(args, "detector", None), landmarks=args.landmarks,
                           aligner_model=getattr(args, "aligner", None))
 
 
-def crops_for(pairset: ds.PairSet, args, spec, aligner=None) -> ds.CropSet:
+def crops_for(pairset: ep.PairSet, args, spec, aligner=None) -> ec.CropSet:
     """The pair set's crops in the recognizer's framing (``spec``: its size and template)."""
     if not pairset.aligned and aligner is None:
         aligner = make_aligner(args)
-    return ds.aligned_crops(pairset, aligner, use_cache=not args.no_cache, progress=not args.quiet, spec=spec)
+    return ec.aligned_crops(pairset, aligner, use_cache=not args.no_cache, progress=not args.quiet, spec=spec)
 
 
-def verify(pairset: ds.PairSet, crops: ds.CropSet, embedder, args, plots_dir: Path | None = None,
+def verify(pairset: ep.PairSet, crops: ec.CropSet, embedder, args, plots_dir: Path | None = None,
            save: str | None = None) -> tuple[dict, np.ndarray, object]:
     """Embed, evaluate and (optionally) plot / save one pair set; returns (JSON dict, fused embeddings, result)."""
     t0 = time.perf_counter()
@@ -161,10 +159,10 @@ def _print_result(result: dict, args, markdown: str) -> None:
 
 
 def cmd_verification(args) -> dict:
-    pairset = ds.load_pairset(args.command, args.data)
+    pairset = ep.load_pairset(args.command, args.data)
     if args.pairs_per_fold:
-        keep = subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold)
-        pairset = _subset(pairset, keep)
+        keep = ep.subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold)
+        pairset = ep.restrict(pairset, keep)
     embedder = make_embedder(resolve_model(args.model), args.backend, args.device)
     crops = crops_for(pairset, args, embedder.spec)
     plots_dir = Path(args.plots) if args.plots else None
@@ -173,22 +171,11 @@ def cmd_verification(args) -> dict:
     return result
 
 
-def _subset(pairset: ds.PairSet, keep: np.ndarray) -> ds.PairSet:
-    """The pair set restricted to pairs ``keep`` (and the images they use)."""
-    pairs = pairset.pairs[keep]
-    used = np.unique(pairs)
-    remap = np.full(len(pairset.images), -1, np.int64)
-    remap[used] = np.arange(len(used))
-    ids = [pairset.identities[i] for i in used] if pairset.identities else None
-    return ds.PairSet(pairset.name, pairset.source, [pairset.images[i] for i in used], remap[pairs],
-                      pairset.issame[keep], pairset.aligned, ids, dict(pairset.notes, subset_pairs=len(keep)))
-
-
 def cmd_identification(args) -> dict:
     from benchmarks.identification import evaluate_identification
     from benchmarks import plots
 
-    pairset = ds.load_lfw(args.data)
+    pairset = ep.load_lfw(args.data)
     embedder = make_embedder(resolve_model(args.model), args.backend, args.device)
     crops = crops_for(pairset, args, embedder.spec)
     fused = flip_sum_embeddings(embedder, crops.crops, batch_size=embedder.batch_size,
@@ -205,9 +192,9 @@ def cmd_identification(args) -> dict:
 
 
 def cmd_parity(args) -> dict:
-    pairset = ds.load_pairset(args.kind, args.data)
+    pairset = ep.load_pairset(args.kind, args.data)
     if args.pairs_per_fold:
-        pairset = _subset(pairset, subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold))
+        pairset = ep.restrict(pairset, ep.subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold))
     model = resolve_model(args.model)
     crops = crops_for(pairset, args, make_embedder(model, "onnxruntime", "cpu").spec)
     rows = run_parity(model, args.checkpoint, pairset, crops, args)
@@ -217,7 +204,7 @@ def cmd_parity(args) -> dict:
     return out
 
 
-def run_parity(model: Path, checkpoint: str | None, pairset: ds.PairSet | None, crops: ds.CropSet, args,
+def run_parity(model: Path, checkpoint: str | None, pairset: ep.PairSet | None, crops: ec.CropSet, args,
                plans=None) -> list[dict]:
     """Embed the same crops with every runnable backend; rows as dicts (skipped backends included)."""
     plans = plans if plans is not None else plan_backends(model, checkpoint)
@@ -357,9 +344,9 @@ def cmd_default(args) -> dict:
         d = aligner.description
         report["models"]["alignment"] = (f"detector {d['detector']}, landmarks from the {d['landmarks']}"
                                          + (f" ({d['aligner']})" if d.get("aligner") else "")
-                                         + "; crops cached in " + str(ds.cache_dir()))
+                                         + "; crops cached in " + str(ec.cache_dir()))
     if (lfw_dir / "pairs.txt").is_file():
-        lfw_set = ds.load_lfw(lfw_dir)
+        lfw_set = ep.load_lfw(lfw_dir)
         clock.start()
         lfw_crops = crops_for(lfw_set, args, main.spec, aligner)
         clock.stop("LFW detect+align" + (" (cache)" if lfw_crops.from_cache else ""))
@@ -384,7 +371,7 @@ def cmd_default(args) -> dict:
         report["notes"].append(f"LFW not found at {lfw_dir} (needs pairs.txt and images/); set $FACEKIT_DATA to "
                                "the folder holding lfw/ and cfp/ to get LFW accuracy")
     if (cfp_dir / "Protocol").is_dir():
-        cfp_set = ds.load_cfp(cfp_dir, "FP")
+        cfp_set = ep.load_cfp(cfp_dir, "FP")
         clock.start()
         cfp_crops = crops_for(cfp_set, args, main.spec, aligner)
         clock.stop("CFP-FP detect+align" + (" (cache)" if cfp_crops.from_cache else ""))
@@ -403,10 +390,10 @@ def cmd_default(args) -> dict:
     # parity on the same LFW subset for every backend (or generated crops without data)
     clock.start()
     if lfw_set is not None:
-        keep = subset_pairs(lfw_set.pairs, lfw_set.issame, args.pairs_per_fold)
-        sub = _subset(lfw_set, keep)
+        keep = ep.subset_pairs(lfw_set.pairs, lfw_set.issame, args.pairs_per_fold)
+        sub = ep.restrict(lfw_set, keep)
         used = np.unique(lfw_set.pairs[keep])
-        sub_crops = ds.CropSet(lfw_crops.crops[used], lfw_crops.how[used])
+        sub_crops = ec.CropSet(lfw_crops.crops[used], lfw_crops.how[used])
         rows = run_parity(model, args.checkpoint, sub, sub_crops, args, plans)
         report["parity"] = {"data": f"LFW subset: first {args.pairs_per_fold} same + {args.pairs_per_fold} "
                                     f"different pairs of each fold ({len(sub)} pairs, {len(sub.images)} images, "
@@ -414,7 +401,7 @@ def cmd_default(args) -> dict:
                             "reference": next((r["reference"] for r in rows if "reference" in r), "")}
     else:
         rng = np.random.default_rng(0)
-        fake = ds.CropSet(rng.integers(0, 256, (256, *main.spec.input_size, 3), dtype=np.uint8), np.zeros(256, np.int8))
+        fake = ec.CropSet(rng.integers(0, 256, (256, *main.spec.input_size, 3), dtype=np.uint8), np.zeros(256, np.int8))
         rows = run_parity(model, args.checkpoint, None, fake, args, plans)
         report["parity"] = {"data": "256 random crops (no LFW data: cosines only)", "rows": rows,
                             "reference": rows[0].get("reference", "") if rows else ""}
@@ -545,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         log(f"error: {e}")
         return 2
-    except (ds.DatasetError, FileNotFoundError) as e:
+    except (ep.DatasetError, FileNotFoundError) as e:
         log(f"error: {e}")
         return 2
     except Exception as e:

@@ -21,18 +21,12 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.preprocess import l2_normalize, mirror
+
 #: insightface's squared-L2 threshold grid.
 THRESHOLDS = np.arange(0, 4, 0.01)
 #: The FAR targets reported as ``tar_at_far_<target>``.
 FAR_TARGETS = (1e-3, 1e-4)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation in float32 (as insightface's ``sklearn.preprocessing.normalize``)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-    norms[norms == 0] = 1.0
-    return x / norms
 
 
 def flip_sum_embeddings(embed: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, batch_size: int = 64,
@@ -49,8 +43,7 @@ def flip_sum_embeddings(embed: Callable[[np.ndarray], np.ndarray], crops: np.nda
 
     def both(start: int) -> tuple[np.ndarray, np.ndarray]:
         batch = crops[start:start + batch_size]
-        return (np.asarray(embed(batch), dtype=np.float32),
-                np.asarray(embed(np.ascontiguousarray(batch[:, :, ::-1])), dtype=np.float32))
+        return np.asarray(embed(batch), dtype=np.float32), np.asarray(embed(mirror(batch)), dtype=np.float32)
 
     starts = range(0, len(crops), batch_size)
     if workers > 1:
@@ -224,3 +217,26 @@ def evaluate(emb_a: np.ndarray, emb_b: np.ndarray, issame, n_folds: int = 10,
         pairs=int(len(dist)), same_pairs=int(issame.sum()), diff_pairs=int((~issame).sum()),
         roc_fpr=fpr, roc_tpr=tpr, dist=dist, issame=issame,
     )
+
+
+def quick_verify(embed: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, pairs: np.ndarray, issame,
+                 batch_size: int = 64) -> dict:
+    """The check a training run makes every few steps: flip-summed embeddings of ``crops``, the mean
+    cosine of same / different ``pairs`` and the 10-fold accuracy (the best-threshold accuracy on all pairs
+    when there are fewer than 10 pairs)."""
+    issame = np.asarray(issame, bool)
+    emb = flip_sum_embeddings(embed, crops, batch_size)
+    a, b = emb[pairs[:, 0]], emb[pairs[:, 1]]
+    cos = np.sum(a * b, axis=1)
+    result = {"pairs": int(len(issame)),
+              "cos_same": float(cos[issame].mean()) if issame.any() else float("nan"),
+              "cos_diff": float(cos[~issame].mean()) if (~issame).any() else float("nan")}
+    if len(issame) >= 10:
+        r = evaluate(a, b, issame, n_folds=10)
+        result.update(accuracy=r.accuracy, threshold_cosine=r.best_threshold_cosine, protocol="10-fold")
+    else:
+        thr = np.unique(cos)
+        acc = [((cos >= t) == issame).mean() for t in thr]
+        i = int(np.argmax(acc))
+        result.update(accuracy=float(acc[i]), threshold_cosine=float(thr[i]), protocol="best-threshold")
+    return result

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from evaluation.data import data_root
 from runtime.preprocess import PreprocessSpec, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +47,6 @@ class ParityResult:
     ref_max_abs: float
 
 
-def default_data_dir() -> Path:
-    """$FACEKIT_DATA, else ../shared/data next to the project (as in tests/conftest.py)."""
-    return Path(os.environ.get("FACEKIT_DATA", ROOT.parent / "shared" / "data")).resolve()
-
-
 # ------------------------------------------------------------------------------------------------ inputs
 
 
@@ -79,27 +75,17 @@ def lfw_images(data_dir: Path, n: int) -> list[Path]:
     return [files[i] for i in idx]
 
 
-def _central_detection(dets: list, shape: tuple[int, ...]):
-    """The detection nearest the image centre among the confident ones (LFW's subject is centred)."""
-    if not dets:
-        return None
-    h, w = shape[:2]
-    centre = np.array([w / 2, h / 2])
-    return min(dets, key=lambda d: np.linalg.norm((d.box[:2] + d.box[2:]) / 2 - centre) - 20 * d.score)
-
-
 def _crops_from_photos(paths: Sequence[Path], n: int, size: tuple[int, int], crop) -> np.ndarray:
-    """Up to ``n`` BGR crops: ``crop(image, detection)`` of the central face the default detector finds."""
-    from runtime.detector import load_detector
-    from runtime.image_io import load_image
+    """Up to ``n`` BGR crops: ``crop(image, face)`` of each photo's subject face (the runtime's rule,
+    :mod:`runtime.subject`) found by the default detector."""
+    from runtime.pipeline import FacePipeline
 
-    detector = load_detector()
+    finder = FacePipeline(preprocess=PreprocessSpec(input_size=size))
     crops = []
     for p in paths:
-        img = load_image(str(p))
-        det = _central_detection(detector.detect(img), img.shape)
-        if det is not None:
-            crops.append(crop(img, det))
+        found = finder.find_subject(str(p))
+        if found.face is not None:
+            crops.append(crop(found.image, found.face))
         if len(crops) >= n:
             break
     return np.stack(crops) if crops else np.empty((0, size[0], size[1], 3), np.uint8)
@@ -138,7 +124,7 @@ def parity_crops(spec: PreprocessSpec, n: int, task: str = "recognition", faces_
 
         crops = load_crop_folder(faces_dir, size, limit=n)
         return _fill(crops, n), f"{len(crops)} aligned crops from {faces_dir}"
-    paths = lfw_images(Path(data_dir) if data_dir else default_data_dir(), n + n // 4)
+    paths = lfw_images(Path(data_dir) if data_dir else data_root(), n + n // 4)
     if paths:
         try:
             if task == "recognition":

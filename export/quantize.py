@@ -241,7 +241,8 @@ def load_pair_crops(path: str | os.PathLike, kind: str = "auto", spec: Preproces
                 raise ValueError(f"{path}: npz lacks {', '.join(missing)} (expected crops, pairs, issame)")
             pc = PairCrops(z["crops"], z["pairs"], z["issame"], path.stem)
     else:
-        from benchmarks.datasets import aligned_crops, load_pairset
+        from evaluation.crops import aligned_crops
+        from evaluation.pairs import load_pairset
 
         pairset = load_pairset(kind, path)
         cropset = aligned_crops(pairset, progress=progress, spec=spec)
@@ -299,7 +300,7 @@ def accuracy_guard(fp32_backend, int8_backend, spec: PreprocessSpec, pairs: Pair
     With ``pairs``: insightface-protocol verification accuracy of each (flip-summed embeddings, k-fold
     threshold), and the cosine of their raw embeddings on every crop. Without: cosines on ``crops`` only.
     """
-    from benchmarks.verification import evaluate, flip_sum_embeddings
+    from evaluation.verification import evaluate, flip_sum_embeddings
 
     reasons: list[str] = []
     acc32 = acc8 = drop = None

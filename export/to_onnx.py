@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.files import publish, temp_beside  # noqa: E402
 
 ALIGNER_ARCHS = ("hourglass",)
 #: Exception types (by name, to avoid importing their modules) reported as one-line input errors.
@@ -110,12 +111,6 @@ def load_source(args):
     return src
 
 
-def _temp_path(out: Path, tag: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".{tag}.onnx", dir=out.parent)
-    os.close(fd)
-    return Path(name)
-
-
 def run(args) -> int:
     import torch
 
@@ -156,7 +151,7 @@ def run(args) -> int:
 
     temps: list[Path] = []
     try:
-        fp32_path = _temp_path(args.out, "fp32")
+        fp32_path = temp_beside(args.out, ".fp32.onnx")
         temps.append(fp32_path)
         ox.save_onnx(proto, fp32_path)
         candidate = fp32_path
@@ -169,7 +164,7 @@ def run(args) -> int:
                 print(f"warning: {over} weights exceed the fp16 range and are clamped")
             p16 = to_fp16(proto)
             ox.set_metadata(p16, {**meta, "precision": "fp16"})
-            candidate = _temp_path(args.out, "fp16")
+            candidate = temp_beside(args.out, ".fp16.onnx")
             temps.append(candidate)
             ox.save_onnx(p16, candidate)
         elif args.int8:
@@ -179,7 +174,7 @@ def run(args) -> int:
 
             small = with_fp16_weights(proto)
             ox.set_metadata(small, {**meta, "weight_storage": "fp16"})
-            candidate = _temp_path(args.out, "fp16w")
+            candidate = temp_beside(args.out, ".fp16w.onnx")
             temps.append(candidate)
             ox.save_onnx(small, candidate)
 
@@ -202,7 +197,7 @@ def run(args) -> int:
             print(parity.parity_line(results))
             raise ExportError(f"{precision} export of {source.arch} rejected, {args.out} not written: "
                               + "; ".join(problems))
-        os.replace(candidate, args.out)
+        publish(candidate, args.out)
         temps.remove(candidate)
     finally:
         for t in temps:
@@ -228,7 +223,7 @@ def quantize(args, source, fp32_path: Path, meta: dict, crops, temps: list[Path]
 
     calib = load_crop_folder(args.calib, tuple(source.spec.input_size), limit=args.calib_limit)
     print(f"int8: calibrating on {len(calib)} crops from {args.calib} ({args.calib_method})")
-    candidate = _temp_path(args.out, "int8")
+    candidate = temp_beside(args.out, ".int8.onnx")
     temps.append(candidate)
     info = quantize_int8(fp32_path, candidate, calib, source.spec, keep_float_ends=args.keep_float_ends,
                          exclude=args.exclude, method=args.calib_method, metadata=meta)

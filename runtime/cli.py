@@ -26,15 +26,6 @@ class CliError(Exception):
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; a missing folder is a user error, not created."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise CliError(f"{path}: folder {folder} does not exist")
-    return files.atomic_write_bytes(path, data, make_parents=False)
-
-
 def _pipeline(args, need_recognizer: bool):
     from .pipeline import FacePipeline
 
@@ -89,7 +80,7 @@ def cmd_detect(args) -> int:
     image = load_image(args.image)
     faces = pipe.detect(image)
     if args.out:
-        atomic_write_bytes(args.out, _encode_image(Path(args.out), draw_faces(image, faces)))
+        files.atomic_write_bytes(args.out, _encode_image(Path(args.out), draw_faces(image, faces)), make_parents=False)
     if args.json:
         print(json.dumps([f.to_dict() for f in faces]))
     else:
@@ -121,29 +112,29 @@ def cmd_compare(args) -> int:
 def cmd_matrix(args) -> int:
     from .pipeline import NoFaceError, iter_images
 
-    files = iter_images(args.folder)
-    if not files:
+    photos = iter_images(args.folder)
+    if not photos:
         raise CliError(f"{args.folder}: no images (jpg, png, bmp, webp, tif) in this folder")
     pipe = _pipeline(args, need_recognizer=True)
     from .image_io import ImageError
 
     emb, missing = [], []
-    for p in _progress(files, "embedding"):
+    for p in _progress(photos, "embedding"):
         try:
-            emb.append(pipe.largest_face(p).embedding)
+            emb.append(pipe.subject_face(p).embedding)
         except (NoFaceError, ImageError) as e:
             emb.append(None)
             missing.append(f"{p.name}: {getattr(e, 'reason', None) or 'no face found'}")
     dim = next((len(e) for e in emb if e is not None), 1)
     mat = np.stack([e if e is not None else np.full(dim, np.nan, np.float32) for e in emb])
     sim = mat @ mat.T
-    names = [p.name for p in files]
-    atomic_write_bytes(args.out, similarity_heatmap_png(sim, names, pipe.threshold))
+    names = [p.name for p in photos]
+    files.atomic_write_bytes(args.out, similarity_heatmap_png(sim, names, pipe.threshold), make_parents=False)
     if args.json:
         print(json.dumps({"names": names, "similarity": [[None if np.isnan(v) else round(float(v), 6) for v in row]
                                                           for row in sim], "skipped": missing}))
     else:
-        print(f"{len(files)} images, similarity matrix written to {args.out}")
+        print(f"{len(photos)} images, similarity matrix written to {args.out}")
         for m in missing:
             print(f"  skipped {m}")
     return 0
@@ -206,7 +197,7 @@ def similarity_heatmap_png(sim: np.ndarray, names: Sequence[str], threshold: flo
                     ax.text(c, r, txt, ha="center", va="center", fontsize=7,
                             color="black" if (not np.isnan(v) and v > 0.6) else "white",
                             fontweight="bold" if same else "normal")
-        title = "cosine similarity of the largest face"
+        title = "cosine similarity of the subject face"
         if threshold is not None:
             title += f" (bold: ≥ threshold {threshold:.3f})"
         ax.set_title(title, fontsize=9)
@@ -254,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print a JSON list of faces")
     d.set_defaults(func=cmd_detect)
 
-    c = sub.add_parser("compare", parents=[models], help="compare the largest face of two images")
+    c = sub.add_parser("compare", parents=[models], help="compare the subject face (big and central) of two images")
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--json", action="store_true", help='print {"similarity": ..., "same": ...}')

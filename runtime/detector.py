@@ -329,19 +329,9 @@ def _face_probability(conf: np.ndarray) -> np.ndarray:
     return conf[:, 1]
 
 
-def _output_shapes(backend: Backend) -> list[list]:
-    sess = getattr(backend, "session", None)
-    if sess is not None:
-        return [list(o.shape) for o in sess.get_outputs()]
-    shapes = getattr(backend, "output_shapes", None)
-    if shapes is None:
-        raise ModelLoadError(f"{backend.path}: cannot read the detector's output shapes from {backend.name}")
-    return [list(s) for s in shapes]
-
-
 def _retinaface_roles(backend: Backend) -> tuple[int, int, int]:
     """Output indices of (loc, conf, landmarks), found by their last dimension (4, 2, 10)."""
-    last = [s[-1] if s else None for s in _output_shapes(backend)]
+    last = [s[-1] if s else None for s in backend.output_shapes]
     try:
         return last.index(4), last.index(2), last.index(10)
     except ValueError:
@@ -352,7 +342,7 @@ def _retinaface_roles(backend: Backend) -> tuple[int, int, int]:
 
 def _scrfd_groups(backend: Backend) -> list[tuple[int, int, int, int | None]]:
     """Pair SCRFD outputs per stride: (stride, score, box, kps) by last dim (1/4/10) and row count."""
-    shapes = _output_shapes(backend)
+    shapes = backend.output_shapes
     by_dim: dict[int, list[int]] = {1: [], 4: [], 10: []}
     for i, s in enumerate(shapes):
         if s and s[-1] in by_dim:
@@ -377,7 +367,7 @@ def _default_weights() -> bytes:
     return WEIGHTS
 
 
-def _load_backend(model: str | bytes | Backend | None, backend: str) -> Backend:
+def _load_backend(model: str | bytes | Backend | None, backend: str, **options) -> Backend:
     if isinstance(model, Backend):
         return model
     if model is None:
@@ -390,17 +380,18 @@ def _load_backend(model: str | bytes | Backend | None, backend: str) -> Backend:
             raise ModelLoadError(f"backend {backend!r} cannot load ONNX bytes; use 'onnxruntime' or a file path")
         from .backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(data=bytes(model), label=label or "<detector bytes>")
+        return OnnxRuntimeBackend(data=bytes(model), label=label or "<detector bytes>", **options)
     path = os.fspath(model)
-    return load_model(path, backend=backend)
+    return load_model(path, backend=backend, **options)
 
 
 def load_detector(model: str | os.PathLike | bytes | None = None, backend: str = "auto",
                   max_side: int | None = DEFAULT_MAX_SIDE,
-                  min_side: int | None = DEFAULT_MIN_SIDE) -> RetinaFaceDetector | SCRFDDetector:
-    """A detector for ``model`` (None: the default RetinaFace), RetinaFace or SCRFD picked by its outputs."""
-    loaded = _load_backend(model, backend)
-    last = [s[-1] if s else None for s in _output_shapes(loaded)]
+                  min_side: int | None = DEFAULT_MIN_SIDE, **options) -> RetinaFaceDetector | SCRFDDetector:
+    """A detector for ``model`` (None: the default RetinaFace), RetinaFace or SCRFD picked by its outputs;
+    ``options`` go to the backend that loads the model file (e.g. ``threads=1``)."""
+    loaded = _load_backend(model, backend, **options)
+    last = [s[-1] if s else None for s in loaded.output_shapes]
     if sorted(last) == [2, 4, 10]:
         return RetinaFaceDetector(loaded, max_side=max_side, min_side=min_side)
     if last.count(1) in (3, 5):

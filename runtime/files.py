@@ -1,4 +1,4 @@
-"""File helpers, defined once: atomic writes and file hashing.
+"""File helpers, defined once: atomic writes, cleanup after killed writers, and file hashing.
 
 Atomic writes: temp file in the same folder, flush, fsync, ``os.replace``, fsync the folder. A reader sees
 either the previous complete file or the new complete file, never a partial one, even when the writer is
@@ -32,11 +32,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], t
     """Call ``write(file)`` on a temp file beside ``path``, then atomically put it in place; returns ``path``.
 
     ``tmp_prefix`` names the temp file (default ``.<name>.``) so callers can find leftovers of killed writers.
+    ``make_parents=False`` raises ``FileNotFoundError`` when the folder does not exist.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if make_parents:
         folder.mkdir(parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix or f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         umask = os.umask(0)
@@ -57,9 +60,58 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], t
     return path
 
 
+def temp_beside(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new empty temp file in ``path``'s folder, for work that is checked before :func:`publish` puts it
+    in place (the caller deletes it if it is never published)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    return Path(name)
+
+
+def publish(candidate: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Atomically put the finished file ``candidate`` (in the same folder) at ``path``, durably."""
+    path = Path(path)
+    os.replace(candidate, path)
+    fsync_dir(path.parent if str(path.parent) else Path("."))
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_parents: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(data), make_parents=make_parents)
+
+
+def pid_temp_prefix(path: str | os.PathLike) -> str:
+    """A temp-file prefix for :func:`atomic_write` naming this process (``.<name>.<pid>.``), so that
+    :func:`remove_stale_temporaries` can tell a killed writer's leftovers from a live writer's file."""
+    return f".{Path(path).name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of ``path`` (named by :func:`pid_temp_prefix`) whose writer process no longer
+    exists; returns what was deleted."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -27,14 +27,13 @@ import hashlib
 import json
 import os
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .files import fsync_dir
+from .files import atomic_write, pid_temp_prefix, remove_stale_temporaries
 
 UNKNOWN = None
 FORMAT = "facekit-gallery"
@@ -141,7 +140,7 @@ class Gallery:
 
         Items are embeddings (a float 1-D vector, or a float 2-D array of one vector per row; they are
         L2-normalised here) or images (path, bytes or image array), which need a ``pipeline``
-        (``FacePipeline``; remembered for later ``identify`` calls): the largest face of each image is
+        (``FacePipeline``; remembered for later ``identify`` calls): the subject face (big and central, see runtime.subject) of each image is
         used, and an image without a face is an error naming it. Enrolling an existing name adds to it.
         """
         if not isinstance(name, str) or not name.strip():
@@ -205,7 +204,7 @@ class Gallery:
 
         A name is None (unknown) when its similarity is below the threshold (``threshold`` argument,
         else the gallery's, else the pipeline model's). An embedding query is L2-normalised; an image
-        query uses its largest face and returns ``[]`` when it has no face. An empty gallery answers
+        query uses its subject face and returns ``[]`` when it has no face. An empty gallery answers
         ``[(None, -1.0)]``.
         """
         if int(top_k) < 1:
@@ -215,7 +214,7 @@ class Gallery:
         if _is_embedding(image_or_embedding):
             q = _normalise(np.asarray(image_or_embedding, np.float32).reshape(1, -1), "query")[0]
         else:
-            faces = self._largest_faces([image_or_embedding], pipe, allow_missing=True)
+            faces = self._subject_faces([image_or_embedding], pipe, allow_missing=True)
             if not faces:
                 return []
             q = faces[0]
@@ -279,7 +278,7 @@ class Gallery:
             else:
                 images.append(item)
         if images:
-            vectors.append(np.stack(self._largest_faces(images, pipeline, allow_missing=False)))
+            vectors.append(np.stack(self._subject_faces(images, pipeline, allow_missing=False)))
         if not vectors:
             return np.zeros((0, self.dim or 0), np.float32)
         dims = {v.shape[1] for v in vectors}
@@ -288,8 +287,8 @@ class Gallery:
         return np.concatenate(vectors, 0)
 
     @staticmethod
-    def _largest_faces(images: Iterable[Any], pipeline: Any, allow_missing: bool) -> list[np.ndarray]:
-        """The embedding of the largest face of each image (``FacePipeline.largest_face``)."""
+    def _subject_faces(images: Iterable[Any], pipeline: Any, allow_missing: bool) -> list[np.ndarray]:
+        """The embedding of the subject face of each image (``FacePipeline.subject_face``)."""
         if pipeline is None:
             raise GalleryError("images need a pipeline: enroll(name, images, pipeline=FacePipeline()) "
                                "or pass embeddings")
@@ -298,7 +297,7 @@ class Gallery:
         out = []
         for image in images:
             try:
-                face = pipeline.largest_face(image)
+                face = pipeline.subject_face(image)
             except NoFaceError:
                 if allow_missing:
                     continue
@@ -317,19 +316,9 @@ class Gallery:
         meta = {"format": FORMAT, "version": VERSION, "names": list(s.names), "threshold": self.threshold,
                 "dim": self.dim, "count": int(len(emb)), "sha256": _digest(emb, owner)}
         meta_bytes = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, embeddings=emb, owner=owner, meta=meta_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
-        _remove_stale_temporaries(path)
+        atomic_write(path, lambda f: np.savez(f, embeddings=emb, owner=owner, meta=meta_bytes),
+                     tmp_prefix=pid_temp_prefix(path))
+        remove_stale_temporaries(path)
         return path
 
     @classmethod
@@ -422,24 +411,6 @@ def _digest(emb: np.ndarray, owner: np.ndarray) -> str:
     h.update(np.ascontiguousarray(emb, np.float32).tobytes())
     h.update(np.ascontiguousarray(owner, np.int32).tobytes())
     return h.hexdigest()
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries left by writers of ``path`` that were killed (their process no longer exists)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2:].split(".")
-        try:
-            pid = int(parts[0])
-        except (ValueError, IndexError):
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 _FAISS_LOCK = threading.Lock()

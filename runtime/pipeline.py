@@ -19,6 +19,7 @@ from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, Detection, load_detect
 from .image_io import ImageError, load_image
 from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
 from .preprocess import PreprocessSpec, flip_sum, l2_normalize, to_model_input
+from .subject import choose_subject
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_RECOGNIZER = MODELS_DIR / "recognizer.onnx"
@@ -52,9 +53,22 @@ class Face:
         return d
 
 
+@dataclass
+class Subject:
+    """The subject of one photo (:mod:`runtime.subject`'s rule): every detected ``faces``, the chosen
+    ``face`` (its landmarks refined in ``landmarks="aligner"`` mode; not embedded) or None with the
+    ``reason``, the detection ``threshold`` that found it, and the decoded BGR ``image``."""
+
+    image: np.ndarray = field(repr=False)
+    faces: list[Face]
+    face: Face | None
+    reason: str = ""
+    threshold: float = 0.5
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """Result of :meth:`FacePipeline.compare`: cosine ``similarity`` of the largest face of each image and
+    """Result of :meth:`FacePipeline.compare`: cosine ``similarity`` of the subject face of each image and
     the verdict ``same`` at ``threshold`` (None when the recognizer carries no threshold)."""
 
     similarity: float
@@ -70,12 +84,14 @@ class Comparison:
 class FacePipeline:
     """Detect, align and embed faces; compare them.
 
-    ``recognizer``/``aligner``: model path, a loaded :class:`~runtime.backends.Backend`, or None for the
-    shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX path or bytes,
+    ``recognizer``/``aligner``: model path, a loaded :class:`~runtime.backends.Backend` (or, for the aligner,
+    a :class:`~runtime.landmarks.LandmarkRefiner`), or None for the shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX path or bytes,
     a detector object, or None for the default RetinaFace-MobileNet0.25. ``landmarks``: ``"detector"`` uses
     the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner. ``backend``: ``"auto"``
     (fastest available) or a backend name. ``threshold`` overrides the recognizer's ``threshold_cosine``.
-    ``preprocess`` overrides the recognizer's metadata (only for models exported without it).
+    ``preprocess`` overrides the recognizer's metadata (for models exported without it, or to crop faces
+    without a recognizer: then the default recognizer is only loaded when something is embedded).
+    ``model_options`` go to every model this pipeline loads (e.g. ``{"threads": 1}`` for ONNX Runtime).
     ``flip_test`` (default on) embeds each face and its mirror image and sums the two, as the benchmark
     protocol does — the protocol that the shipped ``threshold_cosine`` comes from.
     """
@@ -85,7 +101,8 @@ class FacePipeline:
                  aligner: str | os.PathLike | Backend | None = None, backend: str = "auto",
                  threshold: float | None = None, *, preprocess: PreprocessSpec | None = None,
                  score_threshold: float = 0.5, max_side: int = DEFAULT_MAX_SIDE,
-                 min_side: int = DEFAULT_MIN_SIDE, batch_size: int = 32, flip_test: bool = True):
+                 min_side: int = DEFAULT_MIN_SIDE, batch_size: int = 32, flip_test: bool = True,
+                 model_options: dict[str, Any] | None = None):
         if landmarks not in LANDMARK_MODES:
             raise ValueError(f"landmarks must be one of {LANDMARK_MODES}, got {landmarks!r}")
         if batch_size < 1:
@@ -97,6 +114,7 @@ class FacePipeline:
         self.flip_test = bool(flip_test)
         self._threshold_override = None if threshold is None else float(threshold)
         self._preprocess_override = preprocess
+        self._model_options = dict(model_options or {})
         self._lock = threading.Lock()
 
         if detector is None or isinstance(detector, (str, os.PathLike, bytes, bytearray)):
@@ -104,7 +122,8 @@ class FacePipeline:
             onnx_like = detector is None or isinstance(detector, (bytes, bytearray)) or \
                 os.fspath(detector).lower().endswith(".onnx")
             det_backend = backend if backend == "onnxruntime" or not onnx_like else "auto"
-            self.detector = load_detector(detector, backend=det_backend, max_side=max_side, min_side=min_side)
+            self.detector = load_detector(detector, backend=det_backend, max_side=max_side, min_side=min_side,
+                                          **self._model_options)
         else:
             if not callable(getattr(detector, "detect", None)):
                 raise TypeError(f"detector must be a path, ONNX bytes or an object with .detect(), got {type(detector)}")
@@ -116,7 +135,7 @@ class FacePipeline:
         self._recognizer: Backend | None = None
         self._spec: PreprocessSpec | None = None
         self._meta: dict[str, Any] = {}
-        if recognizer is not None or DEFAULT_RECOGNIZER.is_file():
+        if recognizer is not None or (preprocess is None and DEFAULT_RECOGNIZER.is_file()):
             self._load_recognizer()
         self._aligner_src = aligner
         self._aligner = None
@@ -139,7 +158,7 @@ class FacePipeline:
                         f"the default recognizer {path} is missing (the project's trained model has not been "
                         "exported there); pass recognizer=PATH (CLI: --recognizer PATH)"
                     )
-                model = load_model(str(path), backend=self.backend_name)
+                model = load_model(str(path), backend=self.backend_name, **self._model_options)
             meta = dict(model.metadata or {})
             if self._preprocess_override is not None:
                 spec = self._preprocess_override
@@ -168,9 +187,12 @@ class FacePipeline:
                 )
             from .landmarks import LandmarkRefiner
 
+            if isinstance(path, LandmarkRefiner):
+                self._aligner = path
+                return path
             if isinstance(path, Backend):
                 path = path.path
-            self._aligner = LandmarkRefiner(str(path), backend=self.backend_name)
+            self._aligner = LandmarkRefiner(str(path), backend=self.backend_name, **self._model_options)
             return self._aligner
 
     @property
@@ -180,7 +202,9 @@ class FacePipeline:
 
     @property
     def spec(self) -> PreprocessSpec:
-        """The recognizer's preprocessing (from its metadata)."""
+        """The crop and tensor preprocessing: the ``preprocess`` override, else the recognizer's metadata."""
+        if self._preprocess_override is not None:
+            return self._preprocess_override
         self.recognizer
         return self._spec
 
@@ -218,18 +242,42 @@ class FacePipeline:
         img = _load(image, color_order)
         return self._detect(img, score_threshold)
 
-    def _detect(self, img: np.ndarray, score_threshold: float | None = None) -> list[Face]:
+    def _detect(self, img: np.ndarray, score_threshold: float | None = None, refine: bool = True) -> list[Face]:
         thr = self.score_threshold if score_threshold is None else float(score_threshold)
         dets = self.detector.detect(img, score_threshold=thr)
         faces = [Face(np.asarray(d.box, np.float32), float(d.score), np.asarray(d.landmarks, np.float32)) for d in dets]
-        if faces and self.landmark_mode == "aligner":
-            aligner = self._aligner if self._aligner is not None else self._load_aligner()
-            init = np.stack([f.landmarks for f in faces])
-            refined = aligner.refine_many(img, np.stack([f.box for f in faces]),
-                                          None if not np.isfinite(init).all() else init)
-            for f, pts in zip(faces, refined):
-                f.landmarks = np.asarray(pts, np.float32)
+        if refine:
+            self._refine(img, faces)
         return faces
+
+    def _refine(self, img: np.ndarray, faces: list[Face]) -> None:
+        """In ``landmarks="aligner"`` mode, replace the faces' landmarks with the aligner's (in place)."""
+        if not faces or self.landmark_mode != "aligner":
+            return
+        aligner = self._aligner if self._aligner is not None else self._load_aligner()
+        init = np.stack([f.landmarks for f in faces])
+        refined = aligner.refine_many(img, np.stack([f.box for f in faces]),
+                                      None if not np.isfinite(init).all() else init)
+        for f, pts in zip(faces, refined):
+            f.landmarks = np.asarray(pts, np.float32)
+
+    def find_subject(self, image, color_order: str = "BGR", *, min_face: float = 0.0, dominance: float = 0.0,
+                     retry_threshold: float | None = None) -> Subject:
+        """The subject of ``image`` by :mod:`runtime.subject`'s rule (``min_face`` and ``dominance`` as
+        there), without embedding it. With no face at the pipeline's score threshold, detection is retried
+        once at ``retry_threshold`` when given. Only the chosen face's landmarks are refined."""
+        img = _load(image, color_order)
+        thresholds = [self.score_threshold] + ([float(retry_threshold)] if retry_threshold is not None else [])
+        faces: list[Face] = []
+        for thr in thresholds:
+            faces = self._detect(img, thr, refine=False)
+            if faces:
+                break
+        index, reason = choose_subject([f.box for f in faces], img.shape, min_face, dominance)
+        face = None if index is None else faces[index]
+        if face is not None:
+            self._refine(img, [face])
+        return Subject(img, faces, face, reason, thr)
 
     def align(self, image, landmarks: np.ndarray, color_order: str = "BGR") -> np.ndarray:
         """The recognizer-sized crop (default 112×112) of the face with ``landmarks``, in ``color_order``."""
@@ -291,21 +339,20 @@ class FacePipeline:
                 f.embedding = e
         return faces
 
-    def largest_face(self, image, color_order: str = "BGR") -> Face:
-        """The embedded largest face of ``image``; :class:`NoFaceError` when there is none."""
-        img = _load(image, color_order)
-        faces = self._detect(img)
-        if not faces:
+    def subject_face(self, image, color_order: str = "BGR") -> Face:
+        """The embedded subject face of ``image`` (:meth:`find_subject`); :class:`NoFaceError` when it has no face."""
+        found = self.find_subject(image, color_order)
+        if found.face is None:
             raise NoFaceError(f"{_describe(image)}: no face found")
-        face = max(faces, key=lambda f: f.area)
         self.recognizer
-        face.embedding = self.embed_aligned(self._warp(img, face.landmarks)[None], color_order="BGR")[0]
+        face = found.face
+        face.embedding = self.embed_aligned(self._warp(found.image, face.landmarks)[None], color_order="BGR")[0]
         return face
 
     def compare(self, a, b, color_order: str = "BGR") -> Comparison:
-        """Cosine similarity of the largest face of ``a`` and of ``b``, and the same/different verdict."""
-        fa = self.largest_face(a, color_order)
-        fb = self.largest_face(b, color_order)
+        """Cosine similarity of the subject face of ``a`` and of ``b``, and the same/different verdict."""
+        fa = self.subject_face(a, color_order)
+        fb = self.subject_face(b, color_order)
         sim = float(np.dot(fa.embedding, fb.embedding))
         thr = self.threshold
         return Comparison(sim, None if thr is None else bool(sim >= thr), thr, fa, fb)
@@ -351,5 +398,5 @@ def iter_images(folder: str | os.PathLike, extensions: Iterable[str] = (".jpg", 
     return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.name)
 
 
-__all__ = ["Face", "FacePipeline", "Comparison", "NoFaceError", "ImageError", "DEFAULT_RECOGNIZER",
+__all__ = ["Face", "FacePipeline", "Comparison", "Subject", "NoFaceError", "ImageError", "DEFAULT_RECOGNIZER",
            "DEFAULT_ALIGNER", "iter_images"]

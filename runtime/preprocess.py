@@ -112,15 +112,24 @@ def to_model_input(crops: np.ndarray, spec: PreprocessSpec = RECOGNIZER_SPEC, co
     return np.ascontiguousarray(x)
 
 
+def mirror(crops: np.ndarray) -> np.ndarray:
+    """N×H×W×C crops flipped left to right (contiguous)."""
+    return np.ascontiguousarray(np.asarray(crops)[:, :, ::-1])
+
+
 def flip_sum(embed: Callable[[np.ndarray], np.ndarray], crops: np.ndarray) -> np.ndarray:
     """Test-time flip (insightface protocol): ``embed(crops) + embed(mirror(crops))`` for N×H×W×3 crops,
     unnormalised (``l2_normalize`` it). ``embed`` maps a crop batch to raw embeddings."""
     crops = np.asarray(crops)
-    return (np.asarray(embed(crops), np.float32)
-            + np.asarray(embed(np.ascontiguousarray(crops[:, :, ::-1])), np.float32))
+    return np.asarray(embed(crops), np.float32) + np.asarray(embed(mirror(crops)), np.float32)
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalisation (float32)."""
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation of N×D (or one D-vector) in float32, as insightface's
+    ``sklearn.preprocessing.normalize``: rows of zeros stay zeros."""
     x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+    if x.ndim == 1:
+        return l2_normalize(x[None])[0]
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    norms[norms == 0] = 1.0
+    return x / norms

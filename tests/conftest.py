@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.data import data_root
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_dir() -> Path:
     """$FACEKIT_DATA, defaulting to ../shared/data next to the project."""
-    return Path(os.environ.get("FACEKIT_DATA", ROOT.parent / "shared" / "data")).resolve()
+    return data_root()
 
 
 @pytest.fixture(scope="session")

@@ -73,8 +73,8 @@ def reference_embeddings(onnx_path, jpegs: list[bytes]) -> np.ndarray:
 
 
 def test_bin_json_and_embeddings(facekit_data, recognizer, tmp_path):
-    from benchmarks.datasets import load_bin_pickle
-    from benchmarks.verification import evaluate
+    from evaluation.bin_format import load_bin_pickle
+    from evaluation.verification import evaluate
 
     data = need(facekit_data / "photos" / "small_lfw.bin")
     model, _ = recognizer

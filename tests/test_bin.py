@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from benchmarks.datasets import (BinFormatError, DatasetError, aligned_crops, load_bin, load_bin_pickle, load_cfp,
-                                 load_lfw)
+from evaluation.bin_format import load_bin_pickle
+from evaluation.crops import aligned_crops
+from evaluation.pairs import BinFormatError, DatasetError, load_bin, load_cfp, load_lfw
 from conftest import need
 
 

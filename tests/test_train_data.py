@@ -15,7 +15,8 @@ from train.augment import PRESETS, build_augmenter
 from train.config import ConfigError, load_config
 from train.datasets import (UNLABELLED, DataError, FaceDataset, SyntheticSource, filter_identities, folder_source, list_source,
                             source_from_config)
-from train.evaluate import load_bin, verify
+from evaluation.verification import quick_verify
+from train.evaluate import load_eval_set
 from train.recordio import MAGIC, RecordIOReader, write_image_dataset
 from train.samplers import PKBatchSampler, ShuffleBatchSampler
 from train.synthetic import identity_sample, write_synthetic_dataset
@@ -245,9 +246,9 @@ def test_bin_pairs_and_restricted_unpickler(tmp_path, facekit_data):
     path = facekit_data / "photos" / "small_lfw.bin"
     if not path.is_file():
         pytest.skip("photos/small_lfw.bin absent")
-    ps = load_bin(path)
-    assert ps.crops.shape == (20, 112, 112, 3) and len(ps.issame) == 10
-    r = verify(lambda c: c.reshape(len(c), -1)[:, ::97].astype(np.float32), ps)
+    ps, crops = load_eval_set("bin", path)
+    assert crops.shape == (20, 112, 112, 3) and len(ps.issame) == 10
+    r = quick_verify(lambda c: c.reshape(len(c), -1)[:, ::97].astype(np.float32), crops, ps.pairs, ps.issame)
     assert 0.0 <= r["accuracy"] <= 1.0 and r["pairs"] == 10
 
     class Evil:
@@ -256,7 +257,7 @@ def test_bin_pairs_and_restricted_unpickler(tmp_path, facekit_data):
 
     (tmp_path / "evil.bin").write_bytes(pickle.dumps(([b"x", b"y"], [Evil()])))
     with pytest.raises(DataError, match="builtins.print"):
-        load_bin(tmp_path / "evil.bin")
+        load_eval_set("bin", tmp_path / "evil.bin")
 
 
 def test_config_overrides_and_errors(tmp_path):

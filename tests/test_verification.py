@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.identification import evaluate_identification
-from benchmarks.verification import THRESHOLDS, evaluate, flip_sum_embeddings, kfold_accuracy, tar_at_far
+from evaluation.identification import evaluate_identification
+from evaluation.verification import THRESHOLDS, evaluate, flip_sum_embeddings, kfold_accuracy, tar_at_far
 
 
 def generated_pairs(n_pairs: int, dim: int = 32, noise: float = 0.9, seed: int = 0):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.files import atomic_write, sha256_file
+from runtime.files import atomic_write, pid_temp_prefix, remove_stale_temporaries, sha256_file
 
 #: Stored in every checkpoint written by :func:`save_checkpoint`.
 FORMAT_VERSION = 1
@@ -35,34 +35,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**state, "facekit_checkpoint": FORMAT_VERSION}
-    atomic_write(path, lambda f: torch.save(payload, f), tmp_prefix=f".{path.name}.{os.getpid()}.")
-    remove_stale_temp_files(path)
+    atomic_write(path, lambda f: torch.save(payload, f), tmp_prefix=pid_temp_prefix(path))
+    remove_stale_temporaries(path)
     return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: the process exists
-        return True
-    return True
-
-
-def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
-    """Delete temp files of ``path`` left by writers that died mid-save (their pid is gone); returns them."""
-    path = Path(path)
-    removed = []
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            try:
-                tmp.unlink()
-                removed.append(tmp)
-            except OSError:
-                pass
-    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",

@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+from evaluation.data import data_root
+from runtime.files import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,15 +136,12 @@ class ConfigError(ValueError):
     """A config is invalid; the message names the key."""
 
 
-def data_root() -> str:
-    return os.environ.get("FACEKIT_DATA", str((REPO_ROOT.parent / "shared" / "data").resolve()))
-
-
 def expand_path(p: str | None) -> Path | None:
     """``$FACEKIT_DATA`` / ``~`` / env vars expanded; relative paths stay relative to the working directory."""
     if p is None or p == "":
         return None
-    s = str(p).replace("${FACEKIT_DATA}", data_root()).replace("$FACEKIT_DATA", data_root())
+    root = str(data_root())
+    s = str(p).replace("${FACEKIT_DATA}", root).replace("$FACEKIT_DATA", root)
     return Path(os.path.expanduser(os.path.expandvars(s)))
 
 
@@ -292,15 +291,7 @@ def output_dir(cfg: dict) -> Path:
 
 def save_config(cfg: dict, path: str | Path) -> Path:
     """Write ``cfg`` as YAML atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, yaml.safe_dump(cfg, sort_keys=False).encode())
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

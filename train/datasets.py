@@ -16,6 +16,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from evaluation.errors import DatasetError
 from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec, to_model_input
 
 from .augment import Augmenter, build_augmenter
@@ -29,8 +30,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 UNLABELLED = "unlabelled"
 
 
-class DataError(ValueError):
-    """A dataset cannot be used as configured; the message says which file and why."""
+#: A dataset cannot be used as configured; the message says which file and why.
+DataError = DatasetError
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:

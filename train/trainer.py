@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import random
@@ -33,10 +34,14 @@ from torch import nn
 
 from runtime.preprocess import RECOGNIZER_SPEC, to_model_input
 
+from evaluation.verification import quick_verify
+from runtime.files import atomic_write_bytes, remove_stale_temporaries
+
 from .backbones import build_backbone
-from .checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import diff_configs, expand_path, output_dir, save_config
 from .datasets import DataError, FaceDataset, source_from_config, worker_init
+from .evaluate import load_eval_set
 from .losses import build_loss
 from .samplers import PKBatchSampler, ShuffleBatchSampler
 from .widen import widen_state_dict
@@ -107,12 +112,11 @@ class CSVLog:
         if resume_step is not None and path.is_file():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_bytes(path, text.getvalue().encode())
         self._f = open(path, "a", newline="")
         self._w = csv.DictWriter(self._f, columns, extrasaction="ignore")
 
@@ -176,7 +180,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in ("last.pt", "best.pt"):  # temp files of writers killed mid-checkpoint
-                remove_stale_temp_files(self.out / name)
+                remove_stale_temporaries(self.out / name)
             save_config(cfg, self.out / "config.yaml")
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -245,11 +249,9 @@ class Trainer:
         self.eval_set = None
         e = self.cfg["eval"]
         if e["format"] != "none" and self.is_main:
-            from .evaluate import load_pairset
-
             try:
-                self.eval_set = load_pairset(e["format"], expand_path(e["path"]), expand_path(e["pairs"]),
-                                             e["max_pairs"], RECOGNIZER_SPEC.input_size)
+                self.eval_set = load_eval_set(e["format"], expand_path(e["path"]),
+                                              expand_path(e["pairs"]), e["max_pairs"])
             except DataError as err:
                 if not e["optional"]:
                     raise
@@ -435,9 +437,8 @@ class Trainer:
         """Verify on the configured pair set; keeps ``best.pt`` when accuracy improves."""
         if self.eval_set is None:
             return None
-        from .evaluate import verify
-
-        r = verify(self.embed, self.eval_set, self.cfg["eval"]["batch_size"])
+        pairset, crops = self.eval_set
+        r = quick_verify(self.embed, crops, pairset.pairs, pairset.issame, self.cfg["eval"]["batch_size"])
         if self.best_metric is None or r["accuracy"] > self.best_metric:
             self.best_metric = r["accuracy"]
             save_checkpoint(self.out / "best.pt", {"model": self.backbone.state_dict(), "config": self.cfg,

@@ -48,6 +48,11 @@ class Backend(abc.ABC):
     def output_names(self) -> list[str]: ...
 
     @property
+    @abc.abstractmethod
+    def output_shapes(self) -> list[list]:
+        """Each output's dimensions, in ``output_names`` order (dynamic axes as in :attr:`input_shape`)."""
+
+    @property
     def fixed_batch(self) -> int | None:
         """The batch size the model was exported with when its batch axis is fixed, else None."""
         first = self.input_shape[0] if self.input_shape else None

@@ -83,6 +83,10 @@ class OnnxRuntimeBackend(Backend):
     def output_names(self) -> list[str]:
         return list(self._outputs)
 
+    @property
+    def output_shapes(self) -> list[list]:
+        return [list(o.shape) for o in self.session.get_outputs()]
+
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float16 if self._fp16_input else np.float32)
         if self._lock is None:  # ORT CPU sessions are safe to call from several threads

@@ -254,6 +254,10 @@ class TensorRTBackend(Backend):
         return list(self._outputs)
 
     @property
+    def output_shapes(self) -> list[list]:
+        return [["batch" if d < 0 else int(d) for d in self.engine.get_tensor_shape(n)] for n in self._outputs]
+
+    @property
     def max_batch(self) -> int | None:
         return self._max_batch
 

@@ -1,0 +1,46 @@
+"""Which face of a photo is its subject: one rule for the pipeline, data-set crops and training crops.
+
+The rule is insightface's LFW alignment rule: the subject is the face with the highest
+``area − 2 · |box centre − image centre|²`` (pixels²), so a big, central face wins over a bigger face at
+the edge. Two optional refusals serve data preparation, where a wrong label is worse than a missing crop:
+``min_face`` ignores faces whose shorter box side is below it ("face too small" when none is left), and
+``dominance`` > 0 refuses a photo whose runner-up has a positive score of at least ``best / dominance``
+("several faces").
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+NO_FACE, FACE_TOO_SMALL, SEVERAL_FACES = "no face", "face too small", "several faces"
+
+
+def subject_scores(boxes: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """The rule's score of each box (x1, y1, x2, y2) in an image of ``image_shape`` (h, w, ...)."""
+    h, w = image_shape[:2]
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    offset = ((b[:, 0] + b[:, 2]) / 2 - w / 2) ** 2 + ((b[:, 1] + b[:, 3]) / 2 - h / 2) ** 2
+    return area - 2.0 * offset
+
+
+def choose_subject(boxes: np.ndarray | Sequence, image_shape: Sequence[int], min_face: float = 0.0,
+                   dominance: float = 0.0) -> tuple[int | None, str]:
+    """Index of the subject among ``boxes`` and ``""``, or ``(None, reason)``: :data:`NO_FACE`,
+    :data:`FACE_TOO_SMALL` or :data:`SEVERAL_FACES` (see the module docstring)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(b) == 0:
+        return None, NO_FACE
+    sides = np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+    big = np.flatnonzero(sides >= min_face)
+    if big.size == 0:
+        return None, FACE_TOO_SMALL
+    scores = subject_scores(b[big], image_shape)
+    order = np.argsort(-scores, kind="stable")
+    best = int(big[order[0]])
+    if dominance > 0 and len(order) > 1:
+        runner_up = scores[order[1]]
+        if runner_up > 0 and scores[order[0]] < dominance * runner_up:
+            return None, SEVERAL_FACES
+    return best, ""
