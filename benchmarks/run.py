@@ -65,8 +65,8 @@ def resolve_model(model: str | None) -> Path:
         if model:
             raise UsageError(f"{path}: model file not found")
         raise UsageError(
-            f"no shipped recognizer at {path.relative_to(ROOT)}; train and export one (see issue 7 / "
-            "export/to_onnx.py) or pass --model FILE.onnx"
+            f"no shipped recognizer at {path.relative_to(ROOT)}; export one with export/to_onnx.py "
+            "or pass --model FILE.onnx"
         )
     return path
 

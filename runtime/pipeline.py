@@ -129,8 +129,8 @@ class FacePipeline:
                 raise TypeError(f"detector must be a path, ONNX bytes or an object with .detect(), got {type(detector)}")
             self.detector = detector
 
-        # Explicit models load now (errors surface at construction); the shipped defaults load on first use,
-        # so that e.g. `detect` works before the default recognizer has been trained.
+        # Explicit models load now (errors surface at construction); a missing shipped default only fails
+        # when it is needed, so that e.g. `detect` works in an installation without the recognizer file.
         self._recognizer_src = recognizer
         self._recognizer: Backend | None = None
         self._spec: PreprocessSpec | None = None
@@ -155,8 +155,7 @@ class FacePipeline:
                 path = DEFAULT_RECOGNIZER if src is None else Path(os.fspath(src))
                 if src is None and not path.is_file():
                     raise ModelLoadError(
-                        f"the default recognizer {path} is missing (the project's trained model has not been "
-                        "exported there); pass recognizer=PATH (CLI: --recognizer PATH)"
+                        f"the default recognizer {path} is missing; pass recognizer=PATH (CLI: --recognizer PATH)"
                     )
                 model = load_model(str(path), backend=self.backend_name, **self._model_options)
             meta = dict(model.metadata or {})
@@ -273,7 +272,8 @@ class FacePipeline:
             faces = self._detect(img, thr, refine=False)
             if faces:
                 break
-        index, reason = choose_subject([f.box for f in faces], img.shape, min_face, dominance)
+        index, reason = choose_subject([f.box for f in faces], img.shape, min_face, dominance,
+                                       [f.score for f in faces])
         face = None if index is None else faces[index]
         if face is not None:
             self._refine(img, [face])

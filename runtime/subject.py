@@ -4,8 +4,9 @@ The rule is insightface's LFW alignment rule: the subject is the face with the h
 ``area − 2 · |box centre − image centre|²`` (pixels²), so a big, central face wins over a bigger face at
 the edge. Two optional refusals serve data preparation, where a wrong label is worse than a missing crop:
 ``min_face`` ignores faces whose shorter box side is below it ("face too small" when none is left), and
-``dominance`` > 0 refuses a photo whose runner-up has a positive score of at least ``best / dominance``
-("several faces").
+``dominance`` > 0 refuses a photo in which another face is nearly as prominent as the subject ("several
+faces"): prominence is box area × detection score² (a doubtful detection — a poster, a pattern — counts
+little), and the subject must be at least ``dominance`` times as prominent as every other face.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def subject_scores(boxes: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
 
 
 def choose_subject(boxes: np.ndarray | Sequence, image_shape: Sequence[int], min_face: float = 0.0,
-                   dominance: float = 0.0) -> tuple[int | None, str]:
+                   dominance: float = 0.0, scores: Sequence[float] | None = None) -> tuple[int | None, str]:
     """Index of the subject among ``boxes`` and ``""``, or ``(None, reason)``: :data:`NO_FACE`,
-    :data:`FACE_TOO_SMALL` or :data:`SEVERAL_FACES` (see the module docstring)."""
+    :data:`FACE_TOO_SMALL` or :data:`SEVERAL_FACES` (see the module docstring). ``scores`` are the detection
+    scores (used by the ``dominance`` check only; default 1)."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     if len(b) == 0:
         return None, NO_FACE
@@ -36,11 +38,12 @@ def choose_subject(boxes: np.ndarray | Sequence, image_shape: Sequence[int], min
     big = np.flatnonzero(sides >= min_face)
     if big.size == 0:
         return None, FACE_TOO_SMALL
-    scores = subject_scores(b[big], image_shape)
-    order = np.argsort(-scores, kind="stable")
-    best = int(big[order[0]])
-    if dominance > 0 and len(order) > 1:
-        runner_up = scores[order[1]]
-        if runner_up > 0 and scores[order[0]] < dominance * runner_up:
+    rank = subject_scores(b[big], image_shape)
+    best = int(big[int(np.argmax(rank))])  # the first of equal scores
+    if dominance > 0 and len(big) > 1:
+        conf = np.ones(len(b)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
+        prominence = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) * conf ** 2
+        others = prominence[[i for i in big if i != best]]
+        if prominence[best] < dominance * others.max():
             return None, SEVERAL_FACES
     return best, ""

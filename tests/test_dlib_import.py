@@ -11,7 +11,7 @@ from runtime.preprocess import DLIB_CHIP_SPEC
 from train.backbones.dlib_resnet import INPUT_SIZE, DlibBlock, DlibResNet
 from train.dlib_import import (DLIB_MEAN_RGB, DLIB_SCALE, DlibFormatError,
                                import_dlib_resnet, read_layers, state_dict_from_layers)
-from train.teacher_dlib import DLIB_EMBEDDER, dlib_model_file
+from train.dlib_models import DLIB_EMBEDDER, dlib_model_file
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_port_agrees_with_dlib_on_its_own_chips(weights, facekit_data):
     import cv2
 
     from runtime.preprocess import to_model_input
-    from train.teacher_dlib import face_chip, load_dlib
+    from train.dlib_models import face_chip, load_dlib
 
     _, hog, predictor, embedder = load_dlib()
     chips = []

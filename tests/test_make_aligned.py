@@ -181,7 +181,7 @@ def test_several_faces_policy():
 SHIPPED_ALIGNER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "aligner.onnx"
 
 
-@pytest.mark.skipif(not SHIPPED_ALIGNER.is_file(), reason="runtime/models/aligner.onnx not shipped yet")
+@pytest.mark.skipif(not SHIPPED_ALIGNER.is_file(), reason="runtime/models/aligner.onnx is absent")
 def test_aligner_landmarks_option(facekit_data, tmp_path):
     """--landmarks aligner: the crop is warped with the refined points, which the manifest records."""
     photos = need(facekit_data / "photos")

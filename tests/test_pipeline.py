@@ -1,7 +1,7 @@
 """FacePipeline: alignment geometry, metadata-driven preprocessing, embedding, compare, threads, no torch.
 
 Most tests use a tiny random-weight ONNX recognizer built here with the ``onnx`` helper API (fast, and
-its preprocessing metadata can be set at will); tests of the shipped recognizer skip until it exists.
+its preprocessing metadata can be set at will); tests of the shipped recognizer skip when it is absent.
 """
 from __future__ import annotations
 

@@ -284,7 +284,7 @@ def test_shipped_recognition_configs_validate():
 
     from train.backbones import BACKBONES
 
-    files = sorted((ROOT / "train" / "configs").glob("*.yaml"))
+    files = sorted((ROOT / "train" / "configs").glob("*.yaml")) + sorted((ROOT / "recipes").glob("*/configs/*.yaml"))
     checked = 0
     for f in files:
         if (yaml.safe_load(f.read_text()) or {}).get("task", "recognition") != "recognition":

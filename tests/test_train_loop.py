@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import data_dir
 from train.checkpoint import load_checkpoint
 from train.config import load_config
 from train.datasets import FaceDataset, filter_identities, list_source
@@ -36,7 +37,7 @@ def _cfg(out: Path, *extra: str) -> dict:
 @pytest.fixture
 def facekit_data_optional() -> Path | None:
     """$FACEKIT_DATA when present (real CelebA crops), else None (generated identities)."""
-    d = Path(os.environ.get("FACEKIT_DATA", ROOT.parent / "shared" / "data"))
+    d = data_dir()
     return d if d.is_dir() else None
 
 
@@ -273,16 +274,23 @@ def test_resume_with_a_longer_schedule_follows_the_new_schedule(tmp_path):
     assert seen == pytest.approx(expected) and seen[0] > 0.05  # the 6-step schedule would be at its minimum
 
 
-def test_init_widen_starts_a_wider_network_at_the_narrow_ones_function(tmp_path, reference_run):
-    """`init_widen: true` grows the width-0.25 reference run to width 0.5 (train/widen.py); embeddings stay
-    those of the narrow checkpoint, up to the symmetry-breaking noise, and a wrong architecture is refused."""
+def test_widened_checkpoint_starts_a_wider_network_at_the_narrow_ones_function(tmp_path, reference_run):
+    """The widening recipe grows the width-0.25 reference run to width 0.5 (a checkpoint used as ``init``);
+    embeddings stay those of the narrow checkpoint, up to the symmetry-breaking noise, and a wrong
+    architecture is refused."""
+    from recipes.mobilefacenet_distill.widen import widen_checkpoint
+
     narrow = Trainer(_cfg(tmp_path / "narrow", *RESUME, f"init={reference_run / 'last.pt'}"))
-    wide = Trainer(_cfg(tmp_path / "wide", *RESUME, "backbone_kwargs={width: 0.5}", "init_widen=true",
-                        f"init={reference_run / 'last.pt'}"))
+    widened = widen_checkpoint(reference_run / "last.pt", _cfg(tmp_path / "cfg", *RESUME, "backbone_kwargs={width: 0.5}"),
+                               tmp_path / "widened.pt")
+    wide = Trainer(_cfg(tmp_path / "wide", *RESUME, "backbone_kwargs={width: 0.5}", f"init={widened}"))
     assert sum(p.numel() for p in wide.backbone.parameters()) > 2 * sum(p.numel() for p in narrow.backbone.parameters())
     crops = np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
     a, b = narrow.embed(crops), wide.embed(crops)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.95
+    with pytest.raises(ValueError, match="not the same network"):
+        widen_checkpoint(reference_run / "last.pt", _cfg(tmp_path / "other", *RESUME, "arch=iresnet18", "backbone_kwargs={}"),
+                         tmp_path / "other.pt")
     with pytest.raises(ValueError, match="init: .*last.pt does not fit"):
-        Trainer(_cfg(tmp_path / "other", *RESUME, "arch=iresnet18", "backbone_kwargs={}", "init_widen=true", f"init={reference_run / 'last.pt'}"))
+        Trainer(_cfg(tmp_path / "other", *RESUME, "arch=iresnet18", "backbone_kwargs={}", f"init={reference_run / 'last.pt'}"))

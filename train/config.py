@@ -32,7 +32,6 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "output": None,  # default runs/<name>
     "init": None,  # checkpoint whose weights start this run (fresh optimizer and schedule); ignored on --resume
-    "init_widen": False,  # init from a narrower network (same arch, smaller width): train.widen, output unchanged
     "data": {
         "format": "list",  # folder | list | rec | synthetic
         "root": None,  # folder tree root, or the root list-file paths are relative to

@@ -117,7 +117,8 @@ def folder_source(root: str | Path) -> FileSource:
     """Folder-per-identity tree: ``root/<identity>/<image>``."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+        raise DataError(f"dataset folder not found: {root}; make one of aligned crops from photos with "
+                        f"`python train/make_aligned.py --src PHOTOS --out {root}` (PHOTOS/<identity>/<photo>)")
     paths, labels = [], []
     for ident in sorted(d for d in os.listdir(root) if (root / d).is_dir()):
         for f in sorted(os.listdir(root / ident)):
@@ -137,7 +138,10 @@ def list_source(list_file: str | Path, root: str | Path | None = None, check_fil
     """
     list_file = Path(list_file)
     if not list_file.is_file():
-        raise DataError(f"list file not found: {list_file}")
+        raise DataError(f"list file not found: {list_file}; train/make_aligned.py writes one (list.txt) beside "
+                        f"the aligned crops it makes, e.g. `python train/make_aligned.py --list "
+                        f"$FACEKIT_DATA/celeba/identity_wild.txt --root $FACEKIT_DATA/celeba/wild --out "
+                        f"{Path(list_file).parent}` (see train/README.md)")
     root = Path(root) if root else list_file.parent
     paths, labels = [], []
     for lineno, line in enumerate(list_file.read_text().splitlines(), 1):

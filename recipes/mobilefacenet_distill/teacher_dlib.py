@@ -1,11 +1,12 @@
 """Teacher embeddings for knowledge distillation, from dlib's ResNet face embedder (offline, CC0 weights).
 
 dlib is a training-time tool only (never a runtime dependency). For every image of a list file it finds
-the face with dlib's own HOG detector (largest face), aligns it with dlib's 5-point shape predictor into
-dlib's 150×150 chip, and stores the 128-d descriptor of the chip and of its mirror image.
+the faces with dlib's own HOG detector, takes the subject by facekit's rule (:mod:`runtime.subject`),
+aligns it with dlib's 5-point shape predictor into dlib's 150×150 chip, and stores the 128-d descriptor of
+the chip and of its mirror image.
 
-    python train/teacher_dlib.py --root $FACEKIT_DATA/celeba --list identity_wild.txt --prefix wild \
-        --out work_data/teacher_wild.npz
+    python -m recipes.mobilefacenet_distill.teacher_dlib --root $FACEKIT_DATA/celeba --list identity_wild.txt \
+        --prefix wild --out work_data/teacher_wild.npz
 
 Install: ``pip install -e '.[teacher]'`` (dlib-bin and face_recognition_models).
 Faster (5.3× per chip on a Zen 3 core: 26 instead of 137 ms): dlib-bin is built without BLAS; build dlib
@@ -18,53 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime.files import atomic_write  # noqa: E402
-
-
-#: Model files of the ``face_recognition_models`` package that facekit uses.
-DLIB_EMBEDDER = "dlib_face_recognition_resnet_model_v1.dat"
-DLIB_PREDICTOR = "shape_predictor_5_face_landmarks.dat"
-
-
-def dlib_model_file(name: str) -> Path:
-    """A model file of the installed ``face_recognition_models`` package, found without importing it (its
-    import needs ``pkg_resources``, which setuptools ≥ 81 no longer has); FileNotFoundError when absent."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("face_recognition_models")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name if spec else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"{name} not found: pip install face_recognition_models (the 'teacher' extra)")
-    return path
-
-
-def load_dlib():
-    """dlib's detector, 5-point predictor and embedder, or a clear error telling how to install them."""
-    try:
-        import dlib
-
-        embedder, predictor = dlib_model_file(DLIB_EMBEDDER), dlib_model_file(DLIB_PREDICTOR)
-    except (ImportError, FileNotFoundError):
-        sys.exit("teacher_dlib: needs dlib and face_recognition_models: "
-                 "pip install dlib-bin face_recognition_models (the 'teacher' extra: pip install -e '.[teacher]')")
-    if not getattr(dlib, "DLIB_USE_BLAS", True):
-        print("teacher_dlib: this dlib has no BLAS (dlib-bin); its embedder is ~5x slower than a dlib built "
-              "against OpenBLAS: apt-get install libopenblas-dev cmake && pip install --no-binary dlib dlib",
-              file=sys.stderr)
-    return (dlib, dlib.get_frontal_face_detector(),
-            dlib.shape_predictor(str(predictor)), dlib.face_recognition_model_v1(str(embedder)))
-
-
-def face_chip(dlib, predictor, rgb: np.ndarray, rect) -> np.ndarray:
-    """dlib's 150×150 RGB chip of the face in ``rect`` (a ``dlib.rectangle``), aligned by its 5-point predictor."""
-    return dlib.get_face_chip(rgb, predictor(rgb, rect), 150, 0.25)
+from runtime.files import atomic_write
+from runtime.subject import choose_subject
+from train.dlib_models import face_chip, load_dlib, rect_box
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         dets = detector(rgb, up)
         if len(dets) == 0:
             continue
-        d = max(dets, key=lambda r: r.width() * r.height())
+        d = dets[choose_subject([rect_box(r) for r in dets], rgb.shape)[0]]
         chip = face_chip(dlib, predictor, rgb, d)
         chip_flip = np.ascontiguousarray(chip[:, ::-1])
         vecs = embedder.compute_face_descriptor([chip] if args.no_flip else [chip, chip_flip])
         emb[i], emb_flip[i] = np.asarray(vecs[0]), np.asarray(vecs[-1])
-        boxes[i] = [d.left(), d.top(), d.right(), d.bottom()]
+        boxes[i] = rect_box(d)
         found[i] = True
     for e in (emb, emb_flip):
         e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)

@@ -1,4 +1,4 @@
-"""Function-preserving widening (train/widen.py): a wider MobileFaceNet started from a narrower one computes
+"""Function-preserving widening (recipes/mobilefacenet_distill/widen.py): a wider MobileFaceNet started from a narrower one computes
 the same embeddings, its copied units are free to diverge, and anything but a pure widening is refused."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from train.backbones import build_backbone
-from train.widen import widen_state_dict
+from recipes.mobilefacenet_distill.widen import widen_state_dict
 
 
 def _pair(narrow_width: float = 0.25, wide_width: float = 0.5, **kw):

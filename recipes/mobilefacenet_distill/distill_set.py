@@ -6,7 +6,7 @@ the teacher embedded the same face the crop shows (box centres closer than half 
 otherwise the crop stays in the list for the identity loss but gets no teacher vector (zeros). Teacher
 vectors are centred on their mean and re-normalised (see :func:`center_teacher`).
 
-    python train/distill_set.py --root work_data --out work_data/celeba_distill \
+    python -m recipes.mobilefacenet_distill.distill_set --root work_data --out work_data/celeba_distill \
         --part celeba_wild_112:teacher_wild.npz:wild --part celeba_aligned_112:teacher_aligned.npz:aligned_89x109
 """
 from __future__ import annotations
@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime.files import atomic_write, atomic_write_bytes  # noqa: E402
+from runtime.files import atomic_write, atomic_write_bytes
 
 
 def _box(text: str) -> np.ndarray:

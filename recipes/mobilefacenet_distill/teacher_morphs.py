@@ -8,15 +8,15 @@ are mostly the teacher's nearest other identities (morphs between look-alikes: w
 are), the rest at random. Morphs have no identity: they feed only the distillation loss.
 
     # one process per core; each shard is resumable (it continues from its last saved chunk)
-    python train/teacher_morphs.py --root work_data --photos $FACEKIT_DATA/celeba --distill work_data/celeba_distill \\
+    python -m recipes.mobilefacenet_distill.teacher_morphs --root work_data --photos $FACEKIT_DATA/celeba --distill work_data/celeba_distill \\
         --part celeba_wild_112:teacher_wild.npz:wild --part celeba_aligned_112:teacher_aligned.npz:aligned_89x109 \\
         --views 2 --out work_data/morphs --shard 0/2
     # then join the distillation set and the morphs into one list + teacher npz for a config
-    python train/teacher_morphs.py --merge --distill work_data/celeba_distill --out work_data/morphs \\
+    python -m recipes.mobilefacenet_distill.teacher_morphs --merge --distill work_data/celeba_distill --out work_data/morphs \\
         --merged work_data/celeba_distill_morphs
     # more morphs later: another --seed into another --out, then merge the folders together
-    python train/teacher_morphs.py ... --seed 1 --out work_data/morphs_seed1 --shard 0/2
-    python train/teacher_morphs.py --merge --distill work_data/celeba_distill --out work_data/morphs \\
+    python -m recipes.mobilefacenet_distill.teacher_morphs ... --seed 1 --out work_data/morphs_seed1 --shard 0/2
+    python -m recipes.mobilefacenet_distill.teacher_morphs --merge --distill work_data/celeba_distill --out work_data/morphs \\
         --out work_data/morphs_seed1 --merged work_data/celeba_distill_morphs2
 
 Output (``--out``): ``shard<k>/<n>.png`` crops and ``shard<k>.npz`` (``paths`` relative to ``--root``,
@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runtime.files import atomic_write, atomic_write_bytes
+from train.datasets import UNLABELLED  # morphs have no identity: distillation only
+from train.dlib_models import face_chip, load_dlib
 
-from train.datasets import UNLABELLED  # noqa: E402  (morphs have no identity: distillation only)
-from runtime.files import atomic_write, atomic_write_bytes  # noqa: E402
-from train.distill_set import CropFace, load_teacher, match_part, parse_part  # noqa: E402
-from train.teacher_dlib import face_chip, load_dlib  # noqa: E402
+from .distill_set import CropFace, load_teacher, match_part, parse_part
 
 
 def plan_morphs(teacher: np.ndarray, identities: np.ndarray, views: int, near: float = 2 / 3, k: int = 50,
@@ -166,7 +165,7 @@ def merge(args) -> int:
         sys.exit(f"teacher_morphs: no shard*.npz under {', '.join(map(str, args.out))}; generate the morphs first")
     if len(set(paths)) != len(paths):
         sys.exit("teacher_morphs: the same morph path is in two shards; give each --out folder once")
-    emb = np.concatenate(emb) - base["center"]  # the set's centring (train/distill_set.py), not the morphs' own
+    emb = np.concatenate(emb) - base["center"]  # the set's centring (recipes/mobilefacenet_distill/distill_set.py), not the morphs' own
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     merged = Path(args.merged)
     text = "\n".join(lines + [f"{p} {UNLABELLED}" for p in paths]) + "\n"

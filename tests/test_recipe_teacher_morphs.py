@@ -1,4 +1,4 @@
-"""train/teacher_morphs.py: morph planning, blending and joining the morphs to the distillation set
+"""recipes/mobilefacenet_distill/teacher_morphs.py: morph planning, blending and joining the morphs to the distillation set
 (the dlib part of the generator is a training-time tool, not installed in CI)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from train.datasets import UNLABELLED, list_source
-from train.teacher_morphs import blend, main, plan_morphs
+from recipes.mobilefacenet_distill.teacher_morphs import blend, main, plan_morphs
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

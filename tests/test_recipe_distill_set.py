@@ -1,11 +1,11 @@
-"""train/distill_set.py: joining make_aligned manifests with teacher embeddings, and centring the teacher."""
+"""recipes/mobilefacenet_distill/distill_set.py: joining make_aligned manifests with teacher embeddings, and centring the teacher."""
 from __future__ import annotations
 
 import csv
 
 import numpy as np
 
-from train.distill_set import center_teacher, main, same_face
+from recipes.mobilefacenet_distill.distill_set import center_teacher, main, same_face
 
 
 def _write_part(root, rng):

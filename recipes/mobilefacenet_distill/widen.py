@@ -7,13 +7,24 @@ kernels), and every reader's weights for a replicated input are divided by the n
 wide network computes what the narrow one did, in training and in eval mode. The mapping depends only on
 ``(c, c')``, which keeps residual streams and their readers consistent. A little noise on the copies'
 weights breaks the symmetry (identical units would otherwise get identical gradients forever).
-Used by the trainer's ``init_widen: true``.
+
+    # a checkpoint of the wider network (the config's arch / backbone_kwargs) computing what NARROW computes,
+    # then train it with `init: work_data/mbf15_widened.pt`
+    python -m recipes.mobilefacenet_distill.widen --narrow runs/mbf_distill_celeba_cycle3/last.pt \
+        --config recipes/mobilefacenet_distill/configs/mbf15_distill_celeba_widen.yaml --out work_data/mbf15_widened.pt
 """
 from __future__ import annotations
 
-from typing import Mapping
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
+
+from train.backbones import build_backbone
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.config import load_config
 
 
 def _mapping(old: int, new: int, generator: torch.Generator, cache: dict) -> torch.Tensor:
@@ -60,3 +71,29 @@ def widen_state_dict(narrow: Mapping[str, torch.Tensor], wide: Mapping[str, torc
                 fresh += noise * float(n.float().std()) * torch.randn(fresh.shape, generator=gen).to(fresh.dtype)
         out[key] = grown.contiguous()
     return out
+
+
+def widen_checkpoint(narrow: str | os.PathLike, config: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Write ``out``: the network ``config`` describes (a wider one of ``narrow``'s architecture), with the
+    weights :func:`widen_state_dict` makes from checkpoint ``narrow`` (its margin head kept as it is; the
+    embedding size does not change). ValueError when the config's network is not a widening of it."""
+    state = load_checkpoint(narrow)
+    wide = build_backbone(config["arch"], int(config["embedding_size"]), **config.get("backbone_kwargs", {}))
+    model = widen_state_dict(state["model"], wide.state_dict())
+    keep = {"head": state["head"]} if "head" in state else {}
+    return save_checkpoint(out, {"model": model, "config": config, "step": 0, **keep})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--narrow", required=True, help="checkpoint of the narrower network")
+    ap.add_argument("--config", required=True, help="training config of the wider network")
+    ap.add_argument("--out", required=True, help="checkpoint to write (use it as the config's `init`)")
+    args = ap.parse_args(argv)
+    path = widen_checkpoint(args.narrow, load_config(args.config), args.out)
+    print(f"{path}: {args.narrow} widened to {args.config}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
