@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.preprocess import RECOGNIZER_SPEC, to_model_input
-
 from evaluation.verification import quick_verify
 from runtime.files import atomic_write_bytes, remove_stale_temporaries
+from runtime.preprocess import RECOGNIZER_SPEC, to_model_input
 
 from .backbones import build_backbone
 from .checkpoint import load_checkpoint, save_checkpoint
