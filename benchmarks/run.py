@@ -25,25 +25,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse
+import datetime as _dt
+import json
+import os
+import time
 
-import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks import report as rp  # noqa: E402
-from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,  # noqa: E402
+from benchmarks import report as rp
+from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,
                                TorchEmbedder, compare_backends, plan_backends)
-from evaluation import crops as ec  # noqa: E402
-from evaluation import pairs as ep  # noqa: E402
-from evaluation.data import data_root  # noqa: E402
-from evaluation.verification import evaluate, flip_sum_embeddings  # noqa: E402
-from runtime.cpu import usable_cores  # noqa: E402
-from runtime.files import atomic_write  # noqa: E402
+from evaluation import crops as ec
+from evaluation import pairs as ep
+from evaluation.data import data_root
+from evaluation.verification import evaluate, flip_sum_embeddings
+from runtime.cpu import usable_cores
+from runtime.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")

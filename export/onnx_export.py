@@ -16,11 +16,11 @@ import onnx
 import torch
 from torch import nn
 
+from runtime.files import sha256_file
 from runtime.metadata import METADATA_KEY
 from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec, spec_from_config, to_model_input
 
-from .onnx_utils import (atomic_write_bytes, opset_of, precision_of, read_metadata, save_onnx, set_metadata,
-                         set_metadata_props, sha256_file)
+from .onnx_utils import opset_of, precision_of, read_metadata, save_onnx, set_metadata, set_metadata_props
 
 #: Default ONNX opset: supported by ONNX Runtime ≥ 1.12 and TensorRT 8.6–11.
 DEFAULT_OPSET = 17
@@ -210,8 +210,8 @@ def build_metadata(source: ModelSource, precision: str, opset: int, **extra: Any
 
 
 __all__ = [
-    "DEFAULT_OPSET", "INPUT_NAME", "EMBEDDING_OUTPUT", "METADATA_KEY", "ModelSource", "sha256_file",
+    "DEFAULT_OPSET", "INPUT_NAME", "EMBEDDING_OUTPUT", "METADATA_KEY", "ModelSource",
     "from_arch", "from_checkpoint", "aligner_source", "recalibrate_batchnorm", "export_fp32", "simplify",
-    "build_metadata", "set_metadata", "read_metadata", "precision_of", "save_onnx", "atomic_write_bytes",
+    "build_metadata", "set_metadata", "read_metadata", "precision_of", "save_onnx",
     "torch_forward", "opset_of",
 ]

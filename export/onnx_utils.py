@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx
 
-from runtime.files import atomic_write_bytes, sha256_file  # noqa: F401 (used here and re-exported)
+from runtime.files import atomic_write_bytes
 from runtime.metadata import decode_metadata, encode_metadata
 
 

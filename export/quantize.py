@@ -19,11 +19,12 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
+from runtime.files import atomic_write_bytes
 from runtime.metadata import decode_metadata
 from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec, to_model_input
 
 from .calibration import make_calibration_reader
-from .onnx_utils import atomic_write_bytes, set_metadata
+from .onnx_utils import set_metadata
 
 #: Node types whose weights get quantized and that count as "layers" for keep-first/last.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -23,14 +23,11 @@ unless ``--force``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime.files import publish, temp_beside  # noqa: E402
+from runtime.files import publish, sha256_file, temp_beside
 
 ALIGNER_ARCHS = ("hourglass",)
 #: Exception types (by name, to avoid importing their modules) reported as one-line input errors.
@@ -206,7 +203,7 @@ def run(args) -> int:
             except OSError:
                 pass
     size = args.out.stat().st_size
-    print(f"wrote {args.out} ({precision}, opset {opset}, {size / 1e6:.1f} MB, sha256 {ox.sha256_file(args.out)[:16]}…, "
+    print(f"wrote {args.out} ({precision}, opset {opset}, {size / 1e6:.1f} MB, sha256 {sha256_file(args.out)[:16]}…, "
           f"{time.perf_counter() - t0:.0f} s)")
     print(parity.parity_line(results))
     return 0

@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 #: Minimum cosine of the engine against ONNX Runtime on the same graph, by precision (fp32 allows TF32).
 CHECK_MIN_COS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
 EXIT_NO_TENSORRT = 3

@@ -19,8 +19,9 @@ import onnx
 
 from runtime.backends.tensorrt import (INSTALL_HINT, build_differences, engine_key, make_sidecar, read_sidecar,
                                        sidecar_path, sidecar_problems)
+from runtime.files import atomic_write_bytes, sha256_file
 
-from .onnx_utils import atomic_write_bytes, precision_of, read_metadata, sha256_file
+from .onnx_utils import precision_of, read_metadata
 
 
 class TensorRTMissing(RuntimeError):

@@ -224,7 +224,8 @@ def _progress(items, desc: str):
 # -------------------------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
+    """The command-line parser; its ``commands`` attribute names the sub-commands."""
     models = argparse.ArgumentParser(add_help=False)
     g = models.add_argument_group("models")
     g.add_argument("--recognizer", help="recognizer model (default: runtime/models/recognizer.onnx)")
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, help="cosine threshold for 'same' (default: the recognizer's)")
     g.add_argument("--score-threshold", type=float, default=0.5, help="detector score threshold (default: 0.5)")
 
-    p = argparse.ArgumentParser(prog="python -m runtime", description="facekit: detect, compare and identify faces")
+    p = argparse.ArgumentParser(prog=prog, description="facekit: detect, compare and identify faces")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("detect", parents=[models], help="detect faces and their 5 landmarks")
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--top-k", type=int, default=1)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_identify)
+    p.commands = sorted(sub.choices)
     return p
 
 
@@ -288,8 +290,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m runtime") -> int:
+    args = build_parser(prog).parse_args(argv)
     if getattr(args, "top_k", 1) < 1:
         print("error: --top-k must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,7 +1,6 @@
 """Shared fixtures: the research data folder ($FACEKIT_DATA) and small helpers."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

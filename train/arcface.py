@@ -14,8 +14,6 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def describe(arch: str, embedding_size: int = 512) -> str:
     """``params=<int> macs=<int>`` of backbone ``arch`` at 112×112 (conv + linear MACs)."""

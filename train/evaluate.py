@@ -7,7 +7,6 @@ The full benchmark (TAR@FAR, ROC, CFP, raw photos through the pipeline) is ``ben
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -46,18 +46,16 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cv2
+import numpy as np
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from runtime.files import atomic_write_bytes  # noqa: E402
-from runtime.geometry import template_for_size  # noqa: E402
-from runtime.image_io import load_image  # noqa: E402
-from runtime.pipeline import FacePipeline  # noqa: E402
-from runtime.preprocess import PreprocessSpec  # noqa: E402
-from runtime.subject import choose_subject  # noqa: E402
-from train.datasets import UNLABELLED  # noqa: E402
+from runtime.files import atomic_write_bytes
+from runtime.geometry import template_for_size
+from runtime.image_io import load_image
+from runtime.pipeline import FacePipeline
+from runtime.preprocess import PreprocessSpec
+from runtime.subject import choose_subject
+from train.datasets import UNLABELLED
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST_FIELDS = ("source", "identity", "status", "reason", "output", "faces", "score", "box", "landmarks")
