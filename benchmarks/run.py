@@ -2,14 +2,16 @@
 """facekit benchmarks: verification accuracy, identification rate, latency and cross-backend parity.
 
     python benchmarks/run.py                                   # the embedded default (see below)
-    python benchmarks/run.py lfw    --data DIR [--model FILE] [--save-embeddings F.npz] [--json]
-    python benchmarks/run.py cfp-fp --data DIR ...             # likewise cfp-ff
+    python benchmarks/run.py lfw    [--data DIR] [--model FILE] [--save-embeddings F.npz] [--json]
+    python benchmarks/run.py cfp-fp [--data DIR] ...           # likewise cfp-ff
     python benchmarks/run.py bin    --data FILE.bin ...        # insightface .bin (LFW, CFP-FP, AgeDB-30, …)
-    python benchmarks/run.py identification --data LFW_DIR [--min-images 4]
-    python benchmarks/run.py parity  --data LFW_DIR [--kind lfw|cfp-fp|cfp-ff|bin] [--pairs-per-fold N]
+    python benchmarks/run.py identification [--data LFW_DIR] [--min-images 4]
+    python benchmarks/run.py parity [--data DIR] [--kind lfw|cfp-fp|cfp-ff|bin] [--pairs-per-fold N]
     python benchmarks/run.py latency [--model FILE] [--batches 1,8,64,256] [--no-pipeline]
-    python benchmarks/run.py landmarks --data DIR [--aligner FILE] [--json]   # aligner vs detector NME
+    python benchmarks/run.py landmarks [--data DIR] [--aligner FILE] [--json]   # aligner vs detector NME
 
+``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
+``landmarks_300w/test``), as the default run reads them.
 ``--model`` takes an ONNX file (ONNX Runtime), a TensorRT engine, or a PyTorch checkpoint (.pt); the default
 is the shipped ``runtime/models/recognizer.onnx``. With ``--json`` the last stdout line is one JSON object
 (progress bars and messages go to stderr).
@@ -45,6 +47,8 @@ from runtime.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
+#: Where each data set lives under $FACEKIT_DATA (the default run's layout).
+DEFAULT_DATA = {"lfw": "lfw", "cfp-fp": "cfp", "cfp-ff": "cfp"}
 #: Parity subset of the default run: this many same and different pairs from each LFW fold.
 DEFAULT_PARITY_PER_FOLD = 30
 
@@ -490,15 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     for kind in VERIFICATION_KINDS:
         s = sub.add_parser(kind, parents=[sub_common], help=f"{kind} verification accuracy")
-        s.add_argument("--data", required=True, help="dataset folder (or the .bin file)")
+        s.add_argument("--data", required=kind == "bin",
+                       help="dataset folder (or the .bin file)" + (f" (default: $FACEKIT_DATA/{DEFAULT_DATA[kind]})"
+                                                                    if kind in DEFAULT_DATA else ""))
         s.add_argument("--save-embeddings", help="npz with emb_a, emb_b, issame")
         s.add_argument("--plots", help="folder for ROC / cosine-histogram PNGs")
         s.add_argument("--pairs-per-fold", type=int, default=0, help="quick run on a subset (per fold, per class)")
     s = sub.add_parser("identification", parents=[sub_common], help="TPR@FPR against distractors (LFW)")
-    s.add_argument("--data", required=True, help="LFW folder")
+    s.add_argument("--data", help="LFW folder (default: $FACEKIT_DATA/lfw)")
     s.add_argument("--plots", help="folder for the TPR@FPR PNG")
     s = sub.add_parser("parity", parents=[sub_common], help="every backend on the same aligned crops")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", help="data set folder or .bin (default: $FACEKIT_DATA's folder for --kind)")
     s.add_argument("--kind", default="lfw", choices=VERIFICATION_KINDS)
     s.add_argument("--pairs-per-fold", type=int, default=0, help="subset (per fold, per class); 0 = all pairs")
     s = sub.add_parser("latency", parents=[sub_common], help="recognizer p50/p95 and throughput; pipeline photos/s")
@@ -507,14 +513,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end pipeline timing")
     s = sub.add_parser("landmarks", parents=[sub_common],
                        help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
-    s.add_argument("--data", required=True, help="folder of images with .pts5 files, e.g. landmarks_300w/test")
+    s.add_argument("--data", help="folder of images with .pts5 files (default: $FACEKIT_DATA/landmarks_300w/test)")
     return p
+
+
+def _default_data(args) -> None:
+    """Fill in ``--data`` from ``$FACEKIT_DATA`` where a sub-command has a default data set."""
+    if getattr(args, "data", "") is not None:
+        return
+    kind = args.command if args.command != "parity" else args.kind
+    sub = "landmarks_300w/test" if args.command == "landmarks" else DEFAULT_DATA.get(
+        "lfw" if args.command == "identification" else kind)
+    if sub is None:
+        raise UsageError(f"{args.command}: give --data (there is no default for {kind})")
+    args.data = str(data_root() / sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _default_data(args)
         if args.command is None:
             cmd_default(args)
         elif args.command in VERIFICATION_KINDS:
