@@ -196,36 +196,36 @@ def _read_or_none(src) -> np.ndarray | None:
         return None
 
 
-def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cache: bool = True,
-                  cache: Path | None = None, progress: bool = True,
-                  spec: PreprocessSpec = RECOGNIZER_SPEC) -> CropSet:
-    """Aligned BGR crops (``spec``'s size and template; 112×112 ArcFace by default) of every image of
-    ``pairset`` (cached for raw photos)."""
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
-    if pairset.aligned:
-        crops, how = prealigned_crops(pairset, spec, progress=progress)
-        return CropSet(crops, how, seconds=time.perf_counter() - t0)
-    if aligner is None:
-        aligner = FaceAligner()
+def _cache_path(pairset: PairSet, aligner: FaceAligner, spec: PreprocessSpec, cache: Path | None) -> Path:
+    """The crop cache file of ``pairset`` for these models, code and framing."""
     parts = {"source": pairset.source, "images": pairset.image_keys(), "aligner": aligner.fingerprint}
     size = tuple(spec.input_size)
     if size != CROP_SIZE or not np.allclose(spec.crop_template, RECOGNIZER_SPEC.crop_template):
         parts["crop"] = [list(size), spec.crop_template.round(3).tolist()]  # the default keeps older keys
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
-    path = (cache or cache_dir()) / f"crops-{pairset.name}-{key}.npz"
-    if use_cache and path.is_file():
-        try:
-            with np.load(path) as z:
-                crops, how = z["crops"], z["how"]
-            if len(crops) == len(pairset.images):
-                return CropSet(crops, how, str(path), True, time.perf_counter() - t0)
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # a damaged cache file is recomputed
-    n = len(pairset.images)
-    crops = np.zeros((n, size[0], size[1], 3), np.uint8)
-    how = np.zeros(n, np.int8)
+    return (cache or cache_dir()) / f"crops-{pairset.name}-{key}.npz"
+
+
+def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(crops, how)`` from a cache file of ``n`` crops, or None (absent, damaged or of another length)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            crops, how = z["crops"], z["how"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None  # a damaged cache file is recomputed
+    return (crops, how) if len(crops) == n else None
+
+
+def _detect_and_warp(pairset: PairSet, aligner: FaceAligner, spec: PreprocessSpec,
+                     progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(crops, how)`` of raw photos: the subject's landmarks warped onto ``spec``; photos without a face
+    get the median placement of the others (or :func:`default_fallback_landmarks`)."""
+    from tqdm import tqdm
+
+    n, (h, w) = len(pairset.images), tuple(spec.input_size)
+    crops, how = np.zeros((n, h, w, 3), np.uint8), np.zeros(n, np.int8)
     found: list[np.ndarray] = []  # landmarks relative to image size, for the fallback placement
     missing: list[tuple[int, tuple]] = []
 
@@ -255,6 +255,24 @@ def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cach
         else:
             pts = default_fallback_landmarks(shape)
         crops[i] = spec.warp(img, pts)
+    return crops, how
+
+
+def aligned_crops(pairset: PairSet, aligner: FaceAligner | None = None, use_cache: bool = True,
+                  cache: Path | None = None, progress: bool = True,
+                  spec: PreprocessSpec = RECOGNIZER_SPEC) -> CropSet:
+    """Aligned BGR crops (``spec``'s size and template; 112×112 ArcFace by default) of every image of
+    ``pairset`` (cached for raw photos)."""
+    t0 = time.perf_counter()
+    if pairset.aligned:
+        crops, how = prealigned_crops(pairset, spec, progress=progress)
+        return CropSet(crops, how, seconds=time.perf_counter() - t0)
+    aligner = aligner or FaceAligner()
+    path = _cache_path(pairset, aligner, spec, cache)
+    cached = _read_cache(path, len(pairset.images)) if use_cache else None
+    if cached is not None:
+        return CropSet(*cached, str(path), True, time.perf_counter() - t0)
+    crops, how = _detect_and_warp(pairset, aligner, spec, progress)
     if use_cache:
         atomic_write(path, lambda f: np.savez(f, crops=crops, how=how, keys=np.array(pairset.image_keys())))
         _prune_cache(path.parent, pairset.name)

@@ -92,6 +92,19 @@ def _lfw_image(image_dir: Path, name: str, num: str) -> Path:
     return path
 
 
+def _read_lfw_pairs(pairs_path: Path) -> tuple[int, int, list[list[str]]]:
+    """``(folds, pairs per class, pair lines split into fields)`` of an LFW ``pairs.txt``."""
+    lines = [ln.split() for ln in pairs_path.read_text().splitlines() if ln.strip()]
+    try:
+        n_folds, per_fold = int(lines[0][0]), int(lines[0][1])
+    except (IndexError, ValueError):
+        raise DatasetError(f"{pairs_path}: first line must be '<folds> <pairs per class>', got {lines[:1]}") from None
+    body = lines[1:]
+    if len(body) != n_folds * per_fold * 2:
+        raise DatasetError(f"{pairs_path}: expected {n_folds * per_fold * 2} pair lines, found {len(body)}")
+    return n_folds, per_fold, body
+
+
 def load_lfw(root: str | os.PathLike, pairs_file: str | os.PathLike | None = None,
              skip_missing: bool = False) -> PairSet:
     """LFW View 2 from a folder holding ``pairs.txt`` and the images (10 folds × (300 same + 300 diff)).
@@ -108,46 +121,35 @@ def load_lfw(root: str | os.PathLike, pairs_file: str | os.PathLike | None = Non
     if not pairs_path.is_file():
         raise DatasetError(f"{root}: no pairs.txt (LFW View 2 pair list) found")
     image_dir = _lfw_image_dir(root)
-    lines = [ln.split() for ln in pairs_path.read_text().splitlines() if ln.strip()]
-    try:
-        n_folds, per_fold = int(lines[0][0]), int(lines[0][1])
-    except (IndexError, ValueError):
-        raise DatasetError(f"{pairs_path}: first line must be '<folds> <pairs per class>', got {lines[:1]}") from None
-    body = lines[1:]
-    if len(body) != n_folds * per_fold * 2:
-        raise DatasetError(f"{pairs_path}: expected {n_folds * per_fold * 2} pair lines, found {len(body)}")
+    n_folds, per_fold, body = _read_lfw_pairs(pairs_path)
     index: dict[str, int] = {}
     images: list[Path] = []
     identities: list[str] = []
 
     def image(name: str, num: str) -> int:
         path = _lfw_image(image_dir, name, num)
-        key = str(path)
-        if key not in index:
-            index[key] = len(images)
+        if str(path) not in index:
+            index[str(path)] = len(images)
             images.append(path)
             identities.append(name)
-        return index[key]
+        return index[str(path)]
 
     pairs, issame = [], []
     for k, parts in enumerate(body):
-        if len(parts) == 3:
-            pairs.append((image(parts[0], parts[1]), image(parts[0], parts[2])))
-            issame.append(True)
-        elif len(parts) == 4:
-            pairs.append((image(parts[0], parts[1]), image(parts[2], parts[3])))
-            issame.append(False)
-        else:
+        if len(parts) not in (3, 4):
             raise DatasetError(f"{pairs_path}:{k + 2}: expected 3 or 4 fields, got {parts}")
-    missing = [p for p in images if not p.is_file()]
-    if missing and not skip_missing:
-        raise DatasetError(f"{root}: {len(missing)} images named in pairs.txt are missing, e.g. {missing[0]}")
+        other = parts[0] if len(parts) == 3 else parts[2]
+        pairs.append((image(parts[0], parts[1]), image(other, parts[-1])))
+        issame.append(len(parts) == 3)
     ps = PairSet("lfw", str(root.resolve()), images, np.array(pairs), np.array(issame), aligned=False,
                  identities=identities, notes={"folds": n_folds, "pairs_per_class": per_fold})
+    missing = {index[str(p)] for p in images if not p.is_file()}
     if not missing:
         return ps
-    gone = {index[str(p)] for p in missing}
-    keep = np.array([a not in gone and b not in gone for a, b in ps.pairs])
+    if not skip_missing:
+        raise DatasetError(f"{root}: {len(missing)} images named in pairs.txt are missing, "
+                           f"e.g. {images[min(missing)]}")
+    keep = np.array([a not in missing and b not in missing for a, b in ps.pairs])
     warnings.warn(f"{int((~keep).sum())} of {len(keep)} LFW pairs skipped: image missing under {image_dir}",
                   stacklevel=2)
     if not keep.any():

@@ -108,12 +108,82 @@ def load_source(args):
     return src
 
 
-def run(args) -> int:
-    import torch
+def _prepare(args, source, crops):
+    """The fp32 graph of ``source`` with its metadata (BatchNorm statistics estimated first for a random init)."""
+    from export import onnx_export as ox
 
+    if source.random_init:
+        n_bn = ox.recalibrate_batchnorm(source.model, crops[:16], source.spec)
+        print(f"random init: BatchNorm statistics of {n_bn} layers estimated on 16 parity inputs")
+        if args.int8:
+            print("note: random-init deep networks are chaotic (one grey level of input noise already moves their "
+                  "output to cosine ~0.9), so INT8 parity is only meaningful for trained checkpoints")
+    proto = ox.export_fp32(source, args.opset or ox.DEFAULT_OPSET)
+    if args.simplify:
+        before = len(proto.graph.node)
+        proto = ox.simplify(proto)
+        print(f"onnxslim: {before} → {len(proto.graph.node)} nodes")
+    meta = ox.build_metadata(source, "fp32", args.opset or ox.DEFAULT_OPSET)
+    ox.set_metadata(proto, meta)
+    return proto, meta
+
+
+def _candidate(args, source, proto, meta: dict, crops, temps: list[Path]):
+    """The file of the requested precision, written beside ``args.out`` (in ``temps``), and the INT8 guard
+    report (None for the other precisions)."""
+    from export import onnx_export as ox
+
+    fp32_path = temp_beside(args.out, ".fp32.onnx")
+    temps.append(fp32_path)
+    ox.save_onnx(proto, fp32_path)
+    if args.int8:
+        return quantize(args, source, fp32_path, meta, crops, temps)
+    if not (args.fp16 or args.fp16_weights):
+        return fp32_path, None
+    from export.fp16 import fp16_overflow_count, to_fp16, with_fp16_weights
+
+    if args.fp16:
+        over = fp16_overflow_count(proto)
+        if over:
+            print(f"warning: {over} weights exceed the fp16 range and are clamped")
+        converted, extra, tag = to_fp16(proto), {"precision": "fp16"}, ".fp16.onnx"
+    else:
+        converted, extra, tag = with_fp16_weights(proto), {"weight_storage": "fp16"}, ".fp16w.onnx"
+    ox.set_metadata(converted, {**meta, **extra})
+    candidate = temp_beside(args.out, tag)
+    temps.append(candidate)
+    ox.save_onnx(converted, candidate)
+    return candidate, None
+
+
+def _check(args, source, candidate: Path, crops, batches, precision: str, guard):
+    """Parity of ``candidate`` (through the runtime's ONNX Runtime backend) against PyTorch; the results and
+    the reasons to refuse it (empty when it passes)."""
     from export import onnx_export as ox
     from export import parity
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(str(candidate), device="cpu", **({"threads": args.threads} if args.threads else {}))
+    if backend.metadata != ox.read_metadata(candidate):
+        raise ExportError("metadata read back through the runtime differs from what was written")
+    results = parity.check_parity(lambda x: ox.torch_forward(source.model, x), backend.run, crops,
+                                  source.spec, batches)
+    tol = parity.TOLERANCES["fp16-weights" if args.fp16_weights else precision]
+    if args.min_cos is not None:
+        tol = parity.Tolerance(args.min_cos, tol.max_rel)
+    problems = parity.failures(results, tol)
+    for r in results:
+        print(f"batch {r.batch:>4}: max |Δ| {r.max_abs:.3g} (max |ref| {r.ref_max_abs:.3g})  "
+              f"min cos {r.min_cos:.8f}  mean cos {r.mean_cos:.8f}")
+    if guard is not None and not guard.passed and not args.force:
+        problems += guard.reasons
+    return results, problems
+
+
+def run(args) -> int:
+    import torch
+
+    from export import parity
 
     t0 = time.perf_counter()
     if args.threads:
@@ -121,75 +191,18 @@ def run(args) -> int:
     if args.int8 and args.calib is None:
         raise ExportError("--int8 needs --calib DIR (a folder of aligned face crops)")
     batches = _batches(args.batch)
-    opset = args.opset or ox.DEFAULT_OPSET
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-
     source = load_source(args)
-    n_inputs = max(max(batches), 16)
-    crops, how = parity.parity_crops(source.spec, n_inputs, source.task, faces_dir=args.faces, seed=args.seed,
-                                     geometry=source.extra_metadata)
+    crops, how = parity.parity_crops(source.spec, max(max(batches), 16), source.task, faces_dir=args.faces,
+                                     seed=args.seed, geometry=source.extra_metadata)
     print(f"model: {source.task} {source.arch}" + (f" from {source.checkpoint}" if source.checkpoint else " (random init)"))
     print(f"parity inputs: {how}")
-    if source.random_init:
-        n_bn = ox.recalibrate_batchnorm(source.model, crops[:16], source.spec)
-        print(f"random init: BatchNorm statistics of {n_bn} layers estimated on 16 parity inputs")
-        if args.int8:
-            print("note: random-init deep networks are chaotic (one grey level of input noise already moves their "
-                  "output to cosine ~0.9), so INT8 parity is only meaningful for trained checkpoints")
-
-    proto = ox.export_fp32(source, opset)
-    if args.simplify:
-        before = len(proto.graph.node)
-        proto = ox.simplify(proto)
-        print(f"onnxslim: {before} → {len(proto.graph.node)} nodes")
-    meta = ox.build_metadata(source, "fp32", opset)
-    ox.set_metadata(proto, meta)
-
+    proto, meta = _prepare(args, source, crops)
     temps: list[Path] = []
     try:
-        fp32_path = temp_beside(args.out, ".fp32.onnx")
-        temps.append(fp32_path)
-        ox.save_onnx(proto, fp32_path)
-        candidate = fp32_path
-        guard = None
-        if args.fp16:
-            from export.fp16 import fp16_overflow_count, to_fp16
-
-            over = fp16_overflow_count(proto)
-            if over:
-                print(f"warning: {over} weights exceed the fp16 range and are clamped")
-            p16 = to_fp16(proto)
-            ox.set_metadata(p16, {**meta, "precision": "fp16"})
-            candidate = temp_beside(args.out, ".fp16.onnx")
-            temps.append(candidate)
-            ox.save_onnx(p16, candidate)
-        elif args.int8:
-            candidate, guard = quantize(args, source, fp32_path, meta, crops, temps)
-        elif args.fp16_weights:
-            from export.fp16 import with_fp16_weights
-
-            small = with_fp16_weights(proto)
-            ox.set_metadata(small, {**meta, "weight_storage": "fp16"})
-            candidate = temp_beside(args.out, ".fp16w.onnx")
-            temps.append(candidate)
-            ox.save_onnx(small, candidate)
-
-        threads = {"threads": args.threads} if args.threads else {}
-        backend = OnnxRuntimeBackend(str(candidate), device="cpu", **threads)
-        if backend.metadata != ox.read_metadata(candidate):
-            raise ExportError("metadata read back through the runtime differs from what was written")
-        results = parity.check_parity(lambda x: ox.torch_forward(source.model, x), backend.run, crops,
-                                      source.spec, batches)
-        tol = parity.TOLERANCES["fp16-weights" if args.fp16_weights else precision]
-        if args.min_cos is not None:
-            tol = parity.Tolerance(args.min_cos, tol.max_rel)
-        problems = parity.failures(results, tol)
-        for r in results:
-            print(f"batch {r.batch:>4}: max |Δ| {r.max_abs:.3g} (max |ref| {r.ref_max_abs:.3g})  "
-                  f"min cos {r.min_cos:.8f}  mean cos {r.mean_cos:.8f}")
-        if guard is not None and not guard.passed and not args.force:
-            problems += guard.reasons
+        candidate, guard = _candidate(args, source, proto, meta, crops, temps)
+        results, problems = _check(args, source, candidate, crops, batches, precision, guard)
         if problems:
             print(parity.parity_line(results))
             raise ExportError(f"{precision} export of {source.arch} rejected, {args.out} not written: "
@@ -198,13 +211,10 @@ def run(args) -> int:
         temps.remove(candidate)
     finally:
         for t in temps:
-            try:
-                t.unlink()
-            except OSError:
-                pass
+            t.unlink(missing_ok=True)
     size = args.out.stat().st_size
-    print(f"wrote {args.out} ({precision}, opset {opset}, {size / 1e6:.1f} MB, sha256 {sha256_file(args.out)[:16]}…, "
-          f"{time.perf_counter() - t0:.0f} s)")
+    print(f"wrote {args.out} ({precision}, opset {meta['opset']}, {size / 1e6:.1f} MB, "
+          f"sha256 {sha256_file(args.out)[:16]}…, {time.perf_counter() - t0:.0f} s)")
     print(parity.parity_line(results))
     return 0
 
