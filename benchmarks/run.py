@@ -9,6 +9,7 @@
     python benchmarks/run.py parity [--data DIR] [--kind lfw|cfp-fp|cfp-ff|bin] [--pairs-per-fold N]
     python benchmarks/run.py latency [--model FILE] [--batches 1,8,64,256] [--no-pipeline]
     python benchmarks/run.py landmarks [--data DIR] [--aligner FILE] [--json]   # aligner vs detector NME
+    python benchmarks/run.py large-photos [--megapixels 54,108]  # 50–200 MP JPEGs: reduced decode, RSS
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -35,6 +36,7 @@ import time
 
 import numpy as np
 
+from benchmarks import large_photos
 from benchmarks import report as rp
 from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,
                                TorchEmbedder, compare_backends, plan_backends)
@@ -514,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("landmarks", parents=[sub_common],
                        help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
     s.add_argument("--data", help="folder of images with .pts5 files (default: $FACEKIT_DATA/landmarks_300w/test)")
+    large_photos.add_arguments(sub.add_parser("large-photos", help="50–200 MP JPEGs: full vs reduced decode, "
+                                                                   "pipeline time, faces, peak RSS"))
     return p
 
 
@@ -546,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_latency(args)
         elif args.command == "landmarks":
             cmd_landmarks(args)
+        elif args.command == "large-photos":
+            large_photos.run(args)
     except UsageError as e:
         log(f"error: {e}")
         return 2

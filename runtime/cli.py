@@ -41,8 +41,8 @@ def _fmt(v: float | None, nd: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
-def draw_faces(image_bgr: np.ndarray, faces) -> np.ndarray:
-    """A copy of ``image_bgr`` with boxes, scores and the 5 landmarks drawn."""
+def draw_faces(image_bgr: np.ndarray, faces, scale: float = 1.0) -> np.ndarray:
+    """A copy of ``image_bgr`` with boxes, scores and the 5 landmarks drawn (coordinates × ``scale``)."""
     import cv2
 
     out = image_bgr.copy()
@@ -50,13 +50,13 @@ def draw_faces(image_bgr: np.ndarray, faces) -> np.ndarray:
     thick = max(1, round(max(h, w) / 400))
     colors = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 0, 255), (0, 255, 255)]  # BGR per landmark
     for f in faces:
-        x1, y1, x2, y2 = (int(round(v)) for v in f.box)
+        x1, y1, x2, y2 = (int(round(v * scale)) for v in f.box)
         cv2.rectangle(out, (x1, y1), (x2, y2), (0, 200, 0), thick)
         cv2.putText(out, f"{f.score:.2f}", (x1, max(0, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick,
                     (0, 200, 0), thick)
         if np.isfinite(f.landmarks).all():
             for (x, y), c in zip(f.landmarks, colors):
-                cv2.circle(out, (int(round(x)), int(round(y))), thick + 1, c, -1)
+                cv2.circle(out, (int(round(x * scale)), int(round(y * scale))), thick + 1, c, -1)
     return out
 
 
@@ -74,13 +74,14 @@ def _encode_image(path: Path, image: np.ndarray) -> bytes:
 
 
 def cmd_detect(args) -> int:
-    from .image_io import load_image
+    from .image_io import load_image_scaled
 
     pipe = _pipeline(args, need_recognizer=False)
-    image = load_image(args.image)
+    image = load_image_scaled(args.image)  # a large JPEG comes decoded reduced; boxes are the file's pixels
     faces = pipe.detect(image)
     if args.out:
-        files.atomic_write_bytes(args.out, _encode_image(Path(args.out), draw_faces(image, faces)), make_parents=False)
+        annotated = draw_faces(image.image, faces, scale=image.scale)
+        files.atomic_write_bytes(args.out, _encode_image(Path(args.out), annotated), make_parents=False)
     if args.json:
         print(json.dumps([f.to_dict() for f in faces]))
     else:

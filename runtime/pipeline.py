@@ -16,7 +16,7 @@ import numpy as np
 
 from .backends.base import Backend, ModelLoadError, load_model
 from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, Detection, load_detector
-from .image_io import ImageError, load_image
+from .image_io import ImageError, LoadedImage, load_image_scaled
 from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
 from .preprocess import PreprocessSpec, flip_sum, l2_normalize, to_model_input
 from .subject import choose_subject
@@ -33,8 +33,9 @@ class NoFaceError(ValueError):
 
 @dataclass
 class Face:
-    """One face: ``box`` x1,y1,x2,y2 and ``landmarks`` (5,2) in image pixels (float32), detector ``score``,
-    and the L2-normalised ``embedding`` (float32) once embedded, else None."""
+    """One face: ``box`` x1,y1,x2,y2 and ``landmarks`` (5,2) in the input's pixels (float32; for a large
+    JPEG decoded reduced, still the file's pixels), detector ``score``, and the L2-normalised
+    ``embedding`` (float32) once embedded, else None."""
 
     box: np.ndarray
     score: float
@@ -57,13 +58,16 @@ class Face:
 class Subject:
     """The subject of one photo (:mod:`runtime.subject`'s rule): every detected ``faces``, the chosen
     ``face`` (its landmarks refined in ``landmarks="aligner"`` mode; not embedded) or None with the
-    ``reason``, the detection ``threshold`` that found it, and the decoded BGR ``image``."""
+    ``reason``, the detection ``threshold`` that found it, and the decoded BGR ``image``. Coordinates are
+    the file's pixels; ``image`` shows the file at ``scale`` (below 1 for a large JPEG decoded reduced),
+    so ``landmarks * scale`` index ``image``."""
 
     image: np.ndarray = field(repr=False)
     faces: list[Face]
     face: Face | None
     reason: str = ""
     threshold: float = 0.5
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -234,31 +238,37 @@ class FacePipeline:
     # ----------------------------------------------------------------------------------------- stages
 
     def detect(self, image, color_order: str = "BGR", score_threshold: float | None = None) -> list[Face]:
-        """Faces in ``image`` (path, bytes or array in ``color_order``), best score first, without embeddings.
+        """Faces in ``image`` (path, bytes, array in ``color_order``, or a :class:`~runtime.image_io.LoadedImage`),
+        best score first, without embeddings.
 
         In ``landmarks="aligner"`` mode the landmarks are the aligner's.
         """
         img = _load(image, color_order)
         return self._detect(img, score_threshold)
 
-    def _detect(self, img: np.ndarray, score_threshold: float | None = None, refine: bool = True) -> list[Face]:
+    def _detect(self, image: LoadedImage | np.ndarray, score_threshold: float | None = None,
+                refine: bool = True) -> list[Face]:
+        """Faces found on the decoded pixels, with boxes and landmarks in the file's pixels."""
+        img, scale = _pixels(image)
         thr = self.score_threshold if score_threshold is None else float(score_threshold)
         dets = self.detector.detect(img, score_threshold=thr)
-        faces = [Face(np.asarray(d.box, np.float32), float(d.score), np.asarray(d.landmarks, np.float32)) for d in dets]
+        faces = [Face(np.asarray(d.box, np.float32) / np.float32(scale), float(d.score),
+                      np.asarray(d.landmarks, np.float32) / np.float32(scale)) for d in dets]
         if refine:
-            self._refine(img, faces)
+            self._refine(image, faces)
         return faces
 
-    def _refine(self, img: np.ndarray, faces: list[Face]) -> None:
+    def _refine(self, image: LoadedImage | np.ndarray, faces: list[Face]) -> None:
         """In ``landmarks="aligner"`` mode, replace the faces' landmarks with the aligner's (in place)."""
         if not faces or self.landmark_mode != "aligner":
             return
+        img, scale = _pixels(image)
         aligner = self._aligner if self._aligner is not None else self._load_aligner()
-        init = np.stack([f.landmarks for f in faces])
-        refined = aligner.refine_many(img, np.stack([f.box for f in faces]),
+        init = np.stack([f.landmarks for f in faces]) * np.float32(scale)
+        refined = aligner.refine_many(img, np.stack([f.box for f in faces]) * np.float32(scale),
                                       None if not np.isfinite(init).all() else init)
         for f, pts in zip(faces, refined):
-            f.landmarks = np.asarray(pts, np.float32)
+            f.landmarks = np.asarray(pts, np.float32) / np.float32(scale)
 
     def find_subject(self, image, color_order: str = "BGR", *, min_face: float = 0.0, dominance: float = 0.0,
                      retry_threshold: float | None = None) -> Subject:
@@ -272,27 +282,30 @@ class FacePipeline:
             faces = self._detect(img, thr, refine=False)
             if faces:
                 break
-        index, reason = choose_subject([f.box for f in faces], img.shape, min_face, dominance,
+        index, reason = choose_subject([f.box for f in faces], img.size[::-1], min_face, dominance,
                                        [f.score for f in faces])
         face = None if index is None else faces[index]
         if face is not None:
             self._refine(img, [face])
-        return Subject(img, faces, face, reason, thr)
+        return Subject(img.image, faces, face, reason, thr, img.scale)
 
     def align(self, image, landmarks: np.ndarray, color_order: str = "BGR") -> np.ndarray:
-        """The recognizer-sized crop (default 112×112) of the face with ``landmarks``, in ``color_order``."""
+        """The recognizer-sized crop (default 112×112) of the face with ``landmarks`` (in the input's pixels,
+        as :meth:`detect` gives them), in ``color_order``."""
         img = _load(image, color_order)
         crop = self._warp(img, landmarks)
         return crop[..., ::-1].copy() if color_order.upper() == "RGB" else crop
 
-    def _warp(self, img_bgr: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    def _warp(self, image: LoadedImage | np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The aligned crop for ``landmarks`` given in the file's pixels."""
+        img_bgr, scale = _pixels(image)
         pts = np.asarray(landmarks, np.float32)
         if pts.shape != (5, 2):
             raise ValueError(f"expected (5, 2) landmarks, got shape {pts.shape}")
         if not np.isfinite(pts).all():
             raise ValueError("landmarks are missing (NaN): this detector has no landmark head; "
                              "use landmarks='aligner'")
-        return self.spec.warp(img_bgr, pts)
+        return self.spec.warp(img_bgr, pts * np.float32(scale))
 
     def embed_aligned(self, crops: np.ndarray | Sequence[np.ndarray], color_order: str = "BGR",
                       batch_size: int | None = None) -> np.ndarray:
@@ -346,7 +359,8 @@ class FacePipeline:
             raise NoFaceError(f"{_describe(image)}: no face found")
         self.recognizer
         face = found.face
-        face.embedding = self.embed_aligned(self._warp(found.image, face.landmarks)[None], color_order="BGR")[0]
+        crop = self._warp(found.image, face.landmarks * np.float32(found.scale))
+        face.embedding = self.embed_aligned(crop[None], color_order="BGR")[0]
         return face
 
     def compare(self, a, b, color_order: str = "BGR") -> Comparison:
@@ -372,10 +386,17 @@ def _describe(src) -> str:
     return f"<{type(src).__name__}>"
 
 
-def _load(image, color_order: str) -> np.ndarray:
+def _load(image, color_order: str) -> LoadedImage:
+    """The decoded image with its scale to the file (large JPEGs are decoded reduced, see runtime.image_io)."""
+    if isinstance(image, LoadedImage):
+        return image
     if isinstance(image, Path):
         image = str(image)
-    return load_image(image, color_order=color_order)
+    return load_image_scaled(image, color_order=color_order)
+
+
+def _pixels(image: LoadedImage | np.ndarray) -> tuple[np.ndarray, float]:
+    return (image.image, image.scale) if isinstance(image, LoadedImage) else (image, 1.0)
 
 
 def _check_template(spec: PreprocessSpec, source: str) -> None:
