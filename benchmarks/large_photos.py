@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from benchmarks import report as rp
+from evaluation.data import data_root
 from runtime.files import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +167,9 @@ def measure_bomb(repeats: int) -> dict:
 # -------------------------------------------------------------------------------------------- report
 
 
-def run(args, data: Path) -> dict:
-    """The ``large-photos`` subcommand (``data``: the data folder): measure, print the markdown, write the files."""
-    photo = Path(data) / SOURCE_PHOTO
+def run(args) -> dict:
+    """The ``large-photos`` subcommand: measure, print the markdown, write the report files."""
+    photo = data_root() / SOURCE_PHOTO
     if not photo.is_file():
         raise FileNotFoundError(f"{photo}: the source photo is missing (set $FACEKIT_DATA)")
     sizes = [float(v) for v in str(args.megapixels).split(",") if v.strip()]

@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "landmarks":
             cmd_landmarks(args)
         elif args.command == "large-photos":
-            large_photos.run(args, data_root())
+            large_photos.run(args)
     except UsageError as e:
         log(f"error: {e}")
         return 2

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
-import sys
 import threading
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,7 +14,6 @@ from runtime.image_io import ImageError, load_image, probe
 PIL = pytest.importorskip("PIL", reason="Pillow is the header reader under test")
 from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from image_corpus import BAD_INPUTS, GOOD_INPUTS, corpus_bytes, png_header_only  # noqa: E402
 
 

@@ -142,6 +142,10 @@ def test_pipeline_reports_the_files_coordinates_for_a_reduced_decode(pipe, group
         np.testing.assert_allclose(f.landmarks, g.landmarks / 0.5, rtol=1e-6)
         np.testing.assert_array_equal(f.embedding, g.embedding)  # warped from the reduced pixels
         np.testing.assert_array_equal(pipe.align(reduced, f.landmarks), pipe.align(reduced.image, g.landmarks))
+    found, on_array = pipe.find_subject(reduced), pipe.find_subject(reduced.image)
+    assert found.scale == 0.5 and found.image is reduced.image
+    np.testing.assert_allclose(found.face.landmarks * found.scale, on_array.face.landmarks, rtol=1e-6)
+    np.testing.assert_array_equal(pipe.subject_face(reduced).embedding, pipe.subject_face(reduced.image).embedding)
     full = pipe.embed(group_photo)  # and they are the faces of the 1024-wide file, where the file has them
     for f in faces:
         ref = min(full, key=lambda g: np.abs(g.box - f.box).sum())
