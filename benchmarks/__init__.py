@@ -7,6 +7,7 @@ Run ``python benchmarks/run.py --help``. Modules:
 - :mod:`benchmarks.identification` — TPR at fixed FPR against a distractor set.
 - :mod:`benchmarks.parity` — embedders for every backend and their agreement with PyTorch fp32.
 - :mod:`benchmarks.latency` — p50/p95 latency, throughput and end-to-end photos/s.
+- :mod:`benchmarks.triton` — throughput and p50/p99 latency through a Triton server vs in-process.
 - :mod:`benchmarks.plots` — ROC, cosine histograms, TPR@FPR curve, t-SNE (PNG, Agg backend).
 - :mod:`benchmarks.report` — markdown / JSON report files named after the machine.
 """

@@ -9,6 +9,7 @@
     python benchmarks/run.py parity [--data DIR] [--kind lfw|cfp-fp|cfp-ff|bin] [--pairs-per-fold N]
     python benchmarks/run.py latency [--model FILE] [--batches 1,8,64,256] [--no-pipeline]
     python benchmarks/run.py landmarks [--data DIR] [--aligner FILE] [--json]   # aligner vs detector NME
+    python benchmarks/run.py triton [--concurrency 1,4,16] [--seconds 5]       # through Triton vs in-process
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -260,6 +261,26 @@ def pipeline_timing(model: Path, args) -> dict:
     except ImportError as e:
         return {"skip_reason": f"runtime.pipeline unavailable ({e})"}
     return {**latency.pipeline_latency(pipe, photos).to_dict(), "landmarks": args.landmarks}
+
+
+def cmd_triton(args) -> dict:
+    """Throughput and p50/p99 latency through a local Triton server vs in-process (``benchmarks/triton.py``)."""
+    from benchmarks import triton
+    from export.triton_repository import TritonExportError
+    from export.triton_server import TritonServerMissing
+
+    concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    try:
+        result = triton.measure(resolve_model(args.model), data_root(), concurrency, tuple(args.workloads.split(",")),
+                                args.seconds, log)
+    except (TritonServerMissing, TritonExportError) as e:
+        raise UsageError(str(e)) from None
+    result["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    if not args.no_write:
+        for path in triton.write(result, Path(args.results) if args.results else rp.RESULTS_DIR):
+            log(f"wrote {path}")
+    _print_result(result, args, triton.to_markdown(result))
+    return result
 
 
 def cmd_landmarks(args) -> dict:
@@ -514,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("landmarks", parents=[sub_common],
                        help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
     s.add_argument("--data", help="folder of images with .pts5 files (default: $FACEKIT_DATA/landmarks_300w/test)")
+    s = sub.add_parser("triton", parents=[sub_common], help="throughput, p50/p99 latency through Triton vs "
+                                                            "in-process (benchmarks/triton.py)")
+    s.add_argument("--concurrency", default="1,4,16", help="concurrent clients per level")
+    s.add_argument("--workloads", default="recognizer,pipeline", help="recognizer and/or pipeline")
     return p
 
 
@@ -546,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_latency(args)
         elif args.command == "landmarks":
             cmd_landmarks(args)
+        elif args.command == "triton":
+            cmd_triton(args)
     except UsageError as e:
         log(f"error: {e}")
         return 2
