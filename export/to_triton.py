@@ -18,8 +18,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 DEFAULT_RECOGNIZER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "recognizer.onnx"
 
 

@@ -99,6 +99,11 @@ class OnnxModel:
                 for outs in results]
 
 
+def _shape(dims: list) -> list:
+    """Config dims (-1: dynamic) as the Backend interface spells them (None: dynamic)."""
+    return [None if int(d) < 0 else int(d) for d in dims]
+
+
 class BLSRecognizer(Backend):
     """A recognizer served by the same Triton server, called through BLS (business-logic scripting)."""
 
@@ -121,11 +126,15 @@ class BLSRecognizer(Backend):
 
     @property
     def input_shape(self) -> list:
-        return [None if int(d) < 0 else int(d) for d in self.spec["dims"]]
+        return _shape(self.spec["dims"])
 
     @property
     def output_names(self) -> list[str]:
         return list(self.spec["outputs"])
+
+    @property
+    def output_shapes(self) -> list[list]:
+        return [_shape(dims) for dims in self.spec["output_dims"]]
 
     @property
     def max_batch(self) -> int | None:

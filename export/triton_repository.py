@@ -242,7 +242,9 @@ def face_pipeline_config(recognizer: dict, detector_file: str, opts: ServingOpti
     bls = {"model": recognizer["name"], "input": recognizer["input"][0]["name"],
            "data_type": recognizer["input"][0]["data_type"],
            "dims": ([-1] if batched else []) + list(recognizer["input"][0]["dims"]),
-           "outputs": [o["name"] for o in recognizer["output"]], "max_batch_size": recognizer["max_batch_size"]}
+           "outputs": [o["name"] for o in recognizer["output"]],
+           "output_dims": [([-1] if batched else []) + list(o["dims"]) for o in recognizer["output"]],
+           "max_batch_size": recognizer["max_batch_size"]}
     params = {"facekit_model": "face_pipeline", "recognizer": json.dumps(bls, sort_keys=True),
               "detector": detector_file, "score_threshold": str(opts.score_threshold),
               "flip_test": "true" if opts.flip_test else "false",

@@ -102,7 +102,7 @@ def test_configs_parse_with_triton_schema_and_match_onnx(tmp_path, detector_onnx
     assert pipe.parameters["facekit"].string_value == _read(repo, "recognizer").parameters["facekit"].string_value
     bls = json.loads(pipe.parameters["recognizer"].string_value)
     assert bls == {"model": "recognizer", "input": "input", "data_type": "TYPE_FP32", "dims": [-1, 3, 150, 150],
-                   "outputs": ["embedding"], "max_batch_size": 16}
+                   "outputs": ["embedding"], "output_dims": [[-1, 128]], "max_batch_size": 16}
     assert (repo / "face_pipeline" / "1" / "detector.onnx").read_bytes() == detector_onnx.read_bytes()
 
 
