@@ -108,7 +108,9 @@ def test_face_pipeline_in_triton_equals_the_in_process_pipeline(server, photos, 
         assert empty.as_numpy("embeddings").shape == (0, 128) and empty.as_numpy("boxes").shape == (0, 4)
         junk = grpcclient.InferInput("image", [16], "UINT8")
         junk.set_data_from_numpy(np.arange(16, dtype=np.uint8))
-        with pytest.raises(Exception, match="Image"):
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="ImageError: "):
             client.infer("face_pipeline", [junk], client_timeout=CLIENT_TIMEOUT_S)
     finally:
         client.close()
