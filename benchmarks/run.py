@@ -10,6 +10,7 @@
     python benchmarks/run.py latency [--model FILE] [--batches 1,8,64,256] [--no-pipeline]
     python benchmarks/run.py landmarks [--data DIR] [--aligner FILE] [--json]   # aligner vs detector NME
     python benchmarks/run.py large-photos [--megapixels 54,108]  # 50–200 MP JPEGs: reduced decode, RSS
+    python benchmarks/run.py triton [--concurrency 1,4,16] [--seconds 5]       # through Triton vs in-process
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -25,14 +26,13 @@ accuracy when ``$FACEKIT_DATA`` holds ``lfw/`` and ``cfp/``; it writes
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import argparse
 import datetime as _dt
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -262,6 +262,26 @@ def pipeline_timing(model: Path, args) -> dict:
     except ImportError as e:
         return {"skip_reason": f"runtime.pipeline unavailable ({e})"}
     return {**latency.pipeline_latency(pipe, photos).to_dict(), "landmarks": args.landmarks}
+
+
+def cmd_triton(args) -> dict:
+    """Throughput and p50/p99 latency through a local Triton server vs in-process (``benchmarks/triton.py``)."""
+    from benchmarks import triton
+    from export.triton_repository import TritonExportError
+    from export.triton_server import TritonServerMissing
+
+    concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    try:
+        result = triton.measure(resolve_model(args.model), data_root(), concurrency, tuple(args.workloads.split(",")),
+                                args.seconds, log)
+    except (TritonServerMissing, TritonExportError) as e:
+        raise UsageError(str(e)) from None
+    result["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    if not args.no_write:
+        for path in triton.write(result, Path(args.results) if args.results else rp.RESULTS_DIR):
+            log(f"wrote {path}")
+    _print_result(result, args, triton.to_markdown(result))
+    return result
 
 
 def cmd_landmarks(args) -> dict:
@@ -518,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="folder of images with .pts5 files (default: $FACEKIT_DATA/landmarks_300w/test)")
     large_photos.add_arguments(sub.add_parser("large-photos", help="50–200 MP JPEGs: full vs reduced decode, "
                                                                    "pipeline time, faces, peak RSS"))
+    s = sub.add_parser("triton", parents=[sub_common], help="throughput, p50/p99 latency through Triton vs "
+                                                            "in-process (benchmarks/triton.py)")
+    s.add_argument("--concurrency", default="1,4,16", help="concurrent clients per level")
+    s.add_argument("--workloads", default="recognizer,pipeline", help="recognizer and/or pipeline")
     return p
 
 
@@ -533,6 +557,12 @@ def _default_data(args) -> None:
     args.data = str(data_root() / sub)
 
 
+def commands() -> dict:
+    """Sub-command name → the function that runs it (the verification kinds share ``cmd_verification``)."""
+    return {"identification": cmd_identification, "parity": cmd_parity, "latency": cmd_latency,
+            "landmarks": cmd_landmarks, "large-photos": large_photos.run, "triton": cmd_triton}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -542,16 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_default(args)
         elif args.command in VERIFICATION_KINDS:
             cmd_verification(args)
-        elif args.command == "identification":
-            cmd_identification(args)
-        elif args.command == "parity":
-            cmd_parity(args)
-        elif args.command == "latency":
-            cmd_latency(args)
-        elif args.command == "landmarks":
-            cmd_landmarks(args)
-        elif args.command == "large-photos":
-            large_photos.run(args)
+        else:
+            commands()[args.command](args)
     except UsageError as e:
         log(f"error: {e}")
         return 2

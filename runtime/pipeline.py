@@ -88,9 +88,10 @@ class Comparison:
 class FacePipeline:
     """Detect, align and embed faces; compare them.
 
-    ``recognizer``/``aligner``: model path, a loaded :class:`~runtime.backends.Backend` (or, for the aligner,
-    a :class:`~runtime.landmarks.LandmarkRefiner`), or None for the shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX path or bytes,
-    a detector object, or None for the default RetinaFace-MobileNet0.25. ``landmarks``: ``"detector"`` uses
+    ``recognizer``/``aligner``: model path (or a served model's URL, e.g. ``triton://host:8001/recognizer``),
+    a loaded :class:`~runtime.backends.Backend` (or, for the aligner, a :class:`~runtime.landmarks.LandmarkRefiner`),
+    or None for the shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX
+    path or bytes, a detector object, or None for the default RetinaFace-MobileNet0.25. ``landmarks``: ``"detector"`` uses
     the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner. ``backend``: ``"auto"``
     (fastest available) or a backend name. ``threshold`` overrides the recognizer's ``threshold_cosine``.
     ``preprocess`` overrides the recognizer's metadata (for models exported without it, or to crop faces
@@ -156,12 +157,12 @@ class FacePipeline:
             if isinstance(src, Backend):
                 model = src
             else:
-                path = DEFAULT_RECOGNIZER if src is None else Path(os.fspath(src))
-                if src is None and not path.is_file():
+                path = str(DEFAULT_RECOGNIZER) if src is None else os.fspath(src)  # a str keeps URLs intact
+                if src is None and not os.path.isfile(path):
                     raise ModelLoadError(
                         f"the default recognizer {path} is missing; pass recognizer=PATH (CLI: --recognizer PATH)"
                     )
-                model = load_model(str(path), backend=self.backend_name, **self._model_options)
+                model = load_model(path, backend=self.backend_name, **self._model_options)
             meta = dict(model.metadata or {})
             if self._preprocess_override is not None:
                 spec = self._preprocess_override

@@ -1,7 +1,8 @@
 """The one small interface every inference backend implements, and the registry that picks one.
 
 A backend module in this package calls :func:`register` at import time; :func:`load_model` picks the
-first available backend that accepts the file. Adding a backend means adding one module here.
+first available backend that accepts the file (or, for backends registered with ``files=False``, the
+source such as a server URL). Adding a backend means adding one module here.
 """
 from __future__ import annotations
 
@@ -73,12 +74,19 @@ class Backend(abc.ABC):
 
 # name -> (priority, is_available, accepts(path), factory(path, **options))
 _REGISTRY: dict[str, tuple[int, Callable[[], bool], Callable[[str], bool], Callable[..., Backend]]] = {}
+#: backends whose sources are not files (e.g. ``triton://`` URLs): load_model does not require a file for them
+_NON_FILE: set[str] = set()
 
 
 def register(name: str, priority: int, available: Callable[[], bool], accepts: Callable[[str], bool],
-             factory: Callable[..., Backend]) -> None:
-    """Register a backend. Higher ``priority`` wins under ``backend="auto"``."""
+             factory: Callable[..., Backend], *, files: bool = True) -> None:
+    """Register a backend. Higher ``priority`` wins under ``backend="auto"``; ``files=False``: the backend
+    loads sources that are not files (``accepts`` recognises them, e.g. by URL scheme)."""
     _REGISTRY[name] = (priority, available, accepts, factory)
+    if files:
+        _NON_FILE.discard(name)
+    else:
+        _NON_FILE.add(name)
 
 
 def available_backends() -> list[str]:
@@ -89,9 +97,10 @@ def available_backends() -> list[str]:
 
 
 def load_model(path: str, backend: str = "auto", **options) -> Backend:
-    """Load ``path`` with the named backend, or with the fastest available one that accepts the file."""
+    """Load ``path`` (a model file, or a source such as ``triton://host:port/model``) with the named backend,
+    or with the fastest available one that accepts it."""
     _discover()
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) and not any(_REGISTRY[n][2](path) for n in _NON_FILE):
         raise ModelLoadError(f"{path}: model file not found")
     if backend != "auto":
         if backend not in _REGISTRY:
@@ -106,7 +115,9 @@ def load_model(path: str, backend: str = "auto", **options) -> Backend:
         _, _, accepts, factory = _REGISTRY[name]
         if accepts(path):
             return factory(path, **options)
-    raise ModelLoadError(f"{path}: no available backend accepts this file (available: {available_backends()})")
+    missing = [n for n, (_, ok, accepts, _) in _REGISTRY.items() if accepts(path) and not ok()]
+    hint = f"; backend {missing[0]!r} accepts it but is not installed here" if missing else ""
+    raise ModelLoadError(f"{path}: no available backend accepts this file (available: {available_backends()}){hint}")
 
 
 def _discover() -> None:

