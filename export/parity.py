@@ -78,12 +78,13 @@ def lfw_images(data_dir: Path, n: int) -> list[Path]:
 def _crops_from_photos(paths: Sequence[Path], n: int, size: tuple[int, int], crop) -> np.ndarray:
     """Up to ``n`` BGR crops: ``crop(image, face)`` of each photo's subject face (the runtime's rule,
     :mod:`runtime.subject`) found by the default detector."""
+    from runtime.image_io import load_image
     from runtime.pipeline import FacePipeline
 
     finder = FacePipeline(preprocess=PreprocessSpec(input_size=size))
     crops = []
     for p in paths:
-        found = finder.find_subject(str(p))
+        found = finder.find_subject(load_image(str(p)))  # an array: coordinates in its own pixels
         if found.face is not None:
             crops.append(crop(found.image, found.face))
         if len(crops) >= n:

@@ -150,12 +150,13 @@ def output_mean(model: DlibResNet, folder: str | Path, limit: int = 2000) -> tup
     detected and warped the way the runtime does (RetinaFace → :data:`DLIB_CHIP_SPEC`); and the face count."""
     from tqdm import tqdm
 
+    from runtime.image_io import load_image
     from runtime.pipeline import FacePipeline
     from runtime.preprocess import to_model_input
 
     finder, total, n = FacePipeline(preprocess=DLIB_CHIP_SPEC), np.zeros(128, np.float64), 0
     for path in tqdm(_photos(folder, limit), desc="centre", unit="photo"):
-        found = finder.find_subject(str(path))
+        found = finder.find_subject(load_image(str(path)))  # an array: coordinates in its own pixels
         if found.face is None:
             continue
         crop = finder.align(found.image, found.face.landmarks)
