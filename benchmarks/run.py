@@ -286,14 +286,13 @@ def cmd_triton(args) -> dict:
 
 def cmd_landmarks(args) -> dict:
     """NME / failure rate of the aligner and the detector's own points (``benchmarks/landmarks.py``)."""
-    try:
-        from benchmarks import landmarks
-    except ImportError as e:
-        raise UsageError(f"the landmark benchmark (benchmarks/landmarks.py) is not available: {e}") from None
+    from benchmarks import landmarks
+    from evaluation.landmarks import format_table
+
     if not Path(args.data).is_dir():
         raise UsageError(f"{args.data}: landmark folder not found")
-    result = landmarks.evaluate_landmarks(args.data, aligner=args.aligner, progress=not args.quiet)
-    _print_result(result, args, landmarks.format_table(result))
+    result = landmarks.landmark_accuracy(args.data, aligner=args.aligner, progress=not args.quiet)
+    _print_result(result, args, format_table(result))
     return result
 
 

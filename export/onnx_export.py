@@ -53,11 +53,9 @@ class ModelSource:
 def aligner_source(config: dict[str, Any], model: nn.Module | None = None, checkpoint: str | None = None) -> ModelSource:
     """An aligner (task "landmarks") to export; geometry, input spec and extra metadata come from
     :func:`runtime.landmarks.aligner_metadata` (defined once there). ``model`` None: random init."""
-    try:
-        from runtime.landmarks import aligner_metadata
-        from train.aligner import build_aligner, full_config
-    except ImportError as e:
-        raise RuntimeError(f"exporting an aligner needs runtime/landmarks.py and train/aligner.py: {e}") from None
+    from runtime.landmarks import aligner_metadata
+    from train.hourglass import build_aligner, full_config
+
     cfg = full_config(config)
     meta = aligner_metadata(cfg)
     spec = PreprocessSpec.from_dict(meta.pop("preprocess"))

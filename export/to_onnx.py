@@ -6,7 +6,7 @@
     python export/to_onnx.py --checkpoint runs/x/best.pt --fp16-weights --out rec.onnx   # fp32, half the size
     python export/to_onnx.py --checkpoint runs/x/best.pt --int8 --calib aligned/ --pairs $FACEKIT_DATA/lfw \\
         --out rec_int8.onnx
-    python export/to_onnx.py --checkpoint runs/aligner/best.pt --out runtime/models/aligner.onnx
+    python export/to_onnx.py --checkpoint runs/aligner_default/last.pt --out runtime/models/aligner.onnx  # aligner
 
 One self-contained file (no external data) with a dynamic batch axis, opset 17 unless ``--opset``, checked
 by ``onnx.checker``, carrying facekit metadata (task, preprocessing, arch, embedding size, checkpoint
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arch", help="random-init backbone (mobilefacenet, iresnet50, …, or 'hourglass' for the aligner)")
-    src.add_argument("--checkpoint", type=Path, help="training checkpoint (recognizer or aligner)")
+    src.add_argument("--checkpoint", type=Path, help="training checkpoint: a recognizer's (train/arcface.py) or an "
+                     "aligner's (train/aligner.py's last.pt)")
     p.add_argument("--out", type=Path, required=True, help="output .onnx file")
     p.add_argument("--embedding-size", type=int, default=512, help="with --arch (default 512)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")

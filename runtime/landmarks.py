@@ -1,6 +1,6 @@
 """The hourglass aligner's geometry, heatmap coding and ONNX runner (torch-free).
 
-Defined once here and imported by training (``train/aligner.py``), export and the runtime:
+Defined once here and imported by training (``train/``), export, evaluation and the runtime:
 
 * the crop: a square around the detector's box (centre moved down by ``center_shift`` × box height, side
   ``crop_scale`` × the mean of box width and height), optionally rotated so the eye line of initial
@@ -8,8 +8,6 @@ Defined once here and imported by training (``train/aligner.py``), export and th
 * the heatmap coding: a Gaussian of ``sigma`` heatmap pixels centred on the sub-pixel landmark position
   (:func:`encode_heatmaps`) and its inverse, argmax refined by a second-order Taylor step on the
   log-heatmap (:func:`decode_heatmaps`; exact for a Gaussian, so the round trip is sub-pixel);
-* the metrics: NME normalised by the inter-ocular distance (eye centre to eye centre) and the failure rate
-  at NME > 10 % (:func:`nme`, :func:`failure_rate`);
 * :class:`LandmarkRefiner`, which runs an exported aligner through :func:`runtime.backends.load_model`.
 
 Pixel convention everywhere: integer coordinates are pixel centres (OpenCV's ``warpAffine``).
@@ -29,10 +27,6 @@ from .preprocess import PreprocessSpec, to_model_input
 
 #: The aligner's input: 128×128 RGB, (x − 127.5) / 127.5 like every facekit model, NCHW.
 ALIGNER_SPEC = PreprocessSpec(input_size=(128, 128))
-
-#: A prediction whose NME exceeds this counts as a failure.
-FAILURE_THRESHOLD = 0.10
-
 
 @dataclass(frozen=True)
 class AlignerGeometry:
@@ -243,30 +237,6 @@ def decode_heatmaps(heatmaps: np.ndarray, blur_sigma: float = 0.0) -> tuple[np.n
     return (pts[0], peaks[0]) if squeeze else (pts, peaks)
 
 
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-def nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Per-face mean point error divided by the inter-ocular distance (eye centre to eye centre).
-
-    ``pred`` and ``gt`` are (N, 5, 2) or (5, 2) in LANDMARK_NAMES order; returns (N,) (or a scalar).
-    """
-    p = np.asarray(pred, np.float64)
-    g = np.asarray(gt, np.float64)
-    if p.shape != g.shape or p.shape[-2:] != (len(LANDMARK_NAMES), 2):
-        raise ValueError(f"need matching (N, 5, 2) arrays, got {p.shape} and {g.shape}")
-    iod = np.linalg.norm(g[..., 0, :] - g[..., 1, :], axis=-1)
-    if np.any(iod <= 0):
-        raise ValueError("ground truth with coincident eyes: inter-ocular distance is zero")
-    return np.linalg.norm(p - g, axis=-1).mean(-1) / iod
-
-
-def failure_rate(nmes: np.ndarray, threshold: float = FAILURE_THRESHOLD) -> float:
-    """Fraction of faces whose NME exceeds ``threshold``."""
-    v = np.asarray(nmes, np.float64).reshape(-1)
-    return float((v > threshold).mean()) if v.size else float("nan")
-
-
 # ------------------------------------------------------------------------------------------------- runner
 
 
@@ -279,10 +249,25 @@ def face_crop(image_bgr: np.ndarray, box: np.ndarray, geometry: AlignerGeometry,
     return crop[..., ::-1], m
 
 
-def heatmaps_to_image(heatmaps: np.ndarray, matrices: np.ndarray, geometry: AlignerGeometry) -> np.ndarray:
-    """Decode (N, 5, h, w) heatmaps and map the points through the inverse crop matrices: (N, 5, 2) image px."""
-    pts, _ = decode_heatmaps(heatmaps)
-    return crop_to_image(heatmap_to_crop(pts, geometry.stride), matrices)
+def face_crops(image_bgr: np.ndarray, boxes, geometry: AlignerGeometry, landmarks=None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The aligner's RGB crops (N, h, w, 3) and image→crop matrices (N, 2, 3) of several faces of one
+    image (``landmarks``, one (5, 2) set per box, level the crops with ``derotate``); checks the inputs."""
+    image = np.asarray(image_bgr)
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 H×W×3 BGR image, got {image.dtype} {image.shape}")
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if landmarks is not None:
+        landmarks = np.asarray(landmarks, np.float64).reshape(-1, 5, 2)
+        if len(landmarks) != len(boxes):
+            raise ValueError(f"{len(boxes)} boxes but {len(landmarks)} landmark sets")
+    h, w = geometry.input_size
+    crops, mats = np.zeros((len(boxes), h, w, 3), np.uint8), np.zeros((len(boxes), 2, 3))
+    for i in range(len(boxes)):
+        crops[i], mats[i] = face_crop(image, boxes[i], geometry, None if landmarks is None else landmarks[i])
+    return crops, mats
 
 
 def crop_to_image(points: np.ndarray, matrices: np.ndarray) -> np.ndarray:
@@ -345,6 +330,11 @@ class LandmarkRefiner:
     def device(self) -> str:
         return self.backend.device
 
+    @property
+    def path(self) -> str:
+        """The model file."""
+        return self.backend.path
+
     def refine(self, image_bgr: np.ndarray, box: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
         """(5, 2) float32 landmarks of the face in ``box`` (x1, y1, x2, y2), image pixels.
 
@@ -355,25 +345,10 @@ class LandmarkRefiner:
 
     def refine_many(self, image_bgr: np.ndarray, boxes, landmarks=None, batch_size: int = 32) -> np.ndarray:
         """(N, 5, 2) landmarks for several faces of one image, run in batches."""
-        image = np.asarray(image_bgr)
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 H×W×3 BGR image, got {image.dtype} {image.shape}")
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        if landmarks is not None:
-            landmarks = np.asarray(landmarks, np.float64).reshape(-1, 5, 2)
-            if len(landmarks) != len(boxes):
-                raise ValueError(f"{len(boxes)} boxes but {len(landmarks)} landmark sets")
-        crops, mats = [], []
-        for i in range(len(boxes)):
-            crop, m = face_crop(image, boxes[i], self.geometry, None if landmarks is None else landmarks[i])
-            crops.append(crop)
-            mats.append(m)
-        if not crops:
+        crops, mats = face_crops(image_bgr, boxes, self.geometry, landmarks)
+        if not len(crops):
             return np.zeros((0, len(LANDMARK_NAMES), 2), np.float32)
-        return predict_points(lambda x: self.backend.run(x)[0], np.stack(crops), np.stack(mats), self.geometry,
-                              batch_size)
+        return predict_points(lambda x: self.backend.run(x)[0], crops, mats, self.geometry, batch_size)
 
     def __repr__(self) -> str:
         return f"LandmarkRefiner({self.backend!r})"

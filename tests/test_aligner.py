@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.landmarks import failure_rate, nme
 from runtime.geometry import FLIP_PAIRS, transform_points
 from runtime.landmarks import (
     AlignerGeometry,
@@ -19,12 +20,12 @@ from runtime.landmarks import (
     decode_heatmaps,
     encode_heatmaps,
     eye_angle,
-    failure_rate,
     heatmap_to_crop,
-    nme,
 )
 from tests.conftest import ROOT, need
-from train.aligner import Augmenter, build_aligner, heatmap_loss, make_batch
+from train.aligner_loop import heatmap_loss
+from train.hourglass import build_aligner
+from train.landmark_data import Augmenter, make_batch
 
 SMALL = {"stacks": 2, "channels": 16, "depth": 2, "input_size": [64, 64], "heatmap_size": [16, 16], "sigma": 1.5}
 
@@ -175,7 +176,7 @@ def _fit_one_batch(x: torch.Tensor, y: torch.Tensor, points: torch.Tensor) -> No
 def test_soft_argmax_finds_the_gaussian_peak():
     """The training-only soft-argmax at the config's sharpness lands near the target; too soft a beta lets
     the background pull it towards the map centre (why beta is 20)."""
-    from train.aligner import soft_argmax
+    from train.aligner_loop import soft_argmax
 
     pts = np.array([[[5.3, 7.7], [20.2, 11.1], [16.0, 16.0], [9.9, 25.4], [27.5, 3.6]]])
     maps = torch.from_numpy(encode_heatmaps(pts[0], (32, 32), 1.5)[None])
@@ -190,17 +191,20 @@ def test_build_aligner_checks_its_config():
         AlignerGeometry(input_size=(128, 128), heatmap_size=(30, 30))
 
 
-def test_runtime_landmarks_does_not_import_torch():
-    code = "import sys, runtime.landmarks; sys.exit('torch' in sys.modules)"
+@pytest.mark.parametrize("module", ["runtime.landmarks", "evaluation.landmarks"])
+def test_landmark_modules_do_not_import_torch(module):
+    code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 @pytest.mark.parametrize("flip_test", [False, True])
 def test_exported_aligner_matches_pytorch(facekit_data, tmp_path, flip_test):
-    """Checkpoint → ONNX (train/aligner.py --export) → LandmarkRefiner gives the PyTorch points."""
+    """Checkpoint → ONNX (export/to_onnx.py --checkpoint) → LandmarkRefiner gives the PyTorch points."""
+    from export.to_onnx import main as export_main
     from runtime.landmarks import LandmarkRefiner
-    from train.aligner import TorchRefiner, export_onnx, full_config
+    from train.aligner_refiner import TorchRefiner
     from train.checkpoint import save_checkpoint
+    from train.hourglass import full_config
 
     photo = need(facekit_data / "photos" / "obama.jpg")
     torch.manual_seed(0)
@@ -211,7 +215,8 @@ def test_exported_aligner_matches_pytorch(facekit_data, tmp_path, flip_test):
             bn.running_var.uniform_(0.5, 1.5)
     config = full_config({**SMALL, "flip_test": flip_test, "derotate": True})
     ckpt = save_checkpoint(tmp_path / "a.pt", {"model": model.state_dict(), "config": config})
-    onnx_path = export_onnx(ckpt, tmp_path / "a.onnx")
+    onnx_path = tmp_path / "a.onnx"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(onnx_path), "--batch", "1,3"]) == 0
     refiner = LandmarkRefiner(str(onnx_path))
     assert refiner.metadata["task"] == "landmarks" and refiner.geometry == AlignerGeometry.from_dict(config)
     image = cv2.imread(str(photo))
@@ -231,7 +236,8 @@ SHIPPED = ROOT / "runtime" / "models" / "aligner.onnx"
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="runtime/models/aligner.onnx not shipped yet")
 def test_shipped_aligner_beats_the_detector_points(facekit_data):
     """On the first 60 faces of 300-W test the shipped aligner has a lower NME than the detector."""
-    from benchmarks.landmarks import evaluate_landmarks
+    from evaluation.landmarks import evaluate_landmarks
+    from runtime.landmarks import LandmarkRefiner
 
     test_dir = need(facekit_data / "landmarks_300w" / "test")
     sub = Path(test_dir)
@@ -242,7 +248,7 @@ def test_shipped_aligner_beats_the_detector_points(facekit_data):
         for pts in pairs:  # links, not copies
             for f in (pts, pts.with_suffix(".jpg")):
                 (Path(tmp) / f.name).symlink_to(f)
-        r = evaluate_landmarks(tmp, progress=False)
+        r = evaluate_landmarks(tmp, LandmarkRefiner(str(SHIPPED)), progress=False)
     assert r["images"] + r["missed"] == 60
     assert r["aligner"]["nme"] < r["detector"]["nme"], r
 

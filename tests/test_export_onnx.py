@@ -38,8 +38,6 @@ CASES = {"mobilefacenet": (1, 7, 64), "iresnet50": (1, 7), "aligner": (1, 7, 64)
 def _source(name: str) -> ox.ModelSource:
     torch.manual_seed(0)
     if name == "aligner":
-        pytest.importorskip("train.aligner", reason="train/aligner.py (aligner engineer) not there yet")
-        pytest.importorskip("runtime.landmarks", reason="runtime/landmarks.py not there yet")
         return ox.aligner_source({})
     return ox.from_arch(name, 512, seed=0)
 

@@ -16,8 +16,12 @@ from torch import nn
 
 from runtime.files import atomic_write, pid_temp_prefix, remove_stale_temporaries, sha256_file
 
+from .hourglass import build_aligner
+
 #: Stored in every checkpoint written by :func:`save_checkpoint`.
 FORMAT_VERSION = 1
+#: File suffixes of PyTorch checkpoints.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 class CheckpointError(RuntimeError):
@@ -80,8 +84,6 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     """Build the (untrained) model a config describes: a recognizer backbone or, for task "landmarks", the aligner."""
     task = config.get("task", "recognition")
     if task == "landmarks":
-        from train.aligner import build_aligner  # written by the aligner engineer; imported lazily
-
         return build_aligner(config)
     if task != "recognition":
         raise ValueError(f"unknown task {task!r} in config (expected 'recognition' or 'landmarks')")

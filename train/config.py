@@ -1,10 +1,14 @@
 """Experiment configs: YAML files over built-in defaults, dotted command-line overrides, validation.
 
     cfg = load_config("train/configs/smoke.yaml", ["optim.lr=0.05", "data.batch_size=32"])
+    cfg = load_config("train/configs/aligner_300w.yaml")  # task: landmarks -> the aligner's schema
 
-Unknown keys and wrong types are errors that name the key (and suggest the closest known one). The
-resolved config is saved as ``<output>/config.yaml`` and inside every checkpoint; its top level carries
-``task``, ``arch``, ``embedding_size`` and ``backbone_kwargs`` as :mod:`train.checkpoint` expects.
+Each task has a :class:`Schema` (its keys with their defaults, the allowed choices, the free-form keys and
+the checks across keys): :data:`DEFAULTS` for ``task: recognition`` (the default), :data:`ALIGNER_DEFAULTS`
+for ``task: landmarks``; the file's ``task`` picks it. Unknown keys and wrong types are errors that name
+the key (and suggest the closest known one). The resolved config is saved as ``<output>/config.yaml`` and
+inside every checkpoint; its top level carries ``task``, ``arch`` and the model's own keys as
+:mod:`train.checkpoint` expects.
 Paths may use ``$FACEKIT_DATA`` (default ``../shared/data`` next to the repository) and ``~``.
 """
 from __future__ import annotations
@@ -12,13 +16,15 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
 from evaluation.data import data_root
 from runtime.files import atomic_write_bytes
+from runtime.landmarks import AlignerGeometry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +136,54 @@ CHOICES = {
 FREE_FORM = {"backbone_kwargs", "data.augment", "schedule.freeze", "data.pin_memory", "loss.center", "loss.triplet",
              "loss.distill"}
 
+#: Every key of an aligner config (``task: landmarks``), with its default.
+ALIGNER_DEFAULTS: dict[str, Any] = {
+    "name": "aligner",
+    "task": "landmarks",
+    "arch": "hourglass",
+    "seed": 0,
+    "output": None,  # default runs/<name>
+    "stacks": 2,  # hourglasses; every stack's heatmaps are supervised
+    "channels": 64,
+    "depth": 3,  # pooling levels per hourglass
+    **AlignerGeometry().to_dict(),  # input_size, heatmap_size, sigma, crop_scale, center_shift, derotate, flip_test
+    "data": {
+        "root": "$FACEKIT_DATA/landmarks_300w",
+        "train": ["train", "afw"],  # folders under root with images + .pts5
+        "test": "test",
+    },
+    "augment": {
+        "rotation": 30.0,  # degrees, uniform in ±rotation ...
+        "rotation_p": 0.6,  # ... for this fraction of samples
+        "scale": [0.85, 1.15],
+        "translate": 0.06,  # fraction of the crop side
+        "flip": 0.5,  # horizontal flip with left/right landmarks swapped
+        "brightness": 0.3,
+        "contrast": 0.3,
+        "saturation": 0.3,
+        "grayscale": 0.2,
+        "blur": 0.1,
+    },
+    "loss": {
+        "foreground_weight": 0.0,  # MSE pixel weight 1 + this × target
+        "coord_weight": 0.0,  # + this × L1 of the soft-argmax point
+        "beta": 20.0,  # soft-argmax sharpness
+    },
+    "optim": {
+        "batch_size": 16,
+        "epochs": 40,
+        "lr": 2.0e-3,
+        "weight_decay": 1.0e-4,
+        "warmup_steps": 100,
+        "checkpoint_every": 50,
+        "eval_every": 5,  # epochs between test evaluations (log.csv)
+        "threads": 1,  # torch CPU threads
+        "max_minutes": 0.0,  # > 0: the run ends at the epochs or this budget, whichever comes first
+    },
+}
+
+ALIGNER_CHOICES = {"task": {"landmarks"}, "arch": {"hourglass"}}
+
 
 class ConfigError(ValueError):
     """A config is invalid; the message names the key."""
@@ -152,7 +206,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+def _merge(base: dict, update: dict, prefix: str = "", free_form: frozenset[str] = frozenset(FREE_FORM)) -> dict:
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if key not in base:
@@ -160,16 +214,16 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
             close = difflib.get_close_matches(dotted, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {dotted!r}{hint}")
-        if isinstance(base[key], dict) and dotted not in FREE_FORM:
+        if isinstance(base[key], dict) and dotted not in free_form:
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
-            _merge(base[key], value, dotted + ".")
+            _merge(base[key], value, dotted + ".", free_form)
         else:
             base[key] = copy.deepcopy(value)
     return base
 
 
-def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
+def set_dotted(cfg: dict, dotted: str, value: Any, free_form: frozenset[str] = frozenset(FREE_FORM)) -> None:
     """Set ``a.b.c`` in ``cfg`` (the key must exist in the defaults)."""
     parts = dotted.split(".")
     update: dict = {}
@@ -177,7 +231,7 @@ def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
-    _merge(cfg, update)
+    _merge(cfg, update, free_form=free_form)
 
 
 def _type_ok(default: Any, value: Any) -> bool:
@@ -192,24 +246,31 @@ def _type_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def validate(cfg: dict, defaults: dict = DEFAULTS, prefix: str = "") -> dict:
-    """Check types and choices; convert ints given for float keys. Returns ``cfg``."""
-    for key, default in defaults.items():
+def validate(cfg: dict, defaults: dict | None = None, prefix: str = "", schema: Schema | None = None) -> dict:
+    """Check types and choices; convert ints given for float keys. Returns ``cfg``.
+
+    ``schema`` None: the schema of ``cfg["task"]`` (recognition when absent); ``defaults`` and ``prefix``
+    select a section while recursing."""
+    if schema is None:
+        schema = schema_for(cfg.get("task", "recognition"))
+    for key, default in (schema.defaults if defaults is None else defaults).items():
         dotted = f"{prefix}{key}"
         value = cfg.get(key)
-        if isinstance(default, dict) and dotted not in FREE_FORM:
-            validate(value, default, dotted + ".")
+        if isinstance(default, dict) and dotted not in schema.free_form:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
+            validate(value, default, dotted + ".", schema)
             continue
-        if dotted in FREE_FORM:
+        if dotted in schema.free_form:
             continue
         if not _type_ok(default, value):
             raise ConfigError(f"{dotted} must be {type(default).__name__}, got {value!r}")
         if isinstance(default, float) and value is not None:
             cfg[key] = float(value)
-        if dotted in CHOICES and value not in CHOICES[dotted]:
-            raise ConfigError(f"{dotted} must be one of {sorted(CHOICES[dotted])}, got {value!r}")
+        if dotted in schema.choices and value not in schema.choices[dotted]:
+            raise ConfigError(f"{dotted} must be one of {sorted(schema.choices[dotted])}, got {value!r}")
     if prefix == "":
-        _validate_semantics(cfg)
+        schema.check(cfg)
     return cfg
 
 
@@ -252,6 +313,62 @@ def _validate_semantics(cfg: dict) -> None:
             raise ConfigError(f"schedule.freeze[{i}] must be {{modules: [prefix, ...], until_step: N}}, got {f!r}")
 
 
+def _validate_aligner(cfg: dict) -> None:
+    try:
+        geometry = AlignerGeometry.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"aligner geometry (input_size, heatmap_size, sigma, crop_scale): {e}") from None
+    for key in ("input_size", "heatmap_size"):
+        if len(cfg[key]) != 2 or not all(isinstance(v, int) and v > 0 for v in cfg[key]):
+            raise ConfigError(f"{key} must be [height, width] positive integers, got {cfg[key]!r}")
+    for key in ("stacks", "channels", "depth"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be ≥ 1, got {cfg[key]}")
+    cell = 2 ** cfg["depth"]
+    if geometry.heatmap_size[0] % cell or geometry.heatmap_size[1] % cell:
+        raise ConfigError(f"heatmap_size {list(geometry.heatmap_size)} must be divisible by 2**depth = {cell}")
+    if geometry.stride not in (1, 2, 4):
+        raise ConfigError(f"the stride input_size / heatmap_size must be 1, 2 or 4, got {geometry.stride}")
+    d, a, o = cfg["data"], cfg["augment"], cfg["optim"]
+    if not d["train"] or not all(isinstance(v, str) for v in d["train"]):
+        raise ConfigError(f"data.train must be a list of folder names, got {d['train']!r}")
+    if len(a["scale"]) != 2 or not 0 < a["scale"][0] <= a["scale"][1]:
+        raise ConfigError(f"augment.scale must be [low, high] with 0 < low <= high, got {a['scale']!r}")
+    for key in ("rotation_p", "flip", "grayscale", "blur"):
+        if not 0 <= a[key] <= 1:
+            raise ConfigError(f"augment.{key} is a probability in [0, 1], got {a[key]}")
+    if o["batch_size"] < 1 or o["epochs"] < 1:
+        raise ConfigError("optim.batch_size and optim.epochs must be ≥ 1")
+    if o["lr"] <= 0:
+        raise ConfigError("optim.lr must be > 0")
+    if o["checkpoint_every"] < 1 or o["eval_every"] < 1:
+        raise ConfigError("optim.checkpoint_every and optim.eval_every must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The keys a task's config may have (with defaults and types), allowed values, free-form keys and the
+    checks across keys."""
+
+    defaults: dict[str, Any]
+    choices: dict[str, set]
+    free_form: frozenset[str]
+    check: Callable[[dict], None]
+
+
+SCHEMAS = {
+    "recognition": Schema(DEFAULTS, CHOICES, frozenset(FREE_FORM), _validate_semantics),
+    "landmarks": Schema(ALIGNER_DEFAULTS, ALIGNER_CHOICES, frozenset(), _validate_aligner),
+}
+
+
+def schema_for(task: Any) -> Schema:
+    """The schema of ``task`` (``recognition`` or ``landmarks``)."""
+    if task not in SCHEMAS:
+        raise ConfigError(f"task must be one of {sorted(SCHEMAS)}, got {task!r}")
+    return SCHEMAS[task]
+
+
 def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     """``["optim.lr=0.1", ...]`` → ``[("optim.lr", 0.1), ...]``."""
     out = []
@@ -264,8 +381,10 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
-    """Defaults ← YAML file ← ``key=value`` overrides, validated. The name defaults to the file's stem."""
-    cfg = copy.deepcopy(DEFAULTS)
+    """Defaults ← YAML file ← ``key=value`` overrides, validated. The name defaults to the file's stem.
+
+    The ``task`` (of the overrides, else of the file, else ``recognition``) picks the schema."""
+    loaded: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -277,10 +396,14 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         loaded.setdefault("name", path.stem)
-        _merge(cfg, loaded)
-    for key, value in parse_overrides(overrides):
-        set_dotted(cfg, key, value)
-    return validate(cfg)
+    pairs = parse_overrides(overrides)
+    task = dict(pairs).get("task", loaded.get("task", "recognition"))
+    schema = schema_for(task)
+    cfg = copy.deepcopy(schema.defaults)
+    _merge(cfg, loaded, free_form=schema.free_form)
+    for key, value in pairs:
+        set_dotted(cfg, key, value, schema.free_form)
+    return validate(cfg, schema=schema)
 
 
 def output_dir(cfg: dict) -> Path:

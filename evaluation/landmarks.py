@@ -1,0 +1,170 @@
+"""Landmark accuracy: a landmark refiner against the detector's own 5 points, on the same faces.
+
+For every image with a ``.pts5`` file (5 points in LANDMARK_NAMES order) the detector runs once; the
+detection holding the annotated face (highest score among boxes that contain the centroid of the
+ground-truth points) gives both the detector's 5 points and the box the refiner works inside. NME is the
+mean point error over the inter-ocular distance (eye centre to eye centre); failures have NME > 10 %.
+Images where the detector finds no such face are counted as ``missed`` and left out of both figures.
+
+    from runtime.landmarks import LandmarkRefiner
+    evaluate_landmarks("$FACEKIT_DATA/landmarks_300w/test", LandmarkRefiner("runtime/models/aligner.onnx"))
+
+The refiner is any object with ``refine(image_bgr, box, landmarks) -> (5, 2)``: the runtime's ONNX
+:class:`runtime.landmarks.LandmarkRefiner` or a PyTorch one built in ``train/``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from runtime.geometry import LANDMARK_NAMES
+
+#: A prediction whose NME exceeds this counts as a failure.
+FAILURE_THRESHOLD = 0.10
+
+
+class Refiner(Protocol):
+    """What :func:`evaluate_landmarks` calls: 5 image-pixel points for a face box (and initial points)."""
+
+    def refine(self, image_bgr: np.ndarray, box: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        ...
+
+
+def nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Per-face mean point error divided by the inter-ocular distance (eye centre to eye centre).
+
+    ``pred`` and ``gt`` are (N, 5, 2) or (5, 2) in LANDMARK_NAMES order; returns (N,) (or a scalar).
+    """
+    p = np.asarray(pred, np.float64)
+    g = np.asarray(gt, np.float64)
+    if p.shape != g.shape or p.shape[-2:] != (len(LANDMARK_NAMES), 2):
+        raise ValueError(f"need matching (N, 5, 2) arrays, got {p.shape} and {g.shape}")
+    iod = np.linalg.norm(g[..., 0, :] - g[..., 1, :], axis=-1)
+    if np.any(iod <= 0):
+        raise ValueError("ground truth with coincident eyes: inter-ocular distance is zero")
+    return np.linalg.norm(p - g, axis=-1).mean(-1) / iod
+
+
+def failure_rate(nmes: np.ndarray, threshold: float = FAILURE_THRESHOLD) -> float:
+    """Fraction of faces whose NME exceeds ``threshold``."""
+    v = np.asarray(nmes, np.float64).reshape(-1)
+    return float((v > threshold).mean()) if v.size else float("nan")
+
+
+def read_points(path: str | os.PathLike) -> np.ndarray:
+    """A ``.pts5`` / ``.pts68`` file: one ``x y`` per line → (K, 2) float64."""
+    pts = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"{path}: expected 'x y' lines, got shape {pts.shape}")
+    return pts
+
+
+def landmark_files(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(image, .pts5) pairs under ``data_dir`` (recursively), sorted by path."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"landmark folder {root} not found")
+    pairs = []
+    for pts in sorted(root.rglob("*.pts5")):
+        for ext in (".jpg", ".jpeg", ".png"):
+            if pts.with_suffix(ext).is_file():
+                pairs.append((pts.with_suffix(ext), pts))
+                break
+    if not pairs:
+        raise FileNotFoundError(f"no image + .pts5 pairs under {root}")
+    return pairs
+
+
+def match_detection(detections: list, gt: np.ndarray):
+    """The detection of the annotated face: highest score among boxes that contain the centroid of the
+    ground-truth points; None when no box does."""
+    c = np.asarray(gt, np.float64).reshape(-1, 2).mean(0)
+    inside = [d for d in detections if d.box[0] <= c[0] <= d.box[2] and d.box[1] <= c[1] <= d.box[3]]
+    return max(inside, key=lambda d: d.score) if inside else None
+
+
+def per_landmark_nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """(5,) mean error of each landmark over the inter-ocular distance, for (N, 5, 2) arrays."""
+    g = np.asarray(gt, np.float64)
+    iod = np.linalg.norm(g[:, 0] - g[:, 1], axis=1)[:, None]
+    return (np.linalg.norm(np.asarray(pred, np.float64) - g, axis=2) / iod).mean(0)
+
+
+def summarize(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
+    """NME, failure rate, median NME and per-landmark NME of (N, 5, 2) predictions."""
+    values = nme(pred, gt)
+    return {
+        "nme": float(values.mean()) if values.size else float("nan"),
+        "failure_rate": failure_rate(values),
+        "median_nme": float(np.median(values)) if values.size else float("nan"),
+        "per_landmark": {n: float(v) for n, v in zip(LANDMARK_NAMES, per_landmark_nme(pred, gt))},
+    }
+
+
+def evaluate_landmarks(data_dir: str | os.PathLike, refiner: Refiner, detector: Any = None,
+                       progress: bool = True, model_name: str | None = None) -> dict[str, Any]:
+    """NME and failure rate of ``refiner`` and of the detector's 5 points on the same faces.
+
+    ``detector`` None: the runtime's default detector. ``model_name`` labels the refiner in the result
+    (default: its ``path``). Returns ``{"aligner": {"nme", "failure_rate", "median_nme", "per_landmark",
+    "ms_per_face"}, "detector": {...}, "images": N, "missed": M, "data": str, "aligner_model": str}``.
+    """
+    from tqdm import tqdm
+
+    from runtime.detector import load_detector
+
+    pairs = landmark_files(data_dir)
+    det = detector if detector is not None else load_detector()
+    gts, det_pts, ali_pts = [], [], []
+    missed, refine_s = 0, 0.0
+    for img_path, pts_path in tqdm(pairs, desc="landmarks", disable=not progress):
+        image = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"{img_path}: unreadable image")
+        gt = read_points(pts_path)[: len(LANDMARK_NAMES)]
+        d = match_detection(det.detect(image), gt)
+        if d is None:
+            missed += 1
+            continue
+        t = time.perf_counter()
+        refined = refiner.refine(image, d.box, d.landmarks)
+        refine_s += time.perf_counter() - t
+        gts.append(gt)
+        det_pts.append(d.landmarks)
+        ali_pts.append(refined)
+    n = len(gts)
+    if n == 0:
+        raise RuntimeError(f"the detector found none of the {len(pairs)} annotated faces in {data_dir}")
+    gts, det_pts, ali_pts = np.stack(gts), np.stack(det_pts), np.stack(ali_pts)
+    return {
+        "aligner": {**summarize(ali_pts, gts), "ms_per_face": 1000 * refine_s / n},
+        "detector": summarize(det_pts, gts),
+        "images": n,
+        "missed": missed,
+        "data": str(data_dir),
+        "aligner_model": model_name or str(getattr(refiner, "path", type(refiner).__name__)),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown table of an :func:`evaluate_landmarks` result."""
+    lines = [
+        f"landmarks on {result['data']}: {result['images']} faces ({result['missed']} missed by the detector)",
+        "",
+        "| points | NME (inter-ocular) | median NME | failure rate (NME > 10 %) | "
+        + " | ".join(LANDMARK_NAMES) + " |",
+        "|---|---|---|---|" + "---|" * len(LANDMARK_NAMES),
+    ]
+    for key, label in (("aligner", f"aligner ({Path(result['aligner_model']).name})"), ("detector", "detector")):
+        r = result[key]
+        per = " | ".join(f"{100 * r['per_landmark'][n]:.2f} %" for n in LANDMARK_NAMES)
+        lines.append(f"| {label} | {100 * r['nme']:.2f} % | {100 * r['median_nme']:.2f} % | "
+                     f"{100 * r['failure_rate']:.1f} % | {per} |")
+    if "ms_per_face" in result["aligner"]:
+        lines += ["", f"aligner: {result['aligner']['ms_per_face']:.1f} ms per face (crop + network + decoding)"]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""The aligner in PyTorch, used like the runtime's ONNX :class:`runtime.landmarks.LandmarkRefiner`.
+
+    refiner = load_refiner("runs/aligner_default/last.pt")   # or an exported .onnx
+    points = refiner.refine(image_bgr, box, detector_points)
+
+Crops, decoding and flip-test come from :mod:`runtime.landmarks` (:func:`~runtime.landmarks.predict_points`),
+so a checkpoint and its export give the same points.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from evaluation.landmarks import failure_rate, nme
+from runtime.landmarks import AlignerGeometry, LandmarkRefiner, face_crops, predict_points
+
+from .checkpoint import CHECKPOINT_SUFFIXES, build_model_from_checkpoint
+from .hourglass import full_config
+from .landmark_data import LandmarkData
+
+
+@torch.no_grad()
+def predict_torch(model: nn.Module, crops: np.ndarray, mats: np.ndarray, geometry: AlignerGeometry,
+                  batch_size: int = 64) -> np.ndarray:
+    """(N, 5, 2) image-pixel landmarks from a PyTorch aligner for prepared RGB crops (the runtime's
+    :func:`runtime.landmarks.predict_points`, with the network in PyTorch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return predict_points(lambda x: model(torch.from_numpy(x)).numpy(), crops, mats, geometry, batch_size)
+    finally:
+        model.train(was_training)
+
+
+class TorchRefiner:
+    """An aligner checkpoint used like :class:`runtime.landmarks.LandmarkRefiner` (``refine``/``refine_many``)."""
+
+    def __init__(self, checkpoint: str | os.PathLike):
+        self.path = str(checkpoint)
+        self.model, config = build_model_from_checkpoint(checkpoint)
+        if config.get("task") != "landmarks":
+            raise ValueError(f"{checkpoint}: not an aligner checkpoint (config task is {config.get('task')!r})")
+        self.geometry = AlignerGeometry.from_dict(full_config(config))
+
+    def refine_many(self, image_bgr: np.ndarray, boxes, landmarks=None) -> np.ndarray:
+        """(N, 5, 2) landmarks for several faces of one image."""
+        crops, mats = face_crops(image_bgr, boxes, self.geometry, landmarks)
+        return predict_torch(self.model, crops, mats, self.geometry)
+
+    def refine(self, image_bgr: np.ndarray, box: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        """(5, 2) landmarks of the face in ``box``."""
+        return self.refine_many(image_bgr, [box], None if landmarks is None else [landmarks])[0]
+
+
+def load_refiner(path: str | os.PathLike) -> TorchRefiner | LandmarkRefiner:
+    """A refiner for an aligner file: a checkpoint (.pt) runs in PyTorch, anything else (ONNX, engine)
+    through the runtime."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"aligner model {path} not found")
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return TorchRefiner(path)
+    return LandmarkRefiner(str(path))
+
+
+def evaluate_model(model: nn.Module, data: LandmarkData, geometry: AlignerGeometry) -> dict[str, float]:
+    """NME / failure rate of the aligner and of the detector's points on the faces the detector found."""
+    crops, mats = data.runtime_crops(geometry)
+    pred = predict_torch(model, crops, mats, geometry)
+    found = data.detected
+    a = nme(pred[found], data.points[found])
+    d = nme(data.det_landmarks[found], data.points[found])
+    return {"nme": float(a.mean()), "failure_rate": failure_rate(a),
+            "detector_nme": float(d.mean()), "detector_failure_rate": failure_rate(d),
+            "images": int(found.sum()), "missed": int((~found).sum())}
