@@ -6,15 +6,18 @@ metadata (:mod:`runtime.metadata`), never from guesses.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .backends.base import Backend, ModelLoadError, load_model
+from .batching import ordered_batches
+from .cpu import usable_cores
 from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, Detection, load_detector
 from .image_io import ImageError, LoadedImage, load_image_scaled
 from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
@@ -68,6 +71,24 @@ class Subject:
     reason: str = ""
     threshold: float = 0.5
     scale: float = 1.0
+
+
+@dataclass
+class ImageFaces:
+    """One image's result from :meth:`FacePipeline.embed_many`: its position ``index`` in the input and its
+    ``source`` label; the ``faces`` found (all embedded; with ``subject=True`` only the chosen ``face`` is,
+    or it is None with the subject rule's ``reason``), or the ``error`` that made the image unusable."""
+
+    index: int
+    source: str
+    faces: list[Face] = field(default_factory=list)
+    face: Face | None = None
+    reason: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True)
@@ -353,6 +374,64 @@ class FacePipeline:
                 f.embedding = e
         return faces
 
+    def embed_many(self, images: Iterable[Any], color_order: str = "BGR", *, subject: bool = False,
+                   min_face: float = 0.0, dominance: float = 0.0, retry_threshold: float | None = None,
+                   score_threshold: float | None = None, batch_size: int | None = None,
+                   workers: int | None = None, window: int | None = None) -> Iterator[ImageFaces]:
+        """One :class:`ImageFaces` per item of ``images`` (paths, bytes or arrays; any iterable, endless
+        ones included), in input order. A bad item gives a result with ``error``, never an exception.
+
+        ``workers`` threads (default: the usable cores) decode, detect and warp; the faces of several
+        images are embedded in one recognizer call of up to ``batch_size`` faces (default: the
+        pipeline's); at most ``window`` items (default ``2 × batch_size``) are read ahead. Embeddings match
+        :meth:`embed`'s (``subject=True``: :meth:`find_subject`'s face, with ``min_face``,
+        ``dominance`` and ``retry_threshold`` as there, is the only one embedded).
+        """
+        self.recognizer  # load now: a missing model is the caller's error, not an image's
+        bs = int(batch_size or self.batch_size)
+        prepare = functools.partial(self._prepare_faces, color_order=color_order, subject=subject,
+                                    options=dict(min_face=min_face, dominance=dominance,
+                                                 retry_threshold=retry_threshold), score_threshold=score_threshold)
+        return ordered_batches(enumerate(images), prepare, self._embed_prepared, weight=lambda p: len(p[1]),
+                               batch_size=bs, workers=usable_cores() if workers is None else int(workers),
+                               window=int(window or 2 * bs))
+
+    def _prepare_faces(self, item: tuple[int, Any], color_order: str, subject: bool, options: dict[str, Any],
+                       score_threshold: float | None) -> tuple[ImageFaces, list[np.ndarray]]:
+        """Decode, detect and warp one item of :meth:`embed_many`: its result (not embedded yet) and crops."""
+        index, image = item
+        result = ImageFaces(index, _describe(image))
+        try:
+            if subject:
+                found = self.find_subject(image, color_order, **options)
+                result.faces, result.face, result.reason = found.faces, found.face, found.reason
+                face, scale = found.face, np.float32(found.scale)
+                return result, [] if face is None else [self._warp(found.image, face.landmarks * scale)]
+            img = _load(image, color_order)
+            result.faces = self._detect(img, score_threshold)
+            return result, [self._warp(img, f.landmarks) for f in result.faces]
+        except Exception as e:  # noqa: BLE001 - one bad input is a result, not a failed batch
+            result.faces, result.face, result.error = [], None, _reason(e)
+            return result, []
+
+    def _embed_prepared(self, batch: list[tuple[ImageFaces, list[np.ndarray]]]) -> list[ImageFaces]:
+        """Embed the crops of a batch of prepared images in one recognizer call (per image on failure)."""
+        crops = [c for _, cs in batch for c in cs]
+        try:
+            emb = self.embed_aligned(np.stack(crops)) if crops else np.zeros((0, 0), np.float32)
+        except Exception as e:  # noqa: BLE001 - find the image that fails, keep the others
+            if len(batch) == 1:
+                result, _ = batch[0]
+                result.faces, result.face, result.error = [], None, f"recognizer failed: {_reason(e)}"
+                return [result]
+            return [r for item in batch for r in self._embed_prepared([item])]
+        rows = iter(emb)
+        for result, cs in batch:
+            targets = [result.face] if result.face is not None else result.faces
+            for f, _ in zip(targets, cs):
+                f.embedding = next(rows)
+        return [r for r, _ in batch]
+
     def subject_face(self, image, color_order: str = "BGR") -> Face:
         """The embedded subject face of ``image`` (:meth:`find_subject`); :class:`NoFaceError` when it has no face."""
         found = self.find_subject(image, color_order)
@@ -385,6 +464,13 @@ def _describe(src) -> str:
     if isinstance(src, np.ndarray):
         return f"<array {src.shape}>"
     return f"<{type(src).__name__}>"
+
+
+def _reason(e: BaseException) -> str:
+    """Why an input failed, in one line (an :class:`ImageError`'s reason, else the exception's message)."""
+    if isinstance(e, ImageError):
+        return e.reason
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _load(image, color_order: str) -> LoadedImage:
@@ -420,5 +506,5 @@ def iter_images(folder: str | os.PathLike, extensions: Iterable[str] = (".jpg", 
     return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.name)
 
 
-__all__ = ["Face", "FacePipeline", "Comparison", "Subject", "NoFaceError", "ImageError", "DEFAULT_RECOGNIZER",
-           "DEFAULT_ALIGNER", "iter_images"]
+__all__ = ["Face", "FacePipeline", "Comparison", "ImageFaces", "Subject", "NoFaceError", "ImageError",
+           "DEFAULT_RECOGNIZER", "DEFAULT_ALIGNER", "iter_images"]
