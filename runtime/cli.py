@@ -1,4 +1,4 @@
-"""Command line: ``python -m runtime {detect,compare,matrix,enroll,identify} ...``.
+"""Command line: ``python -m runtime {detect,compare,matrix,enroll,identify,index} ...``.
 
 Exit status 0 on success (a picture without a face is a result, not an error); 2 with one line on stderr
 for unusable input (unreadable image, missing or foreign model, bad gallery); never a traceback for bad input.
@@ -271,6 +271,10 @@ def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     i.add_argument("--top-k", type=int, default=1)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_identify)
+
+    from .index_cli import add_index_command
+
+    add_index_command(sub, [models])
     p.commands = sorted(sub.choices)
     return p
 
@@ -288,6 +292,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(GalleryError)
     except ImportError:
         pass
+    from .indexer import IndexingError
+
+    errors.append(IndexingError)
     return tuple(errors)
 
 
