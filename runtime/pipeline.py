@@ -387,6 +387,8 @@ class FacePipeline:
         :meth:`embed`'s (``subject=True``: :meth:`find_subject`'s face, with ``min_face``,
         ``dominance`` and ``retry_threshold`` as there, is the only one embedded).
         """
+        if isinstance(images, (str, bytes, bytearray, os.PathLike)):
+            raise TypeError("embed_many takes an iterable of images; for one image use embed()")
         self.recognizer  # load now: a missing model is the caller's error, not an image's
         bs = int(batch_size or self.batch_size)
         prepare = functools.partial(self._prepare_faces, color_order=color_order, subject=subject,

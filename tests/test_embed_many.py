@@ -3,13 +3,16 @@ the recognizer, bounded read-ahead on an endless input, early stop."""
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import need
+from conftest import ROOT, need
 from runtime.batching import ordered_batches
 from runtime.pipeline import FacePipeline, ImageFaces
 from runtime.subject import NO_FACE
@@ -187,8 +190,57 @@ def test_embed_many_on_an_endless_generator_has_bounded_memory(pipe, lfw_files):
     assert rss[1] - rss[0] < 50_000  # no growth with the number of images (kB)
 
 
-def test_embed_many_reports_a_missing_model_at_the_call(tmp_path):
-    from runtime.backends.base import ModelLoadError
+def test_embed_many_refuses_a_lone_path_at_the_call(pipe, tmp_path):
+    with pytest.raises(TypeError, match="iterable of images"):
+        pipe.embed_many(str(tmp_path / "photo.jpg"))
 
-    with pytest.raises(ModelLoadError):
-        FacePipeline(recognizer=str(tmp_path / "none.onnx")).embed_many([])
+
+def test_throughput_benchmark_reports_both_paths_and_their_agreement(facekit_data, tmp_path):
+    need(facekit_data / "lfw" / "images")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--no-write", "throughput",
+                           "--images", "10", "--rounds", "2", "--json"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.splitlines()[-1])
+    e = res["embed"]
+    assert e["photos"] == 10 and e["faces"] >= 10 and e["errors"] == [] and e["face_count_mismatches"] == 0
+    assert e["min_cosine"] >= 0.99999 and e["speedup"] > 0
+    assert e["one_at_a_time"]["photos_per_s"] > 0 and e["embed_many"]["faces_per_s"] > 0
+    assert res["machine"]["cpu"] and res["machine"]["cores"] >= 1
+
+
+def _sqrt_of_mean_recognizer(path) -> str:
+    """A 4-d 'recognizer' that gives NaN for crops darker than mid-grey: sqrt(mean of the input tensor)."""
+    onnx = pytest.importorskip("onnx", reason="building the test model needs onnx")
+    from onnx import TensorProto, helper
+
+    from runtime.metadata import encode_metadata
+    from runtime.preprocess import PreprocessSpec
+
+    nodes = [helper.make_node("ReduceMean", ["input"], ["m"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["m1"]),
+             helper.make_node("Sqrt", ["m1"], ["s"]),
+             helper.make_node("MatMul", ["s", "ones"], ["embedding"])]
+    inits = [helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("ones", TensorProto.FLOAT, [1, 4], [1.0, 1.0, 1.0, 1.0])]
+    graph = helper.make_graph(nodes, "sqrt_mean", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                 ["batch", 3, 112, 112])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    helper.set_model_props(model, encode_metadata({"task": "recognition", "preprocess": PreprocessSpec().to_dict(),
+                                                   "embedding_size": 4}))
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_a_recognizer_failure_on_one_image_fails_only_that_image(lfw_files, tmp_path):
+    import cv2
+
+    pipe = FacePipeline(recognizer=_sqrt_of_mean_recognizer(tmp_path / "sqrt.onnx"))
+    photo = cv2.imread(lfw_files[0])
+    bright, dark = (photo // 2 + 128).astype(np.uint8), (photo // 2).astype(np.uint8)
+    results = list(pipe.embed_many([bright, dark, bright], batch_size=8, workers=0))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].error.startswith("recognizer failed:") and "NaN" in results[1].error
+    assert all(f.embedding is not None for r in (results[0], results[2]) for f in r.faces)
