@@ -11,6 +11,7 @@
     python benchmarks/run.py landmarks [--data DIR] [--aligner FILE] [--json]   # aligner vs detector NME
     python benchmarks/run.py large-photos [--megapixels 54,108]  # 50–200 MP JPEGs: reduced decode, RSS
     python benchmarks/run.py triton [--concurrency 1,4,16] [--seconds 5]       # through Triton vs in-process
+    python benchmarks/run.py throughput [--data LFW_DIR] [--images 1000] [--indexer-images 600]  # embed_many
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -284,6 +285,35 @@ def cmd_triton(args) -> dict:
     return result
 
 
+def cmd_throughput(args) -> dict:
+    """``embed`` one photo at a time vs ``embed_many`` (and the indexer): ``benchmarks/pipeline_throughput.py``."""
+    from benchmarks import pipeline_throughput as pt
+    from runtime.pipeline import FacePipeline
+
+    info = {**rp.machine_info(), "instruction_sets": pt.instruction_sets()}
+    pipe = FacePipeline(recognizer=str(resolve_model(args.model)), detector=args.detector, landmarks=args.landmarks,
+                        aligner=args.aligner, backend=args.backend)
+    files = pt.lfw_images(Path(args.data), args.images)
+    log(f"throughput: {len(files)} LFW photos, embed vs embed_many")
+    out = {"date": _dt.date.today().isoformat(), "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+           "machine": info, "embed": pt.embed_throughput(pipe, files, args.rounds, batch_size=args.batch_size,
+                                                         workers=args.workers)}
+    if args.indexer_images:
+        celeba = data_root() / "celeba"
+        log(f"throughput: indexer over {args.indexer_images} celeba/wild photos")
+        out["indexer"] = pt.indexer_throughput(celeba / "wild", celeba / "identity_wild.txt", args.indexer_images,
+                                               ["in-process", "2 processes", "ray (local)"])
+    info["load_average_at_end"] = rp.load_average()
+    md = pt.to_markdown(out)
+    if not args.no_write:
+        stem = rp.report_stem(info, out["date"]) + "-throughput"
+        results = Path(args.results) if args.results else rp.RESULTS_DIR
+        atomic_write(results / f"{stem}.md", lambda f: f.write(md.encode()))
+        atomic_write(results / f"{stem}.json", lambda f: f.write(json.dumps(out, indent=2).encode() + b"\n"))
+    _print_result(out, args, md)
+    return out
+
+
 def cmd_landmarks(args) -> dict:
     """NME / failure rate of the aligner and the detector's own points (``benchmarks/landmarks.py``)."""
     from benchmarks import landmarks
@@ -541,6 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "in-process (benchmarks/triton.py)")
     s.add_argument("--concurrency", default="1,4,16", help="concurrent clients per level")
     s.add_argument("--workloads", default="recognizer,pipeline", help="recognizer and/or pipeline")
+    s = sub.add_parser("throughput", parents=[sub_common], help="embed one photo at a time vs embed_many; indexer")
+    s.add_argument("--data", help="LFW folder (default $FACEKIT_DATA/lfw)")
+    s.add_argument("--images", type=int, default=1000, help="LFW photos to embed (default 1000)")
+    s.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    s.add_argument("--batch-size", type=int, default=32, help="embed_many: faces per recognizer call")
+    s.add_argument("--workers", type=int, help="embed_many: decode/detect threads (default: usable cores)")
+    s.add_argument("--indexer-images", type=int, default=0,
+                   help="also time the indexer (in-process, 2 processes, Ray) on this many celeba/wild photos")
     return p
 
 
@@ -550,7 +588,7 @@ def _default_data(args) -> None:
         return
     kind = args.command if args.command != "parity" else args.kind
     sub = "landmarks_300w/test" if args.command == "landmarks" else DEFAULT_DATA.get(
-        "lfw" if args.command == "identification" else kind)
+        "lfw" if args.command in ("identification", "throughput") else kind)
     if sub is None:
         raise UsageError(f"{args.command}: give --data (there is no default for {kind})")
     args.data = str(data_root() / sub)
@@ -559,7 +597,8 @@ def _default_data(args) -> None:
 def commands() -> dict:
     """Sub-command name → the function that runs it (the verification kinds share ``cmd_verification``)."""
     return {"identification": cmd_identification, "parity": cmd_parity, "latency": cmd_latency,
-            "landmarks": cmd_landmarks, "large-photos": large_photos.run, "triton": cmd_triton}
+            "landmarks": cmd_landmarks, "large-photos": large_photos.run, "triton": cmd_triton,
+            "throughput": cmd_throughput}
 
 
 def main(argv: list[str] | None = None) -> int:
