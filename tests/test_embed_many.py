@@ -195,15 +195,16 @@ def test_embed_many_refuses_a_lone_path_at_the_call(pipe, tmp_path):
         pipe.embed_many(str(tmp_path / "photo.jpg"))
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_reports_both_paths_and_their_agreement(facekit_data, tmp_path):
     need(facekit_data / "lfw" / "images")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--no-write", "throughput",
-                           "--images", "10", "--rounds", "2", "--json"], capture_output=True, text=True,
+                           "--images", "6", "--rounds", "2", "--json"], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.splitlines()[-1])
     e = res["embed"]
-    assert e["photos"] == 10 and e["faces"] >= 10 and e["errors"] == [] and e["face_count_mismatches"] == 0
+    assert e["photos"] == 6 and e["faces"] >= 6 and e["errors"] == [] and e["face_count_mismatches"] == 0
     assert e["min_cosine"] >= 0.99999 and e["speedup"] > 0
     assert e["one_at_a_time"]["photos_per_s"] > 0 and e["embed_many"]["faces_per_s"] > 0
     assert res["machine"]["cpu"] and res["machine"]["cores"] >= 1
