@@ -24,7 +24,7 @@ Config (``build_loss``), the ``loss`` section of an experiment config::
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,37 +49,38 @@ def _check_labels(emb: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"labels must be a vector of {emb.shape[0]} class ids, got shape {tuple(labels.shape)}")
 
 
-class CombinedMarginHead(nn.Module):
-    """insightface combined margin: target logit s·(cos(m1·θ + m2) − m3), others s·cos θ.
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` holds; 0 (still attached to the graph) where it holds nowhere.
+    No host synchronisation (no data-dependent shapes)."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
 
-    ArcFace = (1, m, 0), CosFace = (1, 0, m), SphereFace-like = (m, 0, 0). The weight (num_classes×D) and
-    the embeddings are L2-normalised. Where m1·θ + m2 > π (the margin would wrap around) the target logit
-    falls back to s·(cos θ − m3 − (1 + cos θ₀)), θ₀ = (π − m2)/m1, which is continuous at θ₀ and keeps the
-    penalty monotone; ``easy_margin`` instead keeps cos θ wherever cos θ ≤ 0 (insightface's option).
+
+def focal_weighting(ce: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample focal loss from per-sample CE ℓ: p = exp(−ℓ), (1 − p)^γ · ℓ; γ = 0 returns ℓ itself."""
+    if gamma == 0:
+        return ce
+    p = torch.exp(-ce)
+    return (1 - p).clamp(min=0) ** gamma * ce
+
+
+class CombinedMargin:
+    """insightface's combined margin, defined once for the full head and the sharded one: the target logit is
+    s·(cos(m1·θ + m2) − m3), every other logit s·cos θ.
+
+    ArcFace = (1, m, 0), CosFace = (1, 0, m), SphereFace-like = (m, 0, 0). Where m1·θ + m2 > π (the margin
+    would wrap around) the target falls back to cos θ − m3 − (1 + cos θ₀), θ₀ = (π − m2)/m1, continuous at θ₀
+    and monotone; ``easy_margin`` instead keeps cos θ wherever cos θ ≤ 0 (insightface's option).
     """
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0,
-                 m2: float = 0.5, m3: float = 0.0, easy_margin: bool = False):
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, easy_margin: bool = False):
         if m1 <= 0 or s <= 0:
             raise ValueError(f"need s > 0 and m1 > 0, got s={s}, m1={m1}")
-        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.easy_margin = bool(easy_margin)
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
-        nn.init.normal_(self.weight, std=0.01)
         self.theta_limit = (math.pi - self.m2) / self.m1
         self.fallback_shift = 1.0 + math.cos(self.theta_limit)
 
-    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
-        """cos θ between each embedding and each class centre, float32, clamped away from ±1."""
-        with _no_autocast(emb.device):
-            cos = F.linear(F.normalize(_fp32(emb), dim=1), F.normalize(_fp32(self.weight), dim=1))
-            return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
-
-    def margin_target(self, cos_t: torch.Tensor) -> torch.Tensor:
+    def target(self, cos_t: torch.Tensor) -> torch.Tensor:
         """cos(m1·θ + m2) − m3 (with the fallbacks) for target cosines ``cos_t`` (float32)."""
         if self.m1 == 1.0 and self.m2 == 0.0:
             return cos_t - self.m3
@@ -89,6 +90,48 @@ class CombinedMarginHead(nn.Module):
             return torch.where(cos_t > 0, new, cos_t - self.m3)
         return torch.where(theta <= self.theta_limit, new, cos_t - self.m3 - self.fallback_shift)
 
+    def logits(self, cos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Scaled logits of cosines N×C; ``targets[i]`` is row i's target column, or −1 when none of these
+        columns is its class (an unlabelled sample, or a class held by another rank's shard)."""
+        has = (targets >= 0).view(-1, 1)
+        idx = torch.where(has, targets.long().view(-1, 1), torch.zeros_like(has, dtype=torch.long))
+        cos_t = cos.gather(1, idx)
+        return cos.scatter(1, idx, torch.where(has, self.target(cos_t), cos_t)) * self.s
+
+
+def normalized_cosine(emb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """cos θ between embeddings and class centres, float32, clamped away from ±1 (both L2-normalised)."""
+    with _no_autocast(emb.device):
+        cos = F.linear(F.normalize(_fp32(emb), dim=1), F.normalize(_fp32(weight), dim=1))
+        return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
+
+
+class CombinedMarginHead(nn.Module):
+    """Class centres (num_classes×D) with a :class:`CombinedMargin` on top: ``forward(emb, labels)`` → logits.
+
+    Rows labelled −1 get no margin (they have no class). The weight starts as N(0, 0.01²).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, easy_margin: bool = False):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.margin = CombinedMargin(s, m1, m2, m3, easy_margin)
+        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
+        self.s, self.m1, self.m2, self.m3 = self.margin.s, self.margin.m1, self.margin.m2, self.margin.m3
+        self.easy_margin = self.margin.easy_margin
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
+        """cos θ between each embedding and each class centre, float32, clamped away from ±1."""
+        return normalized_cosine(emb, self.weight)
+
+    def margin_target(self, cos_t: torch.Tensor) -> torch.Tensor:
+        """cos(m1·θ + m2) − m3 (with the fallbacks) for target cosines ``cos_t`` (float32)."""
+        return self.margin.target(cos_t)
+
     def forward(self, emb: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled float32 logits N×num_classes; with ``labels`` the target column carries the margin."""
         with _no_autocast(emb.device):
@@ -96,9 +139,7 @@ class CombinedMarginHead(nn.Module):
             if labels is None:
                 return cos * self.s
             _check_labels(emb, labels)
-            idx = labels.long().view(-1, 1)
-            target = self.margin_target(cos.gather(1, idx))
-            return cos.scatter(1, idx, target) * self.s
+            return self.margin.logits(cos, labels)
 
 
 class ArcFaceHead(CombinedMarginHead):
@@ -132,7 +173,8 @@ class ClassificationLoss(nn.Module):
     """Cross-entropy (with label smoothing) on the logits of ``head``; ``gamma`` > 0 makes it focal.
 
     Focal form as in the course projects: per-sample CE ℓ, p = exp(−ℓ), loss = mean((1 − p)^γ · ℓ);
-    γ = 0 is exactly the CE.
+    γ = 0 is exactly the CE. The mean runs over the rows with a label (≥ 0); 0 when there are none.
+    :class:`train.sharded_head.ShardedMarginLoss` computes the same loss with the classes split over ranks.
     """
 
     def __init__(self, head: nn.Module, label_smoothing: float = 0.0, gamma: float = 0.0):
@@ -145,11 +187,10 @@ class ClassificationLoss(nn.Module):
         _check_labels(emb, labels)
         with _no_autocast(emb.device):
             logits = _fp32(self.head(emb, labels))
-            ce = F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=self.label_smoothing)
-            if self.gamma == 0:
-                return ce.mean()
-            p = torch.exp(-ce)
-            return ((1 - p).clamp(min=0) ** self.gamma * ce).mean()
+            has = labels >= 0
+            ce = F.cross_entropy(logits, torch.where(has, labels, torch.zeros_like(labels)).long(), reduction="none",
+                                 label_smoothing=self.label_smoothing)
+            return masked_mean(focal_weighting(ce, self.gamma), has)
 
 
 class FocalLoss(ClassificationLoss):
@@ -169,8 +210,9 @@ class CenterLoss(nn.Module):
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_labels(emb, labels)
         with _no_autocast(emb.device):
-            diff = _fp32(emb) - _fp32(self.centers)[labels.long()]
-            return 0.5 * diff.pow(2).sum(dim=1).mean()
+            has = labels >= 0
+            diff = _fp32(emb) - _fp32(self.centers)[torch.where(has, labels, torch.zeros_like(labels)).long()]
+            return masked_mean(0.5 * diff.pow(2).sum(dim=1), has)
 
 
 class TripletLoss(nn.Module):
@@ -178,7 +220,8 @@ class TripletLoss(nn.Module):
 
     For each anchor with at least one positive and one negative in the batch: relu(max d(a,p) − min d(a,n) + margin);
     the mean over those anchors. A batch without any valid anchor gives 0 (still attached to the graph).
-    Use a P×K identity sampler so every batch has positives.
+    Rows labelled −1 are neither anchors, positives nor negatives. Use a P×K identity sampler so every batch
+    has positives.
     """
 
     def __init__(self, margin: float = 0.3):
@@ -191,14 +234,14 @@ class TripletLoss(nn.Module):
             x = F.normalize(_fp32(emb), dim=1)
             dist = (2 - 2 * x @ x.t()).clamp(min=1e-12).sqrt()
             same = labels.view(-1, 1) == labels.view(1, -1)
+            has = labels >= 0
+            both = has.view(-1, 1) & has.view(1, -1)
             eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
-            pos, neg = same & ~eye, ~same
+            pos, neg = same & ~eye & both, ~same & both
             valid = pos.any(1) & neg.any(1)
-            if not bool(valid.any()):
-                return x.sum() * 0.0
             hardest_pos = dist.masked_fill(~pos, 0.0).max(1).values
-            hardest_neg = dist.masked_fill(~neg, float("inf")).min(1).values
-            return F.relu(hardest_pos - hardest_neg + self.margin)[valid].mean()
+            hardest_neg = dist.masked_fill(~neg, 1e4).min(1).values
+            return masked_mean(F.relu(hardest_pos - hardest_neg + self.margin), valid)
 
 
 class DistillLoss(nn.Module):
@@ -236,22 +279,13 @@ class DistillLoss(nn.Module):
             return (s @ s.t() - t @ t.t()).pow(2).mean()
 
 
-def _on_labelled(part: nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``part(emb, labels)`` on the rows with a label (≥ 0); 0 (attached to the graph) when there are none."""
-    keep = labels >= 0
-    if bool(keep.all()):
-        return part(emb, labels)
-    if not bool(keep.any()):
-        return _fp32(emb).sum() * 0.0
-    return part(emb[keep], labels[keep])
-
-
 class WeightedLoss(nn.Module):
     """Weighted sum of named loss parts; ``forward(emb, labels, teacher=None) -> (total, {name: part})``.
 
-    Parts are called as ``part(emb, labels)`` on the labelled rows (label ≥ 0; unlabelled samples, label −1,
-    feed only the distillation parts), except :class:`DistillLoss` parts: ``part(emb, teacher)`` on every row.
-    The returned parts are detached, unweighted float32 scalars.
+    Parts are called as ``part(emb, labels)``, each using only the rows with a label (label ≥ 0; unlabelled
+    samples, label −1, feed only the distillation parts), except :class:`DistillLoss` parts:
+    ``part(emb, teacher)`` on every row. The returned parts are detached, unweighted float32 scalars. Nothing
+    here waits for the device (no host synchronisation).
     """
 
     def __init__(self, parts: dict[str, tuple[float, nn.Module]]):
@@ -272,23 +306,35 @@ class WeightedLoss(nn.Module):
             else:
                 if labels is None:
                     raise ValueError(f"loss part {name!r} needs labels")
-                value = _on_labelled(part, emb, labels)
+                value = part(emb, labels)
             values[name] = value.detach()
             term = self.weights[name] * value
             total = term if total is None else total + term
         return total, values
 
 
+#: Heads whose classes can be split over ranks (:mod:`train.sharded_head`).
+MARGIN_HEADS = ("arcface", "cosface", "combined")
+
+
+def margin_from_config(cfg: dict[str, Any]) -> CombinedMargin:
+    """The :class:`CombinedMargin` of an ``arcface`` / ``cosface`` / ``combined`` loss section."""
+    kind, s = str(cfg.get("head", "arcface")).lower(), float(cfg.get("s", 64.0))
+    easy = bool(cfg.get("easy_margin", False))
+    if kind == "arcface":
+        return CombinedMargin(s, 1.0, float(cfg.get("m") if cfg.get("m") is not None else 0.5), 0.0, easy)
+    if kind == "cosface":
+        return CombinedMargin(s, 1.0, 0.0, float(cfg.get("m") if cfg.get("m") is not None else 0.35))
+    if kind == "combined":
+        return CombinedMargin(s, float(cfg.get("m1", 1.0)), float(cfg.get("m2", 0.5)), float(cfg.get("m3", 0.0)), easy)
+    raise ValueError(f"loss head {kind!r} has no margin (margin heads: {', '.join(MARGIN_HEADS)})")
+
+
 def _head(cfg: dict[str, Any], embedding_size: int, num_classes: int) -> nn.Module | None:
     kind = str(cfg.get("head", "arcface")).lower()
-    s = float(cfg.get("s", 64.0))
-    if kind == "arcface":
-        return ArcFaceHead(embedding_size, num_classes, s, float(cfg.get("m", 0.5)), bool(cfg.get("easy_margin", False)))
-    if kind == "cosface":
-        return CosFaceHead(embedding_size, num_classes, s, float(cfg.get("m", 0.35)))
-    if kind == "combined":
-        return CombinedMarginHead(embedding_size, num_classes, s, float(cfg.get("m1", 1.0)), float(cfg.get("m2", 0.5)),
-                                  float(cfg.get("m3", 0.0)), bool(cfg.get("easy_margin", False)))
+    if kind in MARGIN_HEADS:
+        m = margin_from_config(cfg)
+        return CombinedMarginHead(embedding_size, num_classes, m.s, m.m1, m.m2, m.m3, m.easy_margin)
     if kind in ("softmax", "linear"):
         return LinearHead(embedding_size, num_classes)
     if kind in ("none", "null"):
@@ -306,12 +352,14 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def build_loss(config: dict[str, Any], num_classes: int | None = None,
-               embedding_size: int | None = None) -> WeightedLoss:
+def build_loss(config: dict[str, Any], num_classes: int | None = None, embedding_size: int | None = None,
+               classification: Callable[[dict[str, Any], int, int], nn.Module] | None = None) -> WeightedLoss:
     """Build the :class:`WeightedLoss` an experiment config describes (see the module docstring).
 
     ``config`` is the whole experiment config (its ``loss`` section is used, ``embedding_size`` and
     ``num_classes`` are read from the top level unless passed) or just the loss section.
+    ``classification(loss_section, embedding_size, num_classes)`` builds the classification part instead of
+    :class:`ClassificationLoss` (the trainer passes :func:`train.sharded_head.sharded_builder`'s).
     """
     cfg = config.get("loss", config) if isinstance(config, dict) else config
     if isinstance(cfg, str):
@@ -329,7 +377,9 @@ def build_loss(config: dict[str, Any], num_classes: int | None = None,
             raise ValueError(f"loss {kind!r}/center needs num_classes >= 2 (pass num_classes=...), got {num_classes}")
         return num_classes
 
-    if kind not in ("none", "null"):
+    if kind not in ("none", "null") and classification is not None:
+        parts[kind] = (float(cfg.get("weight", 1.0)), classification(cfg, embedding_size, classes()))
+    elif kind not in ("none", "null"):
         head = _head(cfg, embedding_size, classes())
         loss = ClassificationLoss(head, float(cfg.get("label_smoothing", 0.0)), float(cfg.get("focal_gamma", 0.0)))
         parts[kind] = (float(cfg.get("weight", 1.0)), loss)
