@@ -240,3 +240,16 @@ def quick_verify(embed: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, p
         i = int(np.argmax(acc))
         result.update(accuracy=float(acc[i]), threshold_cosine=float(thr[i]), protocol="best-threshold")
     return result
+
+
+def mean_verification(results: dict[str, dict]) -> dict:
+    """Several :func:`quick_verify` results (name → result) summarised: the mean of their accuracy,
+    threshold and same / different cosines (what a training run ranks checkpoints by, as arcface_torch
+    reports LFW, CFP-FP and AgeDB-30 side by side), and the per-set results under ``"sets"``."""
+    if not results:
+        raise ValueError("mean_verification needs at least one result")
+    keys = ("accuracy", "threshold_cosine", "cos_same", "cos_diff")
+    out = {k: float(np.mean([r[k] for r in results.values()])) for k in keys}
+    out["pairs"] = int(sum(r["pairs"] for r in results.values()))
+    out["sets"] = dict(results)
+    return out

@@ -146,7 +146,7 @@ def test_pk_sampler_batches_and_resume():
     assert len(seen) > 0.6 * len(labels)
     # resume from batch 2 gives exactly the rest of the epoch; another epoch is a different order
     t = PKBatchSampler(labels, p=4, k=3, seed=1)
-    t.load_state_dict(s.state_dict(batches_consumed=2))
+    t.load_state_dict(s.state_dict(samples_consumed=2 * s.global_batch))
     assert list(t) == batches[2:]
     s.set_epoch(1)
     assert list(s) != batches
@@ -161,7 +161,7 @@ def test_shuffle_sampler_covers_epoch_and_resumes():
     flat = [i for b in batches for i, _ in b]
     assert len(batches) == 6 and len(set(flat)) == 48
     t = ShuffleBatchSampler(50, 8, seed=3)
-    t.load_state_dict(s.state_dict(4))
+    t.load_state_dict(s.state_dict(4 * 8))
     assert list(t) == batches[4:]
     with pytest.raises(ValueError, match="cannot fill"):
         ShuffleBatchSampler(5, 8)

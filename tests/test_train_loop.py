@@ -238,7 +238,8 @@ def test_init_warm_starts_weights_only(tmp_path, reference_run):
     assert trainer.step == 0 and trainer.initialised_from == reference_run / "last.pt"
     assert all(torch.equal(v, ref["model"][k]) for k, v in trainer.backbone.state_dict().items())
     assert all(torch.equal(v, ref["head"][k]) for k, v in trainer.criterion.state_dict().items())
-    assert trainer.scheduler.last_epoch == 0 and not trainer.optimizer.state  # fresh schedule, no momentum
+    assert trainer.position.samples_seen == 0  # fresh schedule, no momentum
+    assert all(not s["momentum_buffer"].any() for s in trainer.optimizer.state.values())
     trainer.train()
     assert load_checkpoint(tmp_path / "warm" / "last.pt")["step"] == 2
     with pytest.raises(ValueError, match="init: .*last.pt does not fit"):

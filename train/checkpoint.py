@@ -45,17 +45,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    weights_only: bool = False) -> dict[str, Any]:
+                    weights_only: bool = False, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint dict; raise :class:`CheckpointError` naming the file when it is truncated or foreign.
 
     ``weights_only=False`` (default) allows the numpy/python RNG states trainers store: load only
-    checkpoints you trust. Missing files raise ``FileNotFoundError``.
+    checkpoints you trust. ``mmap=True`` maps the tensors from the file instead of reading them (a rank of a
+    sharded run then reads only its rows of the head). Missing files raise ``FileNotFoundError``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+        state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as e:  # truncated zip, foreign pickle, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or "model" not in state:

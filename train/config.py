@@ -50,9 +50,10 @@ DEFAULTS: dict[str, Any] = {
         "max_identities": 0,
         "max_per_identity": 0,
         "augment": "flip",  # preset name or list of ops (see train/augment.py)
-        "cache": "decoded",  # decoded | encoded | none
+        "cache": "auto",  # auto (none for rec, else decoded when it fits) | decoded | encoded | none
+        "transfer": "uint8",  # uint8: workers ship crops, the device normalises; float32: workers normalise
         "teacher": None,  # npz with paths, emb, emb_flip (distillation)
-        "batch_size": 128,  # per process
+        "batch_size": 128,  # per process (global batch = batch_size × processes × train.accumulate)
         "sampler": "shuffle",  # shuffle | pk
         "pk_p": 32,
         "pk_k": 4,
@@ -72,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
         "label_smoothing": 0.0,
         "focal_gamma": 0.0,  # > 0: focal loss on top of the classification loss
         "weight": 1.0,  # weight of the classification term
+        "sharded": "auto",  # auto (classes split over ranks when there are several) | true | false
+        "sample_rate": 1.0,  # sharded head: fraction of each shard's classes scored per step (Partial FC)
         "center": None,  # {weight: 0.01}
         "triplet": None,  # {weight: 1.0, margin: 0.3}; needs data.sampler=pk
         "distill": None,  # {weight: 1.0, mode: embedding | similarity}; needs data.teacher
@@ -85,7 +88,8 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 5.0e-4,
         "head_lr_mult": 1.0,
         "head_weight_decay": None,  # null: same as weight_decay
-        "grad_clip": 0.0,  # max global grad norm; 0 = off
+        "grad_clip": 0.0,  # max grad norm; 0 = off
+        "grad_clip_params": "all",  # all | backbone (arcface_torch clips the backbone only)
     },
     "schedule": {
         "steps": 1000,
@@ -102,7 +106,8 @@ DEFAULTS: dict[str, Any] = {
         "amp": "auto",  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
         "channels_last": False,
         "checkpoint_every": 500,
-        "log_every": 10,
+        "log_every": 10,  # also how often the host waits for the device (losses, non-finite checks, stop flags)
+        "accumulate": 1,  # micro-batches per optimizer step
         "deterministic": False,
         "threads": 0,  # torch CPU threads; 0 = torch's default
         "progress": True,
@@ -112,7 +117,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {
         "format": "none",  # none | bin | lfw
-        "path": None,  # .bin file, or the root of an aligned LFW tree (<name>/<name>_0001.jpg)
+        "path": None,  # .bin file or list of them (lfw, cfp_fp, agedb_30), or the root of an aligned LFW tree
         "pairs": None,  # pairs.txt for format lfw
         "max_pairs": 0,  # 0 = all
         "every": 0,  # steps; 0 = only at the end
@@ -124,7 +129,9 @@ DEFAULTS: dict[str, Any] = {
 CHOICES = {
     "task": {"recognition"},
     "data.format": {"folder", "list", "rec", "synthetic"},
-    "data.cache": {"decoded", "encoded", "none"},
+    "data.cache": {"auto", "decoded", "encoded", "none"},
+    "data.transfer": {"uint8", "float32"},
+    "optim.grad_clip_params": {"all", "backbone"},
     "data.sampler": {"shuffle", "pk"},
     "loss.head": {"arcface", "cosface", "combined", "softmax", "none"},
     "optim.name": {"sgd", "adamw"},
@@ -134,7 +141,7 @@ CHOICES = {
 
 #: Keys whose values are free-form (not checked against the defaults' types).
 FREE_FORM = {"backbone_kwargs", "data.augment", "schedule.freeze", "data.pin_memory", "loss.center", "loss.triplet",
-             "loss.distill"}
+             "loss.distill", "loss.sharded", "eval.path"}
 
 #: Every key of an aligner config (``task: landmarks``), with its default.
 ALIGNER_DEFAULTS: dict[str, Any] = {
@@ -304,13 +311,36 @@ def _validate_semantics(cfg: dict) -> None:
         raise ConfigError("loss.distill needs data.teacher (an npz of teacher embeddings)")
     if loss["triplet"] and d["sampler"] != "pk":
         raise ConfigError("loss.triplet needs data.sampler=pk (positives in every batch)")
-    if cfg["eval"]["format"] != "none" and not cfg["eval"]["path"]:
-        raise ConfigError(f"eval.format={cfg['eval']['format']} needs eval.path")
+    _validate_scale(cfg)
+    e = cfg["eval"]
+    if e["format"] != "none" and not e["path"]:
+        raise ConfigError(f"eval.format={e['format']} needs eval.path")
+    if isinstance(e["path"], list) and (e["format"] != "bin" or not all(isinstance(p, str) for p in e["path"])):
+        raise ConfigError("eval.path may be a list of .bin files only with eval.format=bin")
+    if e["path"] is not None and not isinstance(e["path"], (str, list)):
+        raise ConfigError(f"eval.path must be a path or a list of .bin paths, got {e['path']!r}")
     if cfg["eval"]["format"] == "lfw" and not cfg["eval"]["pairs"]:
         raise ConfigError("eval.format=lfw needs eval.pairs (pairs.txt)")
     for i, f in enumerate(s["freeze"] or []):
         if not isinstance(f, dict) or set(f) != {"modules", "until_step"}:
             raise ConfigError(f"schedule.freeze[{i}] must be {{modules: [prefix, ...], until_step: N}}, got {f!r}")
+
+
+def _validate_scale(cfg: dict) -> None:
+    """Multi-process keys: the sharded head, class sampling, accumulation."""
+    loss = cfg["loss"]
+    if loss["sharded"] not in ("auto", True, False):
+        raise ConfigError(f"loss.sharded must be auto, true or false, got {loss['sharded']!r}")
+    if not 0.0 < loss["sample_rate"] <= 1.0:
+        raise ConfigError(f"loss.sample_rate must be in (0, 1], got {loss['sample_rate']}")
+    if loss["sample_rate"] < 1.0 and loss["sharded"] is False:
+        raise ConfigError("loss.sample_rate < 1 needs the sharded head (loss.sharded: auto or true)")
+    if loss["sharded"] is True and str(loss["head"]) not in ("arcface", "cosface", "combined"):
+        raise ConfigError(f"loss.sharded=true needs a margin head (arcface, cosface, combined), got {loss['head']}")
+    if cfg["train"]["accumulate"] < 1:
+        raise ConfigError("train.accumulate must be ≥ 1")
+    if cfg["train"]["log_every"] < 1:
+        raise ConfigError("train.log_every must be ≥ 1")
 
 
 def _validate_aligner(cfg: dict) -> None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -20,7 +19,9 @@ from evaluation.errors import DatasetError
 from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec, to_model_input
 
 from .augment import Augmenter, build_augmenter
+from .crop_cache import CacheTooLarge, EncodedCache, fill_decoded, resolve_cache
 from .recordio import RecordIOReader
+from .teacher_embeddings import load_teacher_embeddings
 from .synthetic import identity_sample
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -82,13 +83,29 @@ class Source:
         uniq = np.unique(old[old >= 0])
         new = np.where(old >= 0, np.searchsorted(uniq, old), -1)
         self._subset_hook(indices)
-        self.keys = [self.keys[i] for i in indices]
         self.labels = new.astype(np.int64)
         self.class_names = [self.class_names[u] for u in uniq]
         return self
 
     def _subset_hook(self, indices: np.ndarray) -> None:
-        pass
+        self.keys = [self.keys[i] for i in indices]
+
+    def encoded_bytes(self, probe: int = 256) -> int:
+        """Estimated total size of the samples' encoded bytes (from ``probe`` evenly spread samples)."""
+        n = len(self)
+        pick = np.unique(np.linspace(0, n - 1, min(n, probe)).astype(np.int64))
+        return int(np.mean([len(self.read_bytes(int(i))) for i in pick]) * n) if n else 0
+
+
+def _integer_labels(raw: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Integer identity ids → contiguous labels 0..C-1 in id order, and the ids as class names."""
+    raw = np.asarray(raw, np.int64)
+    if len(raw) and raw.min() >= 0:
+        counts = np.bincount(raw)
+        if (counts > 0).all():  # already 0..C-1 (insightface data): no sort of millions of labels
+            return raw, [str(i) for i in range(len(counts))]
+    uniq, labels = np.unique(raw, return_inverse=True)
+    return labels.astype(np.int64), [str(int(u)) for u in uniq]
 
 
 def _contiguous_labels(raw: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -169,19 +186,43 @@ def list_source(list_file: str | Path, root: str | Path | None = None, check_fil
     return FileSource(root, paths, labels)
 
 
+class RecordKeys(Sequence):
+    """The record keys of a :class:`RecordSource` as strings, made on access (no list of millions of strings)."""
+
+    def __init__(self, rec_keys: np.ndarray):
+        self.rec_keys = rec_keys
+
+    def __len__(self) -> int:
+        return len(self.rec_keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [str(int(k)) for k in self.rec_keys[i]]
+        return str(int(self.rec_keys[i]))
+
+
 class RecordSource(Source):
-    """insightface ``train.rec`` + ``train.idx``; keys are the record keys as strings."""
+    """insightface ``train.rec`` + ``train.idx``; keys are the record keys as strings. Labels and keys are
+    numpy arrays (MS1MV2: 5.8 M samples in ≈ 100 MB)."""
 
     def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None):
         self.reader = RecordIOReader(rec_path, idx_path)
         self.root = None
         keys, labels = self.reader.image_keys_and_labels()
-        self.rec_keys = keys
-        self.keys = [str(int(k)) for k in keys]
-        self.labels, self.class_names = _contiguous_labels([str(int(v)) for v in labels])
+        self.rec_keys = np.asarray(keys)
+        self.keys = RecordKeys(self.rec_keys)
+        self.labels, self.class_names = _integer_labels(labels)
 
     def _subset_hook(self, indices: np.ndarray) -> None:
-        self.rec_keys = self.rec_keys[indices]
+        self.rec_keys = np.asarray(self.rec_keys)[indices]
+        self.keys = RecordKeys(self.rec_keys)
+
+    def encoded_bytes(self, probe: int = 256) -> int:
+        """Sum of the image records' sizes (from the index offsets; exact up to padding and headers)."""
+        idx = self.reader.index
+        pos = idx.positions(self.rec_keys)
+        ends = np.append(idx.offsets[1:], self.reader.rec_path.stat().st_size)
+        return int((ends[pos] - idx.offsets[pos]).sum())
 
     def read_bytes(self, i: int) -> bytes:
         return self.reader.read_image(int(self.rec_keys[i]))[1]
@@ -203,6 +244,7 @@ class SyntheticSource(Source):
         self._ids = [(i, s) for i in range(identities) for s in range(per_identity)]
 
     def _subset_hook(self, indices: np.ndarray) -> None:
+        super()._subset_hook(indices)
         self._ids = [self._ids[i] for i in indices]
 
     def read(self, i: int) -> np.ndarray:
@@ -221,14 +263,17 @@ def filter_identities(source: Source, min_per_identity: int = 1, max_identities:
     keep_ids = np.flatnonzero(counts >= max(1, min_per_identity))
     if max_identities:
         keep_ids = keep_ids[:max_identities]
-    mask = np.isin(source.labels, keep_ids) | (source.labels < 0)
-    if max_per_identity:
-        seen: dict[int, int] = {}
-        for i in np.flatnonzero(mask):
-            lab = int(source.labels[i])
-            seen[lab] = seen.get(lab, 0) + 1
-            if seen[lab] > max_per_identity:
-                mask[i] = False
+    labels = np.asarray(source.labels)
+    if len(keep_ids) == source.num_classes:
+        mask = np.ones(len(labels), bool)
+    else:
+        mask = np.isin(labels, keep_ids) | (labels < 0)
+    if max_per_identity:  # the first max_per_identity images of each identity, in dataset order
+        kept = np.flatnonzero(mask & (labels >= 0))
+        order = kept[np.argsort(labels[kept], kind="stable")]
+        starts = np.r_[0, np.flatnonzero(np.diff(labels[order])) + 1]
+        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        mask[order[rank >= max_per_identity]] = False
     idx = np.flatnonzero(mask)
     if len(idx) == 0:
         raise DataError(f"no identity has ≥ {min_per_identity} images")
@@ -242,28 +287,36 @@ class FaceDataset:
     """Map-style dataset of aligned crops → ``{"image", "label", "index"[, "teacher"]}``.
 
     Items are indices or ``(index, seed)`` pairs from :mod:`train.samplers`; the seed drives augmentation so a
-    sample's pixels do not depend on the worker that made them. ``cache``: ``"decoded"`` keeps every crop as
-    uint8 in one array (37 KB per 112×112 crop; shared copy-on-write with forked workers), ``"encoded"`` the
-    file bytes, ``"none"`` reads from disk each time.
+    sample's pixels do not depend on the worker that made them. ``cache``: see :mod:`train.crop_cache`
+    (``processes``: the processes on this machine that each hold one). ``output``: ``"float32"`` gives the
+    model tensor (:func:`runtime.preprocess.to_model_input`, 3×H×W); ``"uint8"`` the augmented crop itself
+    (H×W×3, BGR), a quarter of the bytes through the loader's shared memory, normalised on the device by
+    :class:`train.device_input.DeviceNormalizer` (the same tensor, tested).
     """
 
     def __init__(self, source: Source, augment: str | Sequence[str] | Augmenter | None = None,
                  spec: PreprocessSpec = RECOGNIZER_SPEC, cache: str = "none", teacher: str | Path | None = None,
-                 threads: int = 4, progress: bool = True):
-        if cache not in ("none", "encoded", "decoded"):
-            raise DataError(f"cache must be none, encoded or decoded, got {cache!r}")
+                 threads: int = 4, progress: bool = True, output: str = "float32", processes: int = 1,
+                 data_format: str = ""):
+        if output not in ("float32", "uint8"):
+            raise DataError(f"output must be float32 or uint8, got {output!r}")
         self.source = source
         self.augment = augment if isinstance(augment, Augmenter) else build_augmenter(augment)
-        self.spec = spec
+        self.spec, self.output = spec, output
         self.size = tuple(spec.input_size)
-        self.cache_mode = cache
         self._decoded: np.ndarray | None = None
-        self._encoded: list[bytes] | None = None
+        self._encoded: EncodedCache | None = None
         self._warn_if_resized()
-        if cache == "decoded":
-            self._fill_decoded_cache(threads, progress)
-        elif cache == "encoded":
-            self._encoded = [source.read_bytes(i) for i in range(len(source))]
+        try:
+            self.cache_mode = resolve_cache(cache, data_format, len(source) * self.size[0] * self.size[1] * 3,
+                                            source.encoded_bytes, processes, len(source))
+        except (CacheTooLarge, ValueError) as e:
+            raise DataError(str(e)) from None
+        if self.cache_mode == "decoded":
+            self._decoded = fill_decoded(len(source), (*self.size, 3), lambda i: fit_size(source.read(i), self.size),
+                                         threads, progress)
+        elif self.cache_mode == "encoded":
+            self._encoded = EncodedCache(len(source), source.read_bytes)
         self.teacher_emb = self.teacher_emb_flip = None
         if teacher:
             self._load_teacher(Path(teacher))
@@ -292,74 +345,8 @@ class FaceDataset:
                           f"not aligned {self.size[1]}×{self.size[0]} crops: they are resized. Align them with "
                           f"train/make_aligned.py for crops that match the runtime's template.", stacklevel=3)
 
-    def _fill_decoded_cache(self, threads: int, progress: bool) -> None:
-        n = len(self.source)
-        need = n * self.size[0] * self.size[1] * 3
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else need * 2
-        if need > 0.6 * avail:
-            raise DataError(f"data.cache=decoded needs {need / 2**30:.1f} GiB for {n} crops but only "
-                            f"{avail / 2**30:.1f} GiB are free; use cache: encoded or none")
-        self._decoded = np.empty((n, *self.size, 3), np.uint8)
-
-        def work(i: int) -> None:
-            self._decoded[i] = fit_size(self.source.read(i), self.size)
-
-        from tqdm import tqdm
-        with ThreadPoolExecutor(max(1, threads)) as ex:
-            for _ in tqdm(ex.map(work, range(n)), total=n, desc="caching crops", disable=not progress,
-                          leave=False, mininterval=1.0):
-                pass
-
     def _load_teacher(self, path: Path) -> None:
-        if not path.is_file():
-            raise DataError(f"teacher embeddings not found: {path}")
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("paths", "emb") if k not in z.files]
-            if missing:
-                raise DataError(f"{path}: teacher npz lacks {', '.join(missing)} (needs paths, emb[, emb_flip])")
-            paths = [str(p) for p in z["paths"]]
-            emb = z["emb"].astype(np.float32)
-            emb_flip = z["emb_flip"].astype(np.float32) if "emb_flip" in z.files else emb
-            found = z["found"].astype(bool) if "found" in z.files else None
-        if len(paths) != len(emb) or emb.shape != emb_flip.shape:
-            raise DataError(f"{path}: paths, emb and emb_flip disagree in length/shape")
-        row = {p: i for i, p in enumerate(paths)}
-        self._map_through_manifest(row)
-        missing = [k for k in self.keys if k not in row]
-        if missing:
-            raise DataError(f"{path}: no teacher embedding for {len(missing)} of {len(self.keys)} samples "
-                            f"(e.g. {missing[0]!r}); its paths must be relative to the dataset root as listed")
-        take = np.array([row[k] for k in self.keys])
-        emb, emb_flip = emb[take], emb_flip[take]
-        bad = ~(np.isfinite(emb).all(1) & np.isfinite(emb_flip).all(1))
-        if found is not None:
-            bad |= ~found[take]
-        if bad.any():  # a zero teacher vector contributes a constant, gradient-free distillation term
-            warnings.warn(f"{path}: {int(bad.sum())} of {len(bad)} samples have no usable teacher embedding "
-                          f"(teacher found no face); they are not distilled", stacklevel=3)
-            emb[bad] = 0.0
-            emb_flip[bad] = 0.0
-        self.teacher_emb, self.teacher_emb_flip = emb, emb_flip
-
-    def _map_through_manifest(self, row: dict[str, int]) -> None:
-        """Crops made by make_aligned.py: find a teacher row by the crop's source photo (``manifest.csv``
-        maps ``output`` → ``source``), exactly or as a path suffix (the teacher may carry a prefix)."""
-        manifest = self.source.root / "manifest.csv" if self.source.root else None
-        if manifest is None or not manifest.is_file() or all(k in row for k in self.keys):
-            return
-        import csv
-
-        with open(manifest, newline="") as f:
-            source_of = {r["output"]: r["source"] for r in csv.DictReader(f) if r.get("output")}
-        by_suffix: dict[str, int] = {}
-        for p, i in row.items():
-            parts = p.split("/")
-            for j in range(len(parts)):
-                by_suffix.setdefault("/".join(parts[j:]), i)
-        for k in self.keys:
-            src = source_of.get(k)
-            if k not in row and src is not None and src in by_suffix:
-                row[k] = by_suffix[src]
+        self.teacher_emb, self.teacher_emb_flip = load_teacher_embeddings(path, self.keys, self.source.root)
 
     @property
     def teacher_dim(self) -> int:
@@ -382,8 +369,8 @@ class FaceDataset:
         flipped = False
         if seed is not None:
             img, flipped = self.augment(img, np.random.default_rng(seed))
-        out = {"image": to_model_input(img, self.spec, color_order="BGR")[0],
-               "label": int(self.source.labels[i]), "index": i}
+        image = np.ascontiguousarray(img) if self.output == "uint8" else to_model_input(img, self.spec, color_order="BGR")[0]
+        out = {"image": image, "label": int(self.source.labels[i]), "index": i}
         if self.teacher_emb is not None:
             out["teacher"] = (self.teacher_emb_flip if flipped else self.teacher_emb)[i]
         return out

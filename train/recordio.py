@@ -8,7 +8,7 @@ Format (dmlc-core ``recordio``, little-endian):
   2 (middle), 3 (last), and the reader puts the magic word back between the parts;
 * the payload of an image record is an ``IRHeader`` struct ``<IfQQ`` (flag, label, id, id2); when
   ``flag > 0`` the label is an array of ``flag`` float32 that follows the header; the encoded image follows;
-* ``train.idx`` has one ``key<TAB>byte offset`` line per record.
+* ``train.idx`` has one ``key<TAB>byte offset`` line per record (read into numpy by :mod:`train.recordio_index`).
 
 insightface datasets put a header record at key 0 whose label is ``(first identity key, end key)``: image
 keys are ``1 .. label[0]-1`` and identity records ``label[0] .. label[1]-1`` each carry ``(first, end)``
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterable
 
 import numpy as np
+
+from .recordio_index import RecordIndex, cached_array, parse_idx
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -118,10 +120,17 @@ def write_image_dataset(rec_path: str | Path, idx_path: str | Path, images_by_id
     return write_recordio(rec_path, idx_path, records())
 
 
+#: An identity record as insightface writes it: RecordIO head, IRHeader with flag 2, the (first, end) keys.
+_IDENTITY_RECORD = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
+                             ("id2", "<u8"), ("first", "<f4"), ("end", "<f4")])
+
+
 class RecordIOReader:
     """Random access to an indexed RecordIO file (``.rec`` + ``.idx``); safe to use from forked workers.
 
-    The file is opened lazily per process (a handle inherited through ``fork`` would share its offset).
+    The index is a :class:`train.recordio_index.RecordIndex` (numpy arrays, memory-mapped from a sidecar
+    after the first open). The file is opened lazily per process (a handle inherited through ``fork`` would
+    share its offset).
     """
 
     def __init__(self, rec_path: str | Path, idx_path: str | Path | None = None):
@@ -130,18 +139,18 @@ class RecordIOReader:
         for p in (self.rec_path, self.idx_path):
             if not p.is_file():
                 raise FileNotFoundError(f"RecordIO file not found: {p}")
-        self.offsets: dict[int, int] = {}
-        with open(self.idx_path) as fi:
-            for lineno, line in enumerate(fi, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) != 2:
-                    raise RecordIOError(f"{self.idx_path}:{lineno}: expected 'key offset', got {line.strip()!r}")
-                self.offsets[int(parts[0])] = int(parts[1])
-        self.keys = sorted(self.offsets)
+        try:
+            table = cached_array("index", self.idx_path, self.rec_path, lambda: parse_idx(self.idx_path))
+        except ValueError as e:
+            raise RecordIOError(str(e)) from None
+        self.index = RecordIndex(table, self.idx_path)
         self._file: BinaryIO | None = None
         self._pid = -1
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Every record key, sorted."""
+        return self.index.keys
 
     def _handle(self) -> BinaryIO:
         if self._file is None or self._pid != os.getpid():
@@ -155,7 +164,7 @@ class RecordIOReader:
         return d
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.index)
 
     def read_at(self, offset: int) -> bytes:
         """Read the (re-joined) record that starts at byte ``offset``."""
@@ -184,7 +193,7 @@ class RecordIOReader:
     def read(self, key: int) -> bytes:
         """Payload of the record with ``key``."""
         try:
-            return self.read_at(self.offsets[key])
+            return self.read_at(self.index.offset(key))
         except KeyError:
             raise KeyError(f"{self.rec_path}: no record with key {key}") from None
 
@@ -193,25 +202,60 @@ class RecordIOReader:
         return unpack_record(self.read(key))
 
     def image_keys_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Image keys and integer labels, using the insightface header/identity records when present."""
-        header, _ = self.read_image(self.keys[0])
-        if self.keys[0] == 0 and header.flag > 0:
+        """Image keys and integer labels (insightface header and identity records when present, else each
+        image's own header), cached in a sidecar next to the index."""
+        table = cached_array("labels", self.idx_path, self.rec_path, self._keys_and_labels)
+        return table[0], table[1]
+
+    def _keys_and_labels(self) -> np.ndarray:
+        if not len(self.index):
+            raise RecordIOError(f"{self.idx_path}: no records")
+        header, _ = self.read_image(int(self.keys[0]))
+        if int(self.keys[0]) == 0 and header.flag > 0:
             first_id, end = int(header.label[0]), int(header.label[1])
             keys = np.arange(1, first_id, dtype=np.int64)
+            spans = self._identity_spans(first_id, end)
             labels = np.full(len(keys), -1, dtype=np.int64)
-            for ident, k in enumerate(range(first_id, end)):
-                h, _ = self.read_image(k)
-                a, b = int(h.label[0]), int(h.label[1])
-                labels[a - 1:b - 1] = ident
+            lengths = spans[:, 1] - spans[:, 0]
+            if len(spans) and spans[0, 0] == 1 and spans[-1, 1] == first_id and (spans[1:, 0] == spans[:-1, 1]).all() \
+                    and (lengths > 0).all():
+                labels = np.repeat(np.arange(len(spans), dtype=np.int64), lengths)
+            else:
+                for ident, (a, b) in enumerate(spans):
+                    labels[a - 1:b - 1] = ident
             if (labels < 0).any():  # identity records incomplete: read each image header instead
                 labels = np.array([self._label_of(int(k)) for k in keys], dtype=np.int64)
-            return keys, labels
-        keys = np.array(self.keys, dtype=np.int64)
-        return keys, np.array([self._label_of(int(k)) for k in keys], dtype=np.int64)
+            return np.stack([keys, labels])
+        keys = np.asarray(self.keys, dtype=np.int64)
+        return np.stack([keys, np.array([self._label_of(int(k)) for k in keys], dtype=np.int64)])
+
+    def _identity_spans(self, first_id: int, end: int) -> np.ndarray:
+        """``(first, end)`` image keys of each identity record ``first_id .. end-1`` (K×2 int64).
+
+        insightface writes them back to back, 40 bytes each: then they are read in one block and decoded
+        with numpy; otherwise record by record."""
+        ids = np.arange(first_id, end, dtype=np.int64)
+        if not len(ids):
+            return np.zeros((0, 2), np.int64)
+        offsets = self.index.offsets[self.index.positions(ids)]
+        size = _IDENTITY_RECORD.itemsize
+        if (np.diff(offsets) == size).all():
+            f = self._handle()
+            f.seek(int(offsets[0]))
+            raw = f.read(size * len(ids))
+            if len(raw) == size * len(ids):
+                rec = np.frombuffer(raw, _IDENTITY_RECORD)
+                if (rec["magic"] == MAGIC).all() and (rec["lrec"] == size - 8).all() and (rec["flag"] == 2).all():
+                    return np.stack([rec["first"], rec["end"]], axis=1).astype(np.int64)
+        spans = []
+        for k in ids:
+            h, _ = self.read_image(int(k))
+            spans.append((int(h.label[0]), int(h.label[1])))
+        return np.asarray(spans, np.int64).reshape(-1, 2)
 
     def _label_of(self, key: int) -> int:
         f = self._handle()
-        f.seek(self.offsets[key] + 8)
+        f.seek(self.index.offset(key) + 8)
         head = f.read(_IR_SIZE + 4)
         flag, label, _, _ = struct.unpack_from(_IR_FORMAT, head)
         if flag > 0:

@@ -1,10 +1,14 @@
-"""Resumable batch samplers: a shuffling sampler and a P×K identity sampler, DDP-aware.
+"""Resumable batch samplers: a shuffling sampler and a P×K identity sampler, DDP-aware and world-size-safe.
 
-Both yield batches of ``(dataset index, augmentation seed)`` pairs. The order and the seeds of epoch ``e`` are
-a pure function of ``(seed, e)``, so the state is just ``{seed, epoch, start_batch}``: the trainer saves the
-number of batches it has *consumed* (workers prefetch ahead, so the sampler's own position is not it) and
-:meth:`load_state_dict` skips those batches on resume. Under DDP each rank takes every ``world_size``-th
-global batch (all ranks see the same number of batches).
+Both yield batches of ``(dataset index, augmentation seed)`` pairs. An epoch is a fixed sequence of samples
+(a pure function of ``(seed, epoch)``, held as two numpy arrays), cut into *global batches* of
+``batch_size × world_size × accumulate`` samples: optimizer step k consumes samples
+``[start + k·G, start + (k+1)·G)``, and rank r's micro-batch j of that step is the block
+``u = j·world_size + r`` of ``batch_size`` samples in it. The state is the number of *global samples*
+consumed in the epoch, so a run resumed on another number of processes (or with another accumulation)
+continues at the same sample: nothing is repeated or skipped. The trainer saves the samples it has
+*consumed* (workers prefetch ahead, so the sampler's own position is not it). A last partial global batch
+is dropped.
 """
 from __future__ import annotations
 
@@ -16,67 +20,87 @@ Batch = list[tuple[int, int]]
 
 
 class _ResumableBatchSampler:
-    def __init__(self, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, accumulate: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.epoch, self.start_batch = 0, 0
-        self._cache: tuple[int, list[Batch]] | None = None
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
+        self.accumulate = int(accumulate)
+        self.epoch, self.start_sample = 0, 0
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _global_batches(self, epoch: int) -> list[Batch]:  # pragma: no cover - abstract
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.accumulate
+
+    def _epoch_samples(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def batches(self, epoch: int) -> list[Batch]:
-        """This rank's batches of ``epoch``."""
+    def epoch_samples(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, seeds)`` of every sample of ``epoch`` in order (int64 arrays)."""
         if self._cache is None or self._cache[0] != epoch:
-            g = self._global_batches(epoch)
-            n = len(g) // self.world_size
-            self._cache = (epoch, g[self.rank: n * self.world_size: self.world_size])
-        return self._cache[1]
+            idx, seeds = self._epoch_samples(epoch)
+            self._cache = (epoch, idx, seeds)
+        return self._cache[1], self._cache[2]
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Iterate epoch ``epoch`` from batch ``start_batch`` on the next ``iter``."""
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
+    def steps(self, epoch: int, start_sample: int = 0) -> int:
+        """Optimizer steps of ``epoch`` from global sample ``start_sample`` on."""
+        return max(0, (len(self.epoch_samples(epoch)[0]) - int(start_sample)) // self.global_batch)
+
+    def batches(self, epoch: int, start_sample: int = 0) -> Iterator[Batch]:
+        """This rank's micro-batches of ``epoch`` from ``start_sample`` (in step order)."""
+        idx, seeds = self.epoch_samples(epoch)
+        b, w = self.batch_size, self.world_size
+        for k in range(self.steps(epoch, start_sample)):
+            base = int(start_sample) + k * self.global_batch
+            for j in range(self.accumulate):
+                a = base + (j * w + self.rank) * b
+                yield list(zip(idx[a:a + b].tolist(), seeds[a:a + b].tolist()))
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Iterate epoch ``epoch`` from global sample ``start_sample`` on the next ``iter``."""
+        self.epoch, self.start_sample = int(epoch), int(start_sample)
 
     def __iter__(self) -> Iterator[Batch]:
-        yield from self.batches(self.epoch)[self.start_batch:]
+        return self.batches(self.epoch, self.start_sample)
 
     def __len__(self) -> int:
-        """Batches left in the current epoch (from ``start_batch``)."""
-        return max(0, len(self.batches(self.epoch)) - self.start_batch)
+        """This rank's micro-batches left in the current epoch."""
+        return self.steps(self.epoch, self.start_sample) * self.accumulate
 
-    def batches_per_epoch(self) -> int:
-        return len(self.batches(self.epoch))
+    def steps_per_epoch(self) -> int:
+        return self.steps(self.epoch)
 
-    def state_dict(self, batches_consumed: int | None = None) -> dict:
-        """State to resume at ``batches_consumed`` batches into the current epoch (default: ``start_batch``)."""
-        start = self.start_batch if batches_consumed is None else int(batches_consumed)
-        return {"seed": self.seed, "epoch": self.epoch, "start_batch": start, "kind": type(self).__name__}
+    def state_dict(self, samples_consumed: int | None = None) -> dict:
+        """State to resume at ``samples_consumed`` global samples into the current epoch (default: the start)."""
+        start = self.start_sample if samples_consumed is None else int(samples_consumed)
+        return {"seed": self.seed, "epoch": self.epoch, "start_sample": start, "kind": type(self).__name__,
+                "world_size": self.world_size, "batch_size": self.batch_size, "accumulate": self.accumulate}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind", type(self).__name__) != type(self).__name__:
             raise ValueError(f"sampler state is for {state['kind']}, this run uses {type(self).__name__}")
         self.seed = int(state["seed"])
         self._cache = None
-        self.set_epoch(state["epoch"], state["start_batch"])
+        self.set_epoch(state["epoch"], state["start_sample"])
 
 
 class ShuffleBatchSampler(_ResumableBatchSampler):
-    """Each epoch a fresh permutation of all ``n`` samples, cut into batches (last partial batch dropped)."""
+    """Each epoch a fresh permutation of all ``n`` samples."""
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        super().__init__(seed, rank, world_size)
-        if n < batch_size * world_size:
-            raise ValueError(f"{n} samples cannot fill one batch of {batch_size} on each of {world_size} process(es)")
-        self.n, self.batch_size = int(n), int(batch_size)
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 accumulate: int = 1):
+        super().__init__(batch_size, seed, rank, world_size, accumulate)
+        if n < self.global_batch:
+            raise ValueError(f"{n} samples cannot fill one batch of {batch_size} on each of {world_size} process(es)"
+                             f"{f' × {accumulate} accumulated' if accumulate > 1 else ''}")
+        self.n = int(n)
 
-    def _global_batches(self, epoch: int) -> list[Batch]:
+    def _epoch_samples(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch, 0x5F])
         order = rng.permutation(self.n)
-        seeds = rng.integers(0, 2**62, size=self.n)
-        nb = self.n // self.batch_size
-        return [[(int(order[j]), int(seeds[j])) for j in range(b * self.batch_size, (b + 1) * self.batch_size)]
-                for b in range(nb)]
+        return order, rng.integers(0, 2**62, size=self.n)
 
 
 class PKBatchSampler(_ResumableBatchSampler):
@@ -87,8 +111,9 @@ class PKBatchSampler(_ResumableBatchSampler):
     replacement), chunks are interleaved at random and packed ``p`` distinct identities per batch.
     """
 
-    def __init__(self, labels, p: int, k: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        super().__init__(seed, rank, world_size)
+    def __init__(self, labels, p: int, k: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 accumulate: int = 1):
+        super().__init__(int(p) * int(k), seed, rank, world_size, accumulate)
         labels = np.asarray(labels, dtype=np.int64)
         self.p, self.k = int(p), int(k)
         if self.p < 1 or self.k < 1:
@@ -101,11 +126,14 @@ class PKBatchSampler(_ResumableBatchSampler):
         bounds = np.flatnonzero(np.diff(labels[order])) + 1
         self.members = np.split(order, bounds)
 
-    @property
-    def batch_size(self) -> int:
-        return self.p * self.k
+    def _epoch_samples(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's P×K batches laid end to end (each block of ``batch_size`` samples is one batch)."""
+        batches = self._pk_batches(epoch)
+        if not batches:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
-    def _global_batches(self, epoch: int) -> list[Batch]:
+    def _pk_batches(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng([self.seed, epoch, 0x9C])
         chunks: list[np.ndarray] = []
         keys: list[float] = []
@@ -120,7 +148,7 @@ class PKBatchSampler(_ResumableBatchSampler):
                 chunks.append(m[j * self.k:(j + 1) * self.k])
                 keys.append(j + rng.random())  # spreads one identity's chunks across the epoch
                 owner.append(ident)
-        batches: list[Batch] = []
+        batches: list[tuple[np.ndarray, np.ndarray]] = []
         current: list[int] = []
         taken: set[int] = set()
         deferred: list[int] = []
@@ -134,7 +162,6 @@ class PKBatchSampler(_ResumableBatchSampler):
                 taken.add(owner[cand])
                 if len(current) == self.p:
                     idx = np.concatenate([chunks[x] for x in current])
-                    seeds = rng.integers(0, 2**62, size=len(idx))
-                    batches.append([(int(i), int(s)) for i, s in zip(idx, seeds)])
+                    batches.append((idx.astype(np.int64), rng.integers(0, 2**62, size=len(idx))))
                     current, taken = [], set()
         return batches

@@ -3,28 +3,35 @@
     trainer = Trainer(load_config("train/configs/smoke.yaml"), resume=False)
     trainer.train()
 
-* Optimiser SGD or AdamW (backbone and loss/head parameter groups), cosine schedule with linear warm-up
-  and optional warm restarts, AMP (bf16, or fp16 with a GradScaler; off on CPU unless asked),
-  channels_last, gradient clipping, a layer-freezing schedule.
-* DDP when started by ``torchrun`` with WORLD_SIZE > 1; a single process never creates a process group.
+* Optimiser SGD or AdamW (backbone and loss/head parameter groups, fused kernels where available), cosine
+  schedule with linear warm-up and optional warm restarts over the *sample* count (:mod:`train.schedule`),
+  AMP (bf16, or fp16 with a GradScaler; off on CPU unless asked), channels_last, gradient clipping (all
+  parameters or the backbone only), gradient accumulation, a layer-freezing schedule (:mod:`train.freezing`).
+* Under ``torchrun`` (WORLD_SIZE > 1): DDP over the backbone and the loss parts that are small; the margin
+  head is split over the ranks outside DDP (:mod:`train.sharded_head`, ``loss.sharded``). The trainable set
+  is fixed before DDP is built and the trainer checks that DDP registered exactly what the optimizer
+  updates. At the end every rank holds the same model (BN statistics broadcast from rank 0).
+* The host waits for the device only every ``train.log_every`` steps: losses, gradient norms and
+  non-finite flags stay on the device in between; a step with a non-finite loss or gradient (on any rank)
+  is skipped on the device (:func:`train.optim.step_unless`) and reported at the next log row;
+  :data:`MAX_NONFINITE_STEPS` in a row stop the run with FloatingPointError (:mod:`train.stop`: with
+  several processes, signals and time limits are agreed on at log rows).
 * ``<out>/last.pt`` is written atomically every ``train.checkpoint_every`` steps, at the end, on SIGINT /
-  SIGTERM (at the next step boundary) and when an exception escapes between steps. It holds the model,
-  head, optimizer, scheduler, scaler, sampler position and python/numpy/torch RNG states, so a resumed run
-  continues exactly (bit-identical on CPU with the same thread count).
-* Periodic verification on a pair set keeps ``<out>/best.pt``; ``<out>/log.csv``, TensorBoard scalars
-  under ``<out>/tb`` and a tqdm bar report progress.
+  SIGTERM (at the next step boundary; with several processes the next log row) and when an exception escapes between steps (single process, or several
+  without a sharded head). It holds the model, the full head (shards reassembled), optimizer, scaler, the
+  run's position in global samples and python/numpy/torch RNG states, so a resumed run continues exactly
+  (bit-identical on CPU with the same thread count), also on another number of processes (same samples,
+  same learning-rate curve).
+* Periodic verification on one or more pair sets keeps ``<out>/best.pt`` (best mean accuracy);
+  ``<out>/log.csv``, TensorBoard scalars under ``<out>/tb`` and a tqdm bar report progress.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
-import os
 import random
-import signal
-import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -32,28 +39,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from evaluation.verification import quick_verify
-from runtime.files import atomic_write_bytes, remove_stale_temporaries
+from evaluation.verification import mean_verification, quick_verify
+from runtime.files import remove_stale_temporaries
 from runtime.preprocess import RECOGNIZER_SPEC, to_model_input
 
+from . import distributed as dd
 from .backbones import build_backbone
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import diff_configs, expand_path, output_dir, save_config
-from .datasets import DataError, FaceDataset, source_from_config, worker_init
-from .evaluate import load_eval_set
-from .losses import build_loss
+from .checkpoint import save_checkpoint
+from .config import expand_path, output_dir, save_config
+from .datasets import FaceDataset, source_from_config
+from .device_input import DeviceNormalizer
+from .distributed import resolve_device  # noqa: F401  (re-exported: older callers import it from here)
+from .evaluate import load_eval_sets
+from .freezing import FreezeSchedule
+from .loader import build_loader, next_step_batches
+from .losses import MARGIN_HEADS, WeightedLoss, build_loss
+from .optim import build_optimizer, clip_to, grad_sq_norm, step_unless
 from .samplers import PKBatchSampler, ShuffleBatchSampler
+from .schedule import RunPosition, WarmupCosine
+from .stop import StopControl
+from .run_state import RunStateMixin
+from .sharded_head import ShardedMarginLoss, sharded_builder
+from .trainlog import CSVLog, Window, eval_columns, log_columns, write_tensorboard
 
 MAX_NONFINITE_STEPS = 20
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available")
-    return dev
+__all__ = ["Trainer", "TrainModule", "WarmupCosine", "resolve_amp", "MAX_NONFINITE_STEPS"]
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -66,77 +76,23 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-class WarmupCosine:
-    """LR factor at step k: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` in
-    ``restarts + 1`` cycles (each ``mult`` times longer than the previous; SGDR warm restarts)."""
-
-    def __init__(self, total: int, warmup: int = 0, min_ratio: float = 0.0, restarts: int = 0, mult: float = 1.0):
-        self.total, self.warmup, self.min_ratio = int(total), int(min(warmup, total)), float(min_ratio)
-        self.restarts, self.mult = int(restarts), float(mult)
-
-    def __call__(self, k: int) -> float:
-        if k < self.warmup:
-            return (k + 1) / self.warmup
-        rest = max(1, self.total - self.warmup)
-        lengths = [self.mult ** i for i in range(self.restarts + 1)]
-        pos = (k - self.warmup) / rest * sum(lengths)
-        if pos >= sum(lengths):
-            return self.min_ratio
-        for length in lengths:
-            if pos < length:
-                break
-            pos -= length
-        frac = min(pos / length, 1.0)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 class TrainModule(nn.Module):
-    """Backbone + loss in one module (what DDP wraps): ``forward(images, labels, teacher) -> (loss, parts)``."""
+    """What DDP wraps: the backbone and the loss parts computed on each rank's own rows.
+    ``forward(images, labels, teacher) -> (embeddings, local loss or None, {part: value})``."""
 
-    def __init__(self, backbone: nn.Module, criterion: nn.Module):
+    def __init__(self, backbone: nn.Module, local_loss: WeightedLoss | None):
         super().__init__()
-        self.backbone, self.criterion = backbone, criterion
+        self.backbone, self.criterion = backbone, local_loss
 
     def forward(self, images, labels, teacher=None):
-        return self.criterion(self.backbone(images), labels, teacher)
+        emb = self.backbone(images)
+        if self.criterion is None:
+            return emb, None, {}
+        loss, parts = self.criterion(emb, labels, teacher)
+        return emb, loss, parts
 
 
-class CSVLog:
-    """``log.csv`` with a fixed header; on resume rows after the resumed step are dropped (no duplicates)."""
-
-    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
-        self.path, self.columns = path, columns
-        rows = []
-        if resume_step is not None and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        text = io.StringIO(newline="")
-        w = csv.DictWriter(text, columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_bytes(path, text.getvalue().encode())
-        self._f = open(path, "a", newline="")
-        self._w = csv.DictWriter(self._f, columns, extrasaction="ignore")
-
-    def write(self, row: dict) -> None:
-        self._w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def _loss_config(cfg: dict, teacher_dim: int) -> dict:
-    """The ``loss`` section as :func:`train.losses.build_loss` takes it (nulls dropped, teacher size filled in)."""
-    loss = {k: v for k, v in cfg["loss"].items() if v is not None and v is not False}
-    if loss.get("distill"):
-        d = {} if loss["distill"] is True else dict(loss["distill"])
-        d.setdefault("teacher_dim", teacher_dim)
-        loss["distill"] = d
-    return loss
-
-
-class Trainer:
+class Trainer(RunStateMixin):
     """One training run (see the module docstring). ``callbacks`` are called as ``fn(trainer)`` after each step."""
 
     def __init__(self, cfg: dict, resume: bool | str | Path = False, overwrite: bool = False,
@@ -144,19 +100,20 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = callbacks or []
         self.out = output_dir(cfg)
-        self._stop_reason: str | None = None
         self._in_step = False
-        self._handlers = self._install_signal_handlers()  # a SIGTERM during set-up stops before the first step
+        self.stop = StopControl()
+        self.stop.install()  # a SIGTERM during set-up stops before the first step
         try:
             self._setup(resume, overwrite)
         except BaseException:
-            self._restore_signal_handlers()
+            self.stop.restore()
             raise
 
     def _setup(self, resume, overwrite: bool) -> None:
-        cfg = self.cfg
-        self._setup_distributed()
-        t = cfg["train"]
+        cfg, t = self.cfg, self.cfg["train"]
+        self.dist = dd.init_distributed(t["device"])
+        self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
+        self.distributed, self.is_main = self.dist.distributed, self.dist.is_main
         if t["threads"]:
             torch.set_num_threads(int(t["threads"]))
         if t["deterministic"]:
@@ -169,36 +126,29 @@ class Trainer:
         self._build_data()
         self._build_model()
         self._build_optim()
-        self.step, self.epoch, self.batch_in_epoch, self.best_metric = 0, 0, 0, None
-        self.initialised_from: Path | None = None
+        self.position = RunPosition(ref_global_batch=self.global_batch, world_size=self.world_size,
+                                    batch_size=self.sampler.batch_size, accumulate=self.accumulate)
+        self.best_metric, self.initialised_from = None, None
         if resume_path is not None:
             self._load(resume_path)
         elif cfg["init"]:
             self._init_weights(expand_path(cfg["init"]))
+        self._build_schedule()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in ("last.pt", "best.pt"):  # temp files of writers killed mid-checkpoint
                 remove_stale_temporaries(self.out / name)
             save_config(cfg, self.out / "config.yaml")
 
+    @property
+    def step(self) -> int:
+        return self.position.step
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
     # ------------------------------------------------------------------------------------------- set-up
-    def _setup_distributed(self) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.distributed = self.world_size > 1
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = resolve_device(self.cfg["train"]["device"], local_rank)
-        if self.distributed:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-            self.rank = dist.get_rank()
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-        else:
-            self.rank = 0
-        self.is_main = self.rank == 0
-
     def _resume_path(self, resume, overwrite: bool) -> Path | None:
         if resume:
             p = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else self.out
@@ -217,199 +167,135 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _build_data(self) -> None:
-        d = self.cfg["data"]
-        progress = self.cfg["train"]["progress"] and self.is_main
+        d, t = self.cfg["data"], self.cfg["train"]
+        progress = t["progress"] and self.is_main
         self.source = source_from_config(d, progress)
-        self.dataset = FaceDataset(self.source, d["augment"], RECOGNIZER_SPEC, d["cache"],
-                                   expand_path(d["teacher"]), threads=max(1, d["workers"]), progress=progress)
+        self.dataset = FaceDataset(self.source, d["augment"], RECOGNIZER_SPEC, d["cache"], expand_path(d["teacher"]),
+                                   threads=max(1, d["workers"]), progress=progress, output=d["transfer"],
+                                   processes=self.dist.local_world_size, data_format=d["format"])
+        self.accumulate = int(t["accumulate"])
+        args = (self.cfg["seed"], self.rank, self.world_size, self.accumulate)
         if d["sampler"] == "pk":
-            self.sampler = PKBatchSampler(self.dataset.labels, d["pk_p"], d["pk_k"], self.cfg["seed"],
-                                          self.rank, self.world_size)
+            self.sampler = PKBatchSampler(self.dataset.labels, d["pk_p"], d["pk_k"], *args)
         else:
-            self.sampler = ShuffleBatchSampler(len(self.dataset), d["batch_size"], self.cfg["seed"],
-                                               self.rank, self.world_size)
-        workers = int(d["workers"])
-        pin = d["pin_memory"]
-        pin = self.device.type == "cuda" if pin == "auto" else bool(pin)
-        kw = {}
-        if workers > 0:
-            kw = dict(persistent_workers=bool(d["persistent_workers"]), prefetch_factor=int(d["prefetch_factor"]),
-                      worker_init_fn=worker_init)
-            if sys.platform.startswith("linux"):
-                kw["multiprocessing_context"] = "fork"  # workers share the decoded cache copy-on-write
-        self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=pin,
-            generator=torch.Generator().manual_seed(self.cfg["seed"]), **kw)
-        s = self.cfg["schedule"]
-        per_epoch = self.sampler.batches_per_epoch()
-        self.total_steps = int(math.ceil(s["epochs"] * per_epoch)) if s["epochs"] > 0 else int(s["steps"])
-        self.warmup_steps = int(s["warmup_epochs"] * per_epoch) if s["warmup_epochs"] > 0 else int(s["warmup_steps"])
-        self.eval_set = None
+            self.sampler = ShuffleBatchSampler(len(self.dataset), d["batch_size"], *args)
+        self.global_batch = self.sampler.global_batch
+        self.loader = build_loader(self.dataset, self.sampler, d, self.device, self.cfg["seed"])
+        self.channels_last = bool(t["channels_last"])
+        self.normalizer = DeviceNormalizer(RECOGNIZER_SPEC, "BGR", self.device, self.channels_last)
         e = self.cfg["eval"]
-        if e["format"] != "none" and self.is_main:
-            try:
-                self.eval_set = load_eval_set(e["format"], expand_path(e["path"]),
-                                              expand_path(e["pairs"]), e["max_pairs"])
-            except DataError as err:
-                if not e["optional"]:
-                    raise
-                warnings.warn(f"evaluation skipped: {err}", stacklevel=2)
+        self.eval_sets = load_eval_sets(e, expand_path) if e["format"] != "none" and self.is_main else []
+
+    def _sharded(self) -> bool:
+        mode, head = self.cfg["loss"]["sharded"], str(self.cfg["loss"]["head"])
+        return mode is True or (mode == "auto" and self.distributed and head in MARGIN_HEADS)
 
     def _build_model(self) -> None:
         cfg = self.cfg
         self.backbone = build_backbone(cfg["arch"], cfg["embedding_size"], **cfg["backbone_kwargs"])
+        builder = sharded_builder(self.rank, self.world_size, cfg["seed"]) if self._sharded() else None
         self.criterion = build_loss(_loss_config(cfg, self.dataset.teacher_dim), self.dataset.num_classes,
-                                    cfg["embedding_size"])
-        self.channels_last = bool(cfg["train"]["channels_last"])
+                                    cfg["embedding_size"], classification=builder)
         self.backbone.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.criterion.to(self.device)
-        self.module = TrainModule(self.backbone, self.criterion)
-        self.freeze_rules = [(list(f["modules"]), int(f["until_step"])) for f in cfg["schedule"]["freeze"] or []]
-        names = [n for n, _ in self.backbone.named_parameters()]
-        for prefixes, _ in self.freeze_rules:
-            for p in prefixes:
-                if not any(n == p or n.startswith(p + ".") for n in names):
-                    raise ValueError(f"schedule.freeze: no backbone parameter under {p!r} "
-                                     f"(e.g. {', '.join(sorted({n.split('.')[0] for n in names})[:8])})")
-        self._frozen: frozenset[str] | None = None
+        self.sharded_parts = {n: m for n, m in self.criterion.parts.items() if isinstance(m, ShardedMarginLoss)}
+        local = {n: (self.criterion.weights[n], m) for n, m in self.criterion.parts.items() if n not in self.sharded_parts}
+        self.module = TrainModule(self.backbone, WeightedLoss(local) if local else None)
+        self.freeze = FreezeSchedule([(list(f["modules"]), int(f["until_step"])) for f in cfg["schedule"]["freeze"] or []],
+                                     self.backbone)
         self.ddp = None
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           find_unused_parameters=bool(self.freeze_rules))
+            self.ddp = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.amp_dtype = resolve_amp(cfg["train"]["amp"], self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def _build_optim(self) -> None:
         o = self.cfg["optim"]
-        head_wd = o["weight_decay"] if o["head_weight_decay"] is None else o["head_weight_decay"]
-        groups = [
-            {"params": list(self.backbone.parameters()), "lr": o["lr"], "weight_decay": o["weight_decay"], "name": "backbone"},
-            {"params": list(self.criterion.parameters()), "lr": o["lr"] * o["head_lr_mult"], "weight_decay": head_wd,
-             "name": "head"},
-        ]
-        groups = [g for g in groups if g["params"]]
-        if o["name"] == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"])
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
-        self.lr_lambda = self._schedule_from_config()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+        self.backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        self.shard_params = [m.head.weight for m in self.sharded_parts.values()]
+        self.head_params = [p for p in self.criterion.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(o, self.backbone_params, self.head_params)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        if self.ddp is not None:
+            dd.check_ddp_registration(self.ddp, self.optimizer, outside=self.shard_params)
 
-    def _schedule_from_config(self) -> WarmupCosine:
-        s = self.cfg["schedule"]
-        return WarmupCosine(self.total_steps, self.warmup_steps, s["min_lr_ratio"], s["restarts"], s["restart_mult"])
+    def _build_schedule(self) -> None:
+        """Lengths in schedule steps (of the run's reference global batch) and the learning rate now."""
+        s, ref = self.cfg["schedule"], self.position.ref_global_batch
+        per_epoch = len(self.sampler.epoch_samples(0)[0]) // ref
+        total = int(math.ceil(s["epochs"] * per_epoch)) if s["epochs"] > 0 else int(s["steps"])
+        warmup = int(s["warmup_epochs"] * per_epoch) if s["warmup_epochs"] > 0 else int(s["warmup_steps"])
+        self.lr_lambda = WarmupCosine(total, warmup, s["min_lr_ratio"], s["restarts"], s["restart_mult"])
+        self.total_samples = total * ref
+        left = max(0, self.total_samples - self.position.samples_seen)
+        self.total_steps = self.position.step + -(-left // self.global_batch)
+        self._set_lr()
 
-    # ------------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "model": self.backbone.state_dict(), "head": self.criterion.state_dict(), "config": self.cfg,
-            "step": self.step, "epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "sampler": self.sampler.state_dict(self.batch_in_epoch) | {"epoch": self.epoch},
-            "rng": rng, "best_metric": self.best_metric, "num_classes": self.dataset.num_classes,
-            "class_names": list(self.source.class_names),
-        }
-
-    def _load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
-        changed = [k for k in diff_configs(ckpt.get("config", {}), self.cfg) if k not in ("train.stop_after",
-                                                                                         "train.time_limit_min")]
-        if changed and self.is_main:
-            warnings.warn(f"resuming {path} with a changed config: {', '.join(changed)}", stacklevel=2)
-        if ckpt.get("num_classes", self.dataset.num_classes) != self.dataset.num_classes:
-            raise ValueError(f"{path} was trained on {ckpt['num_classes']} identities, the data now has "
-                             f"{self.dataset.num_classes}; resume needs the same training data")
-        self.backbone.load_state_dict(ckpt["model"])
-        self.criterion.load_state_dict(ckpt["head"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        # the schedule follows the current config (e.g. more steps), the position follows the checkpoint;
-        # a new object, because LambdaLR.load_state_dict wrote the old run's settings into the one it held
-        self.lr_lambda = self._schedule_from_config()
-        self.scheduler.lr_lambdas = [self.lr_lambda] * len(self.optimizer.param_groups)
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.sampler.load_state_dict(ckpt["sampler"])
-        self.step, self.epoch = int(ckpt["step"]), int(ckpt["sampler"]["epoch"])
-        self.batch_in_epoch = int(ckpt["sampler"]["start_batch"])
-        self.best_metric = ckpt.get("best_metric")
-        rng = ckpt["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"].cpu())
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        self.resumed_from = path
-
-    def _init_weights(self, path: Path) -> None:
-        """Warm start: the backbone (and the margin head when its shape fits) from ``path``; nothing else."""
-        ckpt = load_checkpoint(path, map_location=self.device)
-        try:
-            self.backbone.load_state_dict(ckpt["model"])
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"init: {path} does not fit {self.cfg['arch']} {self.cfg['backbone_kwargs']} "
-                             f"with embedding {self.cfg['embedding_size']}: {e}") from e
-        head = ckpt.get("head") or {}
-        mine = self.criterion.state_dict()
-        if head and set(head) == set(mine) and all(head[k].shape == mine[k].shape for k in mine):
-            self.criterion.load_state_dict(head)
-        self.initialised_from = path
-
-    def save(self, name: str = "last.pt") -> Path | None:
-        """Write the full training state atomically to ``<out>/<name>`` (main process only)."""
-        if not self.is_main:
-            return None
-        return save_checkpoint(self.out / name, self.state_dict())
+    def _set_lr(self) -> None:
+        factor = self.lr_lambda(self.position.schedule_step)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * factor
 
     # ------------------------------------------------------------------------------------------- steps
-    def _apply_freeze(self) -> None:
-        frozen = frozenset(p for prefixes, until in self.freeze_rules if self.step < until for p in prefixes)
-        if frozen == self._frozen:
-            return
-        for n, p in self.backbone.named_parameters():
-            p.requires_grad_(not any(n == f or n.startswith(f + ".") for f in frozen))
-        self._frozen = frozen
-
-    def _any(self, flag: bool) -> bool:
-        """True when ``flag`` is set on any process."""
-        if not self.distributed:
-            return flag
-        import torch.distributed as dist
-
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def _train_step(self, batch: dict) -> tuple[float, dict[str, float], bool]:
-        images = batch["image"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    def _forward(self, batch: dict, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if batch["image"].dtype == torch.uint8:
+            images = self.normalizer(batch["image"])
+        else:
+            images = batch["image"].to(self.device, non_blocking=True)
+            images = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
         labels = batch["label"].to(self.device, non_blocking=True)
         teacher = batch["teacher"].to(self.device, non_blocking=True) if "teacher" in batch else None
-        model = self.ddp or self.module
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            emb, loss, parts = (self.ddp or self.module)(images, labels, teacher)
+        for name, part in self.sharded_parts.items():
+            value = part(emb, labels, sample_seed=self.position.step * self.accumulate + micro)
+            term = self.criterion.weights[name] * value
+            loss = term if loss is None else loss + term
+            parts = {**parts, name: value.detach()}
+        return loss, {k: parts[k] for k in self.criterion.parts}
+
+    def _train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``accumulate`` micro-batches → device tensors (loss, parts, skipped, grad norm)."""
         self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (logged)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            loss, parts = model(images, labels, teacher)
-        bad = self._any(not bool(torch.isfinite(loss)))
-        if bad:
-            self.scheduler.step()
-            return float(loss.detach()), {k: float(v) for k, v in parts.items()}, False
-        self.scaler.scale(loss).backward()
-        clip = self.cfg["optim"]["grad_clip"]
-        if clip > 0:
+        n = len(micro_batches)
+        total, parts_sum, bad = None, {}, torch.zeros((), device=self.device)
+        for j, batch in enumerate(micro_batches):
+            with self.ddp.no_sync() if self.ddp is not None and j < n - 1 else nullcontext():
+                loss, parts = self._forward(batch, j)
+                self.scaler.scale(loss / n).backward()
+            loss = loss.detach().float()
+            bad = bad + (~torch.isfinite(loss)).float()
+            total = loss / n if total is None else total + loss / n
+            parts_sum = {k: parts_sum.get(k, 0) + v.float() / n for k, v in parts.items()}
+        self.last_indices = torch.cat([b["index"] for b in micro_batches])
+        self.freeze.drop_frozen_grads(self.position.schedule_step)
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], clip)
-        self.scaler.step(self.optimizer)
+        found_inf, grad_norm = self._check_and_clip(bad)
+        step_unless(self.optimizer, found_inf, self.scaler)
         self.scaler.update()
-        with warnings.catch_warnings():  # fp16: the scaler may skip optimizer.step() on overflow; that is fine
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            self.scheduler.step()
-        return float(loss.detach()), {k: float(v) for k, v in parts.items()}, True
+        self.position.advance(self.global_batch)
+        self._set_lr()
+        return total, parts_sum, found_inf, grad_norm
+
+    def _check_and_clip(self, bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Skip flag (the same on every rank) and the gradient norm; clips as ``optim`` says. No host wait."""
+        in_ddp = [p for p in self.head_params if all(p is not q for q in self.shard_params)]
+        sq_backbone, sq_local = grad_sq_norm(self.backbone_params, self.device), grad_sq_norm(in_ddp, self.device)
+        shared = torch.stack([bad, grad_sq_norm(self.shard_params, self.device)])
+        dd.all_reduce_sum_(shared)  # non-finite losses on any rank; shards' squared norms
+        sq_total = sq_backbone + sq_local + shared[1]
+        found_inf = ((shared[0] > 0) | ~torch.isfinite(sq_total)).float()
+        o = self.cfg["optim"]
+        if o["grad_clip"] > 0:
+            if o["grad_clip_params"] == "backbone":
+                clip_to(self.backbone_params, o["grad_clip"], sq_backbone.sqrt())
+            else:
+                clip_to(self.backbone_params + self.head_params, o["grad_clip"], sq_total.sqrt())
+        return found_inf, sq_total.sqrt()
 
     # ------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -426,139 +312,88 @@ class Trainer:
         return out.float().cpu().numpy()
 
     def evaluate(self) -> dict | None:
-        """Verify on the configured pair set; keeps ``best.pt`` when accuracy improves."""
-        if self.eval_set is None:
+        """Verify on every configured pair set; keeps ``best.pt`` when their mean accuracy improves."""
+        if not self.eval_sets:
             return None
-        pairset, crops = self.eval_set
-        r = quick_verify(self.embed, crops, pairset.pairs, pairset.issame, self.cfg["eval"]["batch_size"])
+        bs = self.cfg["eval"]["batch_size"]
+        r = mean_verification({name: quick_verify(self.embed, crops, ps.pairs, ps.issame, bs)
+                               for name, ps, crops in self.eval_sets})
         if self.best_metric is None or r["accuracy"] > self.best_metric:
             self.best_metric = r["accuracy"]
             save_checkpoint(self.out / "best.pt", {"model": self.backbone.state_dict(), "config": self.cfg,
                                                    "step": self.step, "best_metric": self.best_metric, "eval": r})
         return r
 
+    def _eval_main(self) -> dict | None:
+        r = self.evaluate() if self.is_main else None
+        dd.barrier()
+        return r
+
     # ------------------------------------------------------------------------------------------- loop
-    def _on_signal(self, signum, _frame) -> None:
-        if self._stop_reason is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self._stop_reason = signal.Signals(signum).name
-
-    def _install_signal_handlers(self) -> dict:
-        if not threading_is_main():
-            return {}
-        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, old in self._handlers.items():
-            signal.signal(sig, old)
-        self._handlers = {}
-
     def train(self) -> dict:
         """Run until ``schedule`` is done (or a stop condition); returns a summary dict."""
-        if not self._handlers:
-            self._handlers = self._install_signal_handlers()
+        self.stop.install()
         try:
             return self._loop()
         finally:
-            self._restore_signal_handlers()
+            self.stop.restore()
+
+    def _done(self) -> bool:
+        return self.position.samples_seen >= self.total_samples
 
     def _loop(self) -> dict:
         cfg, t = self.cfg, self.cfg["train"]
-        part_names = list(self.criterion.parts.keys()) if hasattr(self.criterion, "parts") else []
-        columns = (["step", "epoch", "loss", "lr"] + [f"loss_{p}" for p in part_names]
-                   + ["images_per_s", "data_wait", "elapsed_s", "eval_accuracy", "eval_threshold_cosine",
-                      "eval_cos_same", "eval_cos_diff"])
+        self.part_names = list(self.criterion.parts)
+        columns = log_columns(self.part_names, [n for n, _, _ in self.eval_sets])
         log = CSVLog(self.out / "log.csv", columns, self.step) if self.is_main else None
         tb = self._tensorboard() if self.is_main else None
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg["name"], unit="step", dynamic_ncols=True,
                    disable=not (t["progress"] and self.is_main), mininterval=1.0)
-        start_step, t0 = self.step, time.time()
-        win_t, win_imgs, win_wait = time.time(), 0, 0.0
-        sums: dict[str, float] = {}
-        n_sum, nonfinite, last_eval = 0, 0, None
+        self.stop.start(self.step)
+        self._t0 = time.time()
+        self._window, last_eval, self.last_row = Window(self.device), None, {}
         self.module.train()
-        last_row: dict = {}
         try:
-            while self.step < self.total_steps and self._stop_reason is None:
-                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            while not self._done() and self.stop.reason is None:
+                pos = self.position
+                if not self.sampler.steps(pos.epoch):
+                    raise RuntimeError(f"epoch {pos.epoch} has no batch: too few samples/identities for one batch")
+                self.sampler.set_epoch(pos.epoch, pos.sample_in_epoch)
                 it = iter(self.loader)
-                exhausted = False
                 while True:
-                    tw = time.time()
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        exhausted = True
+                    micro, wait = next_step_batches(it, self.accumulate)
+                    if micro is None:
+                        self.position.next_epoch()
                         break
-                    win_wait += time.time() - tw
-                    self._apply_freeze()
                     self._in_step = True
-                    loss, parts, ok = self._train_step(batch)
-                    self.step += 1
-                    self.batch_in_epoch += 1
+                    loss, parts, found_inf, grad_norm = self._train_step(micro)
                     self._in_step = False
-                    if not ok:
-                        nonfinite += 1
-                        warnings.warn(f"step {self.step}: non-finite loss {loss}; step skipped", stacklevel=2)
-                        if nonfinite >= MAX_NONFINITE_STEPS:
-                            raise FloatingPointError(f"{nonfinite} non-finite losses in a row at step {self.step}; "
-                                                     f"lower optim.lr or enable optim.grad_clip")
-                        loss, parts = float("nan"), {}
-                    else:
-                        nonfinite = 0
-                    win_imgs += len(batch["label"]) * self.world_size
-                    if ok:
-                        sums["loss"] = sums.get("loss", 0.0) + loss
-                        for k, v in parts.items():
-                            sums[k] = sums.get(k, 0.0) + v
-                        n_sum += 1
+                    self._window.add(loss, parts, found_inf, grad_norm, len(self.last_indices) * self.world_size, wait)
                     ev = None
                     if cfg["eval"]["every"] and self.step % cfg["eval"]["every"] == 0:
-                        ev = self._eval_main()
-                        last_eval = self.step
-                    if self.step % t["log_every"] == 0 or self.step == self.total_steps or ev:
-                        now = time.time()
-                        k_n = max(n_sum, 1)
-                        last_row = {"step": self.step, "epoch": self.epoch, "loss": sums.get("loss", float("nan")) / k_n,
-                                    "lr": self.lr,
-                                    **{f"loss_{k}": sums.get(k, float("nan")) / k_n for k in part_names},
-                                    "images_per_s": win_imgs / max(now - win_t, 1e-9),
-                                    "data_wait": win_wait / max(now - win_t, 1e-9),
-                                    "elapsed_s": now - t0, **self._eval_cols(ev)}
-                        if log:
-                            log.write(last_row)
-                        if tb:
-                            for k, v in last_row.items():
-                                if k not in ("step", "epoch") and isinstance(v, float) and math.isfinite(v):
-                                    tb.add_scalar(k.replace("eval_", "eval/").replace("loss_", "loss/"), v, self.step)
-                        bar.set_postfix(loss=f"{last_row['loss']:.3f}", lr=f"{last_row['lr']:.3g}",
-                                        img_s=f"{last_row['images_per_s']:.0f}")
-                        win_t, win_imgs, win_wait, sums, n_sum = now, 0, 0.0, {}, 0
+                        ev, last_eval = self._eval_main(), self.step
+                    at_row = self.step % t["log_every"] == 0 or self._done() or ev is not None
+                    if at_row:
+                        self._log_row(log, tb, ev, bar)
                     bar.update(1)
-                    if t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0 and self.step < self.total_steps:
+                    if t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0 and not self._done():
                         self.save()
                     for cb in self.callbacks:
                         cb(self)
-                    if self.step >= self.total_steps or self._should_stop(start_step, t0):
+                    if self._done() or self.stop.should_stop(self.step, t, at_row, self.distributed, self.device):
                         break
-                if exhausted:
-                    if not self.sampler.batches(self.epoch):
-                        raise RuntimeError(f"epoch {self.epoch} has no batch: too few samples/identities for one batch")
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            if self.step >= self.total_steps and self.eval_set is not None and last_eval != self.step:
+            if self._done() and cfg["eval"]["format"] != "none" and last_eval != self.step:  # every rank: a barrier
                 ev = self._eval_main()
                 if ev and log:
-                    log.write({"step": self.step, "epoch": self.epoch, **self._eval_cols(ev)})
-                last_row.update(self._eval_cols(ev))
+                    log.write({"step": self.step, "epoch": self.epoch, **eval_columns(ev)})
+                self.last_row.update(eval_columns(ev))
+            if self._done():
+                dd.broadcast_buffers(self.backbone)
             self.save()
         except BaseException:
-            if not self._in_step:  # state is consistent between steps: keep it
-                try:
-                    self.save()
-                except Exception as save_error:  # pragma: no cover - report, keep the original error
-                    print(f"could not write the exit checkpoint: {save_error}", file=sys.stderr)
+            self._save_on_error()
             raise
         finally:
             bar.close()
@@ -567,30 +402,26 @@ class Trainer:
             if tb:
                 tb.close()
         return {"step": self.step, "total_steps": self.total_steps, "output": str(self.out),
-                "stopped": self._stop_reason, "best_metric": self.best_metric, "last": last_row}
+                "stopped": self.stop.reason, "best_metric": self.best_metric, "last": self.last_row}
 
-    def _should_stop(self, start_step: int, t0: float) -> bool:
-        t = self.cfg["train"]
-        if t["stop_after"] and self.step - start_step >= t["stop_after"] and self._stop_reason is None:
-            self._stop_reason = "stop_after"
-        if t["time_limit_min"] and time.time() - t0 >= 60 * t["time_limit_min"] and self._stop_reason is None:
-            self._stop_reason = "time_limit"
-        return self._any(self._stop_reason is not None)
-
-    def _eval_main(self) -> dict | None:
-        r = self.evaluate() if self.is_main else None
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return r
-
-    @staticmethod
-    def _eval_cols(ev: dict | None) -> dict:
-        if not ev:
-            return {}
-        return {"eval_accuracy": ev["accuracy"], "eval_threshold_cosine": ev["threshold_cosine"],
-                "eval_cos_same": ev["cos_same"], "eval_cos_diff": ev["cos_diff"]}
+    def _log_row(self, log, tb, ev: dict | None, bar) -> None:
+        """Read the window's statistics from the device (the one synchronisation), report non-finite steps."""
+        now = time.time()
+        stats, run = self._window.read(now, self.part_names)
+        self.last_row = {"step": self.step, "epoch": self.epoch, "lr": self.lr, **stats,
+                         "elapsed_s": now - self._t0, **eval_columns(ev)}
+        self._window.reset(now)
+        if stats["nonfinite_steps"] and self.is_main:
+            warnings.warn(f"step {self.step}: {stats['nonfinite_steps']} step(s) since the last log row had a "
+                          f"non-finite loss or gradient; their updates were skipped", stacklevel=3)
+        if run >= MAX_NONFINITE_STEPS:
+            raise FloatingPointError(f"{run} non-finite losses in a row at step {self.step}; "
+                                     f"lower optim.lr or enable optim.grad_clip")
+        if log:
+            log.write(self.last_row)
+        if tb:
+            write_tensorboard(tb, self.last_row, self.step)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{self.lr:.3g}", img_s=f"{stats['images_per_s']:.0f}")
 
     def _tensorboard(self):
         if not self.cfg["train"]["tensorboard"]:
@@ -602,7 +433,11 @@ class Trainer:
         return SummaryWriter(str(self.out / "tb"), purge_step=self.step or None)
 
 
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+def _loss_config(cfg: dict, teacher_dim: int) -> dict:
+    """The ``loss`` section as :func:`train.losses.build_loss` takes it (nulls dropped, teacher size filled in)."""
+    loss = {k: v for k, v in cfg["loss"].items() if v is not None and v is not False}
+    if loss.get("distill"):
+        d = {} if loss["distill"] is True else dict(loss["distill"])
+        d.setdefault("teacher_dim", teacher_dim)
+        loss["distill"] = d
+    return loss

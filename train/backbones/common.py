@@ -20,7 +20,16 @@ class EmbeddingNeck(nn.Module):
         self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.fc(self.dropout(self.flatten(self.bn2d(x)))))
+        return fp32_embedding(self.fc, self.features, self.dropout(self.flatten(self.bn2d(x))))
+
+
+def fp32_embedding(fc: nn.Module, features: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``features(fc(x))`` — the embedding FC and its BN1d — in float32 even under autocast (as arcface_torch
+    keeps them: a bf16/fp16 FC over the 25 088-wide iResNet map rounds away much of the embedding)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return features(fc(x.float()))
+    return features(fc(x))
 
 
 def check_embedding_size(embedding_size: int) -> int:

@@ -4,6 +4,10 @@ Stem conv3×3/1 64 + BN + PReLU; four stages of IBasicBlock (BN → conv3×3 →
 stride 2 in each stage's first block, 1×1 conv + BN shortcut there); head BN2d → flatten (512·7·7) → dropout
 → FC → BN1d ("features", its scale frozen at 1 as in arcface_torch). State-dict names follow arcface_torch.
 
+The embedding FC and BN1d run in float32 under autocast (:func:`train.backbones.common.fp32_embedding`, as
+arcface_torch). ``width`` scales every stage's channels (1.0: the published network; small widths are for
+CPU tests only).
+
 One deliberate difference: ``zero_init_residual`` defaults to True (each block's last BN scale starts at 0,
 so every residual branch starts as identity). With arcface_torch's N(0, 0.1) conv init and no zeroing, an
 untrained network in eval mode overflows (iResNet-100 gives NaN in fp32); training is unaffected either way.
@@ -13,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import check_embedding_size
+from .common import check_embedding_size, fp32_embedding
 
 IRESNET_LAYERS = {"iresnet18": (2, 2, 2, 2), "iresnet34": (3, 4, 6, 3),
                   "iresnet50": (3, 4, 14, 3), "iresnet100": (3, 13, 30, 3)}
@@ -44,20 +48,21 @@ class IResNet(nn.Module):
     fc_scale = 7 * 7
 
     def __init__(self, layers: tuple[int, int, int, int], embedding_size: int = 512, dropout: float = 0.0,
-                 zero_init_residual: bool = True):
+                 zero_init_residual: bool = True, width: float = 1.0):
         super().__init__()
         self.embedding_size = check_embedding_size(embedding_size)
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
-        self.prelu = nn.PReLU(64)
-        self.layer1 = self._make_layer(64, layers[0])
-        self.layer2 = self._make_layer(128, layers[1])
-        self.layer3 = self._make_layer(256, layers[2])
-        self.layer4 = self._make_layer(512, layers[3])
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        ch = [max(4, int(round(c * width))) for c in (64, 128, 256, 512)]
+        self.inplanes = ch[0]
+        self.conv1 = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch[0], eps=1e-5)
+        self.prelu = nn.PReLU(ch[0])
+        self.layer1 = self._make_layer(ch[0], layers[0])
+        self.layer2 = self._make_layer(ch[1], layers[1])
+        self.layer3 = self._make_layer(ch[2], layers[2])
+        self.layer4 = self._make_layer(ch[3], layers[3])
+        self.bn2 = nn.BatchNorm2d(ch[3], eps=1e-5)
         self.dropout = nn.Dropout(p=float(dropout))
-        self.fc = nn.Linear(512 * self.fc_scale, embedding_size)
+        self.fc = nn.Linear(ch[3] * self.fc_scale, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
@@ -84,7 +89,7 @@ class IResNet(nn.Module):
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.bn2(x), 1)
-        return self.features(self.fc(self.dropout(x)))
+        return fp32_embedding(self.fc, self.features, self.dropout(x))
 
 
 def make_iresnet(arch: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import check_embedding_size
+from .common import check_embedding_size, fp32_embedding
 
 
 class ConvBlock(nn.Module):
@@ -82,4 +82,4 @@ class MobileFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.gdconv(self.body(x))
-        return self.features(self.fc(self.dropout(self.flatten(x))))
+        return fp32_embedding(self.fc, self.features, self.dropout(self.flatten(x)))
