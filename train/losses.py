@@ -2,7 +2,9 @@
 
 All losses compute in float32 with autocast switched off, so they are safe under fp16/bf16 AMP.
 Classification losses own their head (the class-weight matrix), so ``loss.parameters()`` must go to the
-optimizer and ``loss.state_dict()`` into the checkpoint ("head").
+optimizer and ``loss.state_dict()`` into the checkpoint ("head"). The margin is defined once
+(:class:`CombinedMargin`); :mod:`train.sharded_head` uses it for the head split over ranks. Rows labelled −1
+(no identity) are masked out without host synchronisation (:func:`masked_mean`).
 
 Config (``build_loss``), the ``loss`` section of an experiment config::
 
