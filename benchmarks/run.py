@@ -12,6 +12,7 @@
     python benchmarks/run.py large-photos [--megapixels 54,108]  # 50–200 MP JPEGs: reduced decode, RSS
     python benchmarks/run.py triton [--concurrency 1,4,16] [--seconds 5]       # through Triton vs in-process
     python benchmarks/run.py throughput [--data LFW_DIR] [--images 1000] [--indexer-images 600]  # embed_many
+    python benchmarks/run.py training [--only loader,ranks,rec-open]  # trainer/loader images/s, .rec start-up
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -283,6 +284,14 @@ def cmd_triton(args) -> dict:
             log(f"wrote {path}")
     _print_result(result, args, triton.to_markdown(result))
     return result
+
+
+def cmd_training(args) -> dict:
+    """Trainer and loader throughput, .rec start-up: ``benchmarks/training_throughput.py``."""
+    from benchmarks import training_throughput
+
+    return training_throughput.run(args.only.split(","), Path(args.results or rp.RESULTS_DIR),
+                                   Path(args.rec_dir) if args.rec_dir else None, args.steps, args.old_rev or None)
 
 
 def cmd_throughput(args) -> dict:
@@ -579,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="embed_many: decode/detect threads (default: usable cores)")
     s.add_argument("--indexer-images", type=int, default=0,
                    help="also time the indexer (in-process, 2 processes, Ray) on this many celeba/wild photos")
+    s = sub.add_parser("training", help="trainer images/s on 1 and 2 CPU ranks, loader images/s per worker "
+                                        "(float32 vs uint8), MS1MV2-shaped .rec start-up (benchmarks/training_throughput.py)")
+    s.add_argument("--only", default="loader,ranks,rec-open", help="comma-separated subset of loader,ranks,rec-open")
+    s.add_argument("--rec-dir", help="folder for the generated MS1MV2-shaped .idx/.rec (default: the facekit cache)")
+    s.add_argument("--steps", type=int, default=30, help="ranks: training steps per run")
+    s.add_argument("--old-rev", default="main", help="rec-open: git revision of the reader to compare with ('' = none)")
     return p
 
 
@@ -598,7 +613,7 @@ def commands() -> dict:
     """Sub-command name → the function that runs it (the verification kinds share ``cmd_verification``)."""
     return {"identification": cmd_identification, "parity": cmd_parity, "latency": cmd_latency,
             "landmarks": cmd_landmarks, "large-photos": large_photos.run, "triton": cmd_triton,
-            "throughput": cmd_throughput}
+            "throughput": cmd_throughput, "training": cmd_training}
 
 
 def main(argv: list[str] | None = None) -> int:
