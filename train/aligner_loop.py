@@ -6,7 +6,7 @@
 The run folder gets ``last.pt`` (atomic, every ``optim.checkpoint_every`` steps and at each epoch's end;
 model, optimizer, step, RNG states, elapsed time), ``log.csv``, ``metrics.json`` and ``training_curve.png``.
 The learning rate warms up linearly, then follows a cosine to zero over the schedule (the trainer's
-:class:`train.trainer.WarmupCosine`); the schedule position is the steps done or the ``optim.max_minutes``
+:class:`train.schedule.WarmupCosine`); the schedule position is the steps done or the ``optim.max_minutes``
 budget used, whichever is further, so a time-capped run still ends annealed.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import expand_path
 from .hourglass import build_aligner
 from .landmark_data import Augmenter, LandmarkData, make_batch
-from .trainer import CSVLog, WarmupCosine
+from .schedule import WarmupCosine
+from .trainlog import CSVLog
 
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "elapsed_s", "test_nme", "test_failure_rate"]
 

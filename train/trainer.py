@@ -140,13 +140,8 @@ class Trainer(RunStateMixin):
                 remove_stale_temporaries(self.out / name)
             save_config(cfg, self.out / "config.yaml")
 
-    @property
-    def step(self) -> int:
-        return self.position.step
-
-    @property
-    def epoch(self) -> int:
-        return self.position.epoch
+    step = property(lambda self: self.position.step, doc="Optimizer steps taken (all invocations of the run).")
+    epoch = property(lambda self: self.position.epoch, doc="The epoch the next step belongs to (0-based).")
 
     # ------------------------------------------------------------------------------------------- set-up
     def _resume_path(self, resume, overwrite: bool) -> Path | None:
