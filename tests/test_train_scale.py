@@ -101,7 +101,7 @@ def _rec(tmp_path, identities=3, per=2):
     return tmp_path / "train.rec"
 
 
-def test_recordio_index_is_numpy_and_parsed_once(tmp_path, monkeypatch):
+def test_recordio_index_is_numpy_and_parsed_once(tmp_path):
     rec = _rec(tmp_path)
     first = RecordIOReader(rec)
     assert isinstance(first.index.offsets, np.ndarray) and first.index.sequential
@@ -125,7 +125,9 @@ def test_recordio_index_is_numpy_and_parsed_once(tmp_path, monkeypatch):
     (tmp_path / "dup.idx").write_text("2\t0\n2\t12\n")
     with pytest.raises(ValueError, match="key 2 appears more than once"):
         RecordIOReader(tmp_path / "dup.rec")
-    # a read-only dataset folder: the sidecar goes to $FACEKIT_CACHE
+
+
+def test_recordio_sidecars_go_to_the_cache_when_the_dataset_folder_is_read_only(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     _rec(ro)

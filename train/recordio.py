@@ -213,19 +213,21 @@ class RecordIOReader:
         header, _ = self.read_image(int(self.keys[0]))
         if int(self.keys[0]) == 0 and header.flag > 0:
             first_id, end = int(header.label[0]), int(header.label[1])
-            keys = np.arange(1, first_id, dtype=np.int64)
+            table = np.empty((2, max(0, first_id - 1)), np.int64)  # [image keys, labels], filled in place
+            keys, labels = table[0], table[1]
+            keys[:] = np.arange(1, first_id, dtype=np.int64)
             spans = self._identity_spans(first_id, end)
-            labels = np.full(len(keys), -1, dtype=np.int64)
             lengths = spans[:, 1] - spans[:, 0]
             if len(spans) and spans[0, 0] == 1 and spans[-1, 1] == first_id and (spans[1:, 0] == spans[:-1, 1]).all() \
                     and (lengths > 0).all():
-                labels = np.repeat(np.arange(len(spans), dtype=np.int64), lengths)
+                labels[:] = np.repeat(np.arange(len(spans), dtype=np.int64), lengths)
             else:
+                labels[:] = -1
                 for ident, (a, b) in enumerate(spans):
                     labels[a - 1:b - 1] = ident
             if (labels < 0).any():  # identity records incomplete: read each image header instead
-                labels = np.array([self._label_of(int(k)) for k in keys], dtype=np.int64)
-            return np.stack([keys, labels])
+                labels[:] = [self._label_of(int(k)) for k in keys]
+            return table
         keys = np.asarray(self.keys, dtype=np.int64)
         return np.stack([keys, np.array([self._label_of(int(k)) for k in keys], dtype=np.int64)])
 

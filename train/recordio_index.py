@@ -43,19 +43,21 @@ def cached_array(kind: str, idx_path: Path, rec_path: Path, build: Callable[[], 
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError):
             pass  # unreadable sidecar: build it again
-    arr = np.ascontiguousarray(build())
+    arr = build()
     try:
         atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
         for old in path.parent.glob(f".{idx_path.name}.{kind}.*{SIDECAR_SUFFIX}"):
             if old != path:
                 old.unlink(missing_ok=True)
     except OSError:
-        pass  # no place to keep it: parse again next time
-    return arr
+        return np.ascontiguousarray(arr)  # no place to keep it: parse again next time
+    del arr  # the parse buffers go; the sidecar's pages are shared with every process that maps it
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def parse_idx(idx_path: Path) -> np.ndarray:
-    """2×N int64 ``[keys, offsets]`` of a ``key<TAB>offset`` file, sorted by key; duplicate keys are an error."""
+    """2×N int64 ``[keys, offsets]`` of a ``key<TAB>offset`` file, sorted by key (a transposed view of the parsed
+    N×2 table); duplicate keys are an error."""
     try:
         table = np.loadtxt(idx_path, dtype=np.int64, ndmin=2, comments=None)
     except ValueError as e:
@@ -64,14 +66,15 @@ def parse_idx(idx_path: Path) -> np.ndarray:
         return np.zeros((2, 0), np.int64)
     if table.shape[1] != 2:
         raise ValueError(f"{idx_path}: expected 'key offset' lines, got {table.shape[1]} fields")
-    keys, offsets = table[:, 0], table[:, 1]
-    if not (np.diff(keys) > 0).all():
-        order = np.argsort(keys, kind="stable")
-        keys, offsets = keys[order], offsets[order]
-        dup = np.flatnonzero(np.diff(keys) == 0)
-        if len(dup):
-            raise ValueError(f"{idx_path}: key {keys[dup[0]]} appears more than once")
-    return np.stack([keys, offsets])
+    keys = table[:, 0]
+    if (keys[1:] > keys[:-1]).all():  # the usual case: a view, no copy of millions of rows
+        return table.T
+    table = table[np.argsort(keys, kind="stable")]
+    keys = table[:, 0]
+    dup = np.flatnonzero(keys[1:] == keys[:-1])
+    if len(dup):
+        raise ValueError(f"{idx_path}: key {keys[dup[0]]} appears more than once")
+    return table.T
 
 
 class RecordIndex:
