@@ -51,7 +51,7 @@ def cached_array(kind: str, idx_path: Path, rec_path: Path, build: Callable[[], 
                 old.unlink(missing_ok=True)
     except OSError:
         return np.ascontiguousarray(arr)  # no place to keep it: parse again next time
-    del arr  # the parse buffers go; the sidecar's pages are shared with every process that maps it
+    arr = None  # the parse buffers go; the sidecar's pages are shared with every process that maps it
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
