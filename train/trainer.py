@@ -49,7 +49,6 @@ from .checkpoint import save_checkpoint
 from .config import expand_path, output_dir, save_config
 from .datasets import FaceDataset, source_from_config
 from .device_input import DeviceNormalizer
-from .distributed import resolve_device  # noqa: F401  (re-exported: older callers import it from here)
 from .evaluate import load_eval_sets
 from .freezing import FreezeSchedule
 from .loader import build_loader, next_step_batches
