@@ -11,9 +11,8 @@ from typing import Iterator
 
 import numpy as np
 
+from runtime.photo_lists import IMAGE_EXTENSIONS, is_image_file
 from runtime.preprocess import PreprocessSpec, to_model_input
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def list_images(folder: str | os.PathLike, limit: int | None = None) -> list[Path]:
@@ -21,7 +20,7 @@ def list_images(folder: str | os.PathLike, limit: int | None = None) -> list[Pat
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder of aligned face crops")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(p for p in root.rglob("*") if is_image_file(p.name) and p.is_file())
     if not files:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     if limit is not None and len(files) > limit:

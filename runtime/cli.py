@@ -111,7 +111,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    from .pipeline import NoFaceError, iter_images
+    from .photo_lists import iter_images
+    from .pipeline import NoFaceError
 
     photos = iter_images(args.folder)
     if not photos:

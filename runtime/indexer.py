@@ -31,7 +31,8 @@ import numpy as np
 
 from .files import atomic_write, atomic_write_bytes, pid_temp_prefix, remove_stale_temporaries, sha256_file
 from .gallery import Gallery
-from .pipeline import DEFAULT_ALIGNER, DEFAULT_RECOGNIZER, FacePipeline, iter_images
+from .photo_lists import PhotoListError, photos_in_tree, read_photo_list
+from .pipeline import DEFAULT_ALIGNER, DEFAULT_RECOGNIZER, FacePipeline
 
 SHARD_FORMAT = "facekit-index-shard"
 PLAN_FILE = "plan.json"
@@ -119,12 +120,12 @@ class IndexPlan:
 
 
 def entries_from_tree(root: str | os.PathLike) -> list[Entry]:
-    """One entry per image in each person folder ``root/<name>/`` (hidden folders skipped)."""
+    """One entry per image of each person folder ``root/<name>/…`` (:func:`runtime.photo_lists.photos_in_tree`;
+    images directly in ``root`` belong to nobody and are not indexed)."""
     root = Path(root)
     if not root.is_dir():
         raise IndexingError(f"{root}: not a folder")
-    people = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    entries = [Entry(f"{person.name}/{img.name}", person.name) for person in people for img in iter_images(person)]
+    entries = [Entry(p.path, p.name) for p in photos_in_tree(root) if p.name is not None]
     if not entries:
         raise IndexingError(f"{root}: no person folders with images; for a flat folder pass --list FILE "
                             "(lines '<file> <name>')")
@@ -132,29 +133,18 @@ def entries_from_tree(root: str | os.PathLike) -> list[Entry]:
 
 
 def entries_from_list(list_file: str | os.PathLike) -> list[Entry]:
-    """Entries from lines ``<path> <name>`` (path relative to the root; blank and ``#`` lines skipped, a
-    repeated line counted once, one path under two names refused)."""
-    list_file = Path(list_file)
+    """Entries from lines ``<path> <name>`` (:func:`runtime.photo_lists.read_photo_list`; one path under two
+    names is refused)."""
     try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise IndexingError(f"{list_file}: cannot read the list ({getattr(e, 'strerror', None) or e})") from None
-    names: dict[str, str] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.split(None, 1)
-        if len(parts) != 2:
-            raise IndexingError(f"{list_file}:{number}: expected '<file> <name>', got {line.strip()!r}")
-        path, name = parts[0].replace("\\", "/"), parts[1].strip()
-        if path.startswith("/") or ".." in path.split("/"):
-            raise IndexingError(f"{list_file}:{number}: {path!r} must be a path below the image folder")
-        if names.setdefault(path, name) != name:
-            raise IndexingError(f"{list_file}:{number}: {path!r} is listed as {names[path]!r} and as {name!r}")
-    entries = [Entry(path, name) for path, name in names.items()]
-    if not entries:
+        photos, conflicts = read_photo_list(list_file, require_names=True)
+    except PhotoListError as e:
+        raise IndexingError(str(e)) from None
+    if conflicts:
+        c = conflicts[0]
+        raise IndexingError(f"{list_file}:{c.line}: {c.path!r} is listed as {c.names[0]!r} and as {c.names[1]!r}")
+    if not photos:
         raise IndexingError(f"{list_file}: no entries")
-    return entries
+    return [Entry(p.path, p.name) for p in photos]
 
 
 # ------------------------------------------------------------------------------------------ shards

@@ -498,15 +498,5 @@ def _check_template(spec: PreprocessSpec, source: str) -> None:
         raise ModelMetadataError(f"{source}: metadata landmark order {spec.landmark_order} is not facekit's")
 
 
-def iter_images(folder: str | os.PathLike, extensions: Iterable[str] = (".jpg", ".jpeg", ".png", ".bmp", ".webp",
-                                                                        ".tif", ".tiff")) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
-    exts = {e.lower() for e in extensions}
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts), key=lambda p: p.name)
-
-
 __all__ = ["Face", "FacePipeline", "Comparison", "ImageFaces", "Subject", "NoFaceError", "ImageError",
-           "DEFAULT_RECOGNIZER", "DEFAULT_ALIGNER", "iter_images"]
+           "DEFAULT_RECOGNIZER", "DEFAULT_ALIGNER"]

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from evaluation.errors import DatasetError
+from runtime.photo_lists import is_image_file
 from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec, to_model_input
 
 from .augment import Augmenter, build_augmenter
@@ -24,7 +25,6 @@ from .recordio import RecordIOReader
 from .teacher_embeddings import load_teacher_embeddings
 from .synthetic import identity_sample
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 #: Identity name of a sample without an identity: it gets label −1, no class, and feeds only the losses that
 #: need no label (distillation; see :class:`train.losses.WeightedLoss`).
@@ -139,7 +139,7 @@ def folder_source(root: str | Path) -> FileSource:
     paths, labels = [], []
     for ident in sorted(d for d in os.listdir(root) if (root / d).is_dir()):
         for f in sorted(os.listdir(root / ident)):
-            if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
+            if is_image_file(f):
                 paths.append(f"{ident}/{f}")
                 labels.append(ident)
     if not paths:

@@ -52,12 +52,12 @@ import numpy as np
 from runtime.files import atomic_write_bytes
 from runtime.geometry import template_for_size
 from runtime.image_io import load_image
+from runtime.photo_lists import PhotoListError, photos_in_tree, read_photo_list
 from runtime.pipeline import FacePipeline
 from runtime.preprocess import PreprocessSpec
 from runtime.subject import choose_subject
 from train.datasets import UNLABELLED
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST_FIELDS = ("source", "identity", "status", "reason", "output", "faces", "score", "box", "landmarks")
 
 
@@ -91,19 +91,7 @@ class Options:
 
 def sources_from_tree(src: Path) -> list[Source]:
     """Images under ``src``: ``src/<identity>/.../<photo>``; photos directly in ``src`` are unlabelled."""
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src} is not a folder")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            path = Path(dirpath) / name
-            rel = path.relative_to(src).as_posix()
-            identity = rel.split("/")[0] if "/" in rel else UNLABELLED
-            out.append(Source(rel, str(path), identity))
-    return out
+    return [Source(p.path, str(src / p.path), p.name or UNLABELLED) for p in photos_in_tree(src)]
 
 
 def sources_from_list(list_file: Path, root: Path | None = None) -> tuple[list[Source], list[Source]]:
@@ -111,22 +99,9 @@ def sources_from_list(list_file: Path, root: Path | None = None) -> tuple[list[S
     (default: the list's folder). Exact duplicate lines are merged. Returns (sources, conflicting) where
     ``conflicting`` are files listed under more than one identity (reported, not processed)."""
     root = Path(root) if root is not None else list_file.parent
-    labels: dict[str, list[str]] = {}
-    with open(list_file, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            rel = parts[0]
-            identity = parts[1] if len(parts) > 1 else UNLABELLED
-            ids = labels.setdefault(rel, [])
-            if identity not in ids:
-                ids.append(identity)
-    good, bad = [], []
-    for rel, ids in labels.items():
-        item = Source(rel, str(root / rel), ids[0] if len(ids) == 1 else ",".join(ids))
-        (good if len(ids) == 1 else bad).append(item)
+    photos, conflicts = read_photo_list(list_file)
+    good = [Source(p.path, str(root / p.path), p.name or UNLABELLED) for p in photos]
+    bad = [Source(c.path, str(root / c.path), ",".join(n or UNLABELLED for n in c.names)) for c in conflicts]
     return good, bad
 
 
@@ -404,8 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.list is not None:
         if not a.list.is_file():
             p.error(f"list file {a.list} not found")
-        sources, conflicting = sources_from_list(a.list, a.root)
+        try:
+            sources, conflicting = sources_from_list(a.list, a.root)
+        except PhotoListError as e:
+            p.error(str(e))
     else:
+        if not a.src.is_dir():
+            p.error(f"{a.src} is not a folder")
         sources, conflicting = sources_from_tree(a.src), []
     if not sources and not conflicting:
         p.error("no images found")
