@@ -26,12 +26,12 @@ class CliError(Exception):
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _pipeline(args, need_recognizer: bool):
+def _pipeline(args, need_recognizer: bool, model_options: dict | None = None):
     from .pipeline import FacePipeline
 
     pipe = FacePipeline(recognizer=args.recognizer, detector=args.detector, landmarks=args.landmarks,
                         aligner=args.aligner, backend=args.backend, threshold=args.threshold,
-                        score_threshold=args.score_threshold)
+                        score_threshold=args.score_threshold, model_options=model_options)
     if need_recognizer:
         pipe.recognizer  # load now, so a missing default model is reported before any work
     return pipe
@@ -172,7 +172,7 @@ def cmd_identify(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.config import serve
 
-    return serve(args, lambda: _pipeline(args, need_recognizer=True))
+    return serve(args, lambda options: _pipeline(args, need_recognizer=True, model_options=options))
 
 
 def similarity_heatmap_png(sim: np.ndarray, names: Sequence[str], threshold: float | None = None) -> bytes:

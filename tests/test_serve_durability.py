@@ -123,7 +123,9 @@ def test_the_api_key_is_required_on_v1_and_metrics(tmp_path, faces):
             r = c.post("/v1/detect", headers={"authorization": f"Bearer {KEY}", "content-type": "image/jpeg"},
                        content=faces[0])
             assert r.status_code == 200 and len(r.json()["faces"]) == 1
-            assert 'code="unauthorized"' in c.get("/metrics", headers={"x-api-key": KEY}).text
+            metrics = c.get("/metrics", headers={"x-api-key": KEY}).text
+            assert 'facekit_errors_total{code="unauthorized"} 12.0' in metrics
+            assert 'facekit_requests_total{endpoint="/v1/detect",method="POST",status="401"} 4.0' in metrics
     finally:
         srv.kill()
 

@@ -54,18 +54,20 @@ class Service:
         self.config, self.pipeline, self.store, self.metrics = config, pipeline, store, metrics
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="facekit-detect")
         self.writer = ThreadPoolExecutor(2, thread_name_prefix="facekit-gallery")
+        self.detecting = 0  # requests queued for or in the worker pool: faces that may join the next batch
         self.batcher = MicroBatcher(lambda crops: pipeline.embed_aligned(crops, color_order="BGR"),
                                     max_batch=config.max_batch, max_wait_s=config.batch_wait_ms / 1e3,
                                     max_queue=config.max_queue, on_batch=metrics.observe_batch,
-                                    on_depth=metrics.queue_depth.set)
+                                    on_depth=metrics.queue_depth.set, more_coming=lambda: self.detecting > 0)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.batcher.close()
         self.writer.shutdown(wait=True)
 
-    async def run(self, request: Request, fn: Callable, *args) -> Any:
-        """``fn(*args)`` in the worker pool, within the request's time budget (not started once it is spent)."""
+    async def run(self, request: Request, fn: Callable, *args, feeds_batcher: bool = True) -> Any:
+        """``fn(*args)`` in the worker pool, within the request's time budget (not started once it is spent);
+        ``feeds_batcher``: its faces go to the recognizer next (so the batcher may wait for them)."""
         due = deadline(request.scope)
 
         def job():
@@ -73,7 +75,11 @@ class Service:
                 raise TimeoutError("the request's time budget ran out before it was processed")
             return fn(*args)
 
-        return await within_budget(request.scope, asyncio.get_running_loop().run_in_executor(self.executor, job))
+        self.detecting += feeds_batcher  # on the event loop thread only
+        try:
+            return await within_budget(request.scope, asyncio.get_running_loop().run_in_executor(self.executor, job))
+        finally:
+            self.detecting -= feeds_batcher
 
     async def embed(self, request: Request, crops: np.ndarray) -> np.ndarray:
         """Embeddings of aligned ``crops`` through the micro-batcher."""
@@ -175,7 +181,7 @@ def _face_routes(app: FastAPI, s: Service) -> None:
               summary="Faces of one image: box, score, 5 landmarks")
     async def detect(request: Request):
         upload = one_image(await within_budget(request.scope, read_images(request, 1)))
-        faces = await s.run(request, lambda: s.pipeline.detect(s.decode(upload)))
+        faces = await s.run(request, lambda: s.pipeline.detect(s.decode(upload)), feeds_batcher=False)
         return json_response({"faces": [f.to_dict() for f in faces]})
 
     @app.post("/v1/embed", tags=["faces"], openapi_extra=IMAGE_BODY,

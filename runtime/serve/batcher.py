@@ -2,7 +2,8 @@
 
 Each request submits its crops (one array, N×H×W×3) and gets a future of its N embeddings. One worker
 thread takes the oldest submission, waits at most ``max_wait_s`` for more (or until ``max_batch`` crops
-are queued), and embeds the whole batch in one call. A request's crops are never split across calls;
+are queued, or at once when ``more_coming()`` says no other request is on its way), and embeds the whole
+batch in one call. A request's crops are never split across calls;
 one larger than ``max_batch`` runs alone (the embed function chunks it). Each crop's embedding does not
 depend on its batch-mates, so a request's answer is the one it would get alone.
 
@@ -38,12 +39,13 @@ class MicroBatcher:
     """Batches ``embed(crops) -> N×D`` calls across threads (see the module docstring).
 
     ``on_batch(faces, seconds)`` is called after each recognizer call and ``on_depth(crops_waiting)`` when
-    the queue changes (for metrics).
+    the queue changes (for metrics). ``more_coming()`` (default: always true) tells whether waiting can
+    help, e.g. whether other requests are still being detected.
     """
 
     def __init__(self, embed: Callable[[np.ndarray], np.ndarray], max_batch: int = 32, max_wait_s: float = 0.005,
                  max_queue: int = 512, on_batch: Callable[[int, float], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None):
+                 on_depth: Callable[[int], None] | None = None, more_coming: Callable[[], bool] | None = None):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_queue must be ≥ 1 and max_wait_s ≥ 0")
         self._embed = embed
@@ -52,6 +54,7 @@ class MicroBatcher:
         self.max_queue = int(max_queue)
         self._on_batch = on_batch or (lambda n, s: None)
         self._on_depth = on_depth or (lambda n: None)
+        self._more_coming = more_coming or (lambda: True)
         self._queue: collections.deque[_Item] = collections.deque()
         self._waiting = 0  # crops in the queue
         self._cv = threading.Condition()
@@ -101,7 +104,7 @@ class MicroBatcher:
                     return None
                 self._cv.wait()
             until = self._queue[0].queued_at + self.max_wait_s
-            while self._waiting < self.max_batch and not self._stopping:
+            while self._waiting < self.max_batch and not self._stopping and self._more_coming():
                 left = until - time.monotonic()
                 if left <= 0:
                     break

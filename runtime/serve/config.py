@@ -33,6 +33,7 @@ class ServeConfig:
     max_queue: int = 512
     max_inflight: int = 64
     workers: int = field(default_factory=usable_cores)
+    model_threads: int = 1
     max_images: int = 16
     max_top_k: int = 100
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -45,7 +46,7 @@ class ServeConfig:
                   "batch_wait_ms": self.batch_wait_ms >= 0, "max_queue": self.max_queue >= 1,
                   "max_inflight": self.max_inflight >= 1, "workers": self.workers >= 1,
                   "max_images": self.max_images >= 1, "max_top_k": self.max_top_k >= 1,
-                  "max_pixels": self.max_pixels >= 1}
+                  "max_pixels": self.max_pixels >= 1, "model_threads": self.model_threads >= 0}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ServeError(f"invalid value for {', '.join(bad)}: {', '.join(str(getattr(self, b)) for b in bad)}")
@@ -91,6 +92,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"requests handled at once before others get 503 (default {d.max_inflight})")
     p.add_argument("--workers", type=int, default=None,
                    help="threads decoding and detecting (default: usable CPU cores)")
+    p.add_argument("--model-threads", type=int, default=d.model_threads,
+                   help=f"threads inside each model call, 0 = the backend's default (default {d.model_threads}: "
+                        "requests run in parallel instead)")
     p.add_argument("--max-images", type=int, default=d.max_images,
                    help=f"most images in one enrolment (default {d.max_images})")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,
@@ -108,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_upload_bytes=int(args.max_upload_mb * MB), request_timeout_s=args.request_timeout,
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
         max_inflight=args.max_inflight, max_images=args.max_images, max_pixels=args.max_pixels,
+        model_threads=args.model_threads,
         access_log=not args.no_access_log, log_level=args.log_level, **extra)
 
 
@@ -120,9 +125,10 @@ def check_packages() -> None:
         raise ServeError(f"the serve command needs {', '.join(missing)}: pip install 'facekit[serve]'")
 
 
-def serve(args: argparse.Namespace, make_pipeline: Callable[[], Any]) -> int:
-    """Run the service until SIGTERM/SIGINT; ``make_pipeline`` builds the ``FacePipeline`` (after the
-    galleries folder is locked, so a second server fails before loading any model). Returns the exit status."""
+def serve(args: argparse.Namespace, make_pipeline: Callable[[dict], Any]) -> int:
+    """Run the service until SIGTERM/SIGINT; ``make_pipeline(model_options)`` builds the ``FacePipeline``
+    (after the galleries folder is locked, so a second server fails before loading any model). Returns the
+    exit status."""
     config = config_from_args(args)
     check_packages()
     from .server import run

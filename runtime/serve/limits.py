@@ -80,12 +80,19 @@ class Gate:
         finally:
             self.inflight -= 1
             self.metrics.inflight.set(self.inflight)
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or ("/other" if status["code"] == 404 else "/unmatched")
-            self.metrics.observe_request(endpoint, scope.get("method", ""), status["code"] or 500,
+            self.metrics.observe_request(self._endpoint(scope), scope.get("method", ""), status["code"] or 500,
                                          time.perf_counter() - t0)
             if status["error"]:
                 self.metrics.errors.labels(status["error"]).inc()
+
+    def _endpoint(self, scope: dict) -> str:
+        """The route template of the request (also for requests refused before routing), else ``/other``."""
+        route = scope.get("route")
+        if route is None:
+            from starlette.routing import Match
+
+            route = next((r for r in getattr(self.app, "routes", ()) if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", None) or "/other"
 
     def _refusal(self, scope: dict) -> ApiError | None:
         path = scope.get("path", "")

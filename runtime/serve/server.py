@@ -57,8 +57,9 @@ def _configure_logging(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-def run(config: ServeConfig, make_pipeline: Callable[[], Any]) -> int:
-    """Serve until SIGTERM/SIGINT (see the module docstring); returns the exit status."""
+def run(config: ServeConfig, make_pipeline: Callable[[dict], Any]) -> int:
+    """Serve until SIGTERM/SIGINT (see the module docstring); ``make_pipeline(model_options)`` builds the
+    pipeline. Returns the exit status."""
     import uvicorn
 
     from .app import Service, create_app
@@ -73,7 +74,7 @@ def run(config: ServeConfig, make_pipeline: Callable[[], Any]) -> int:
         sock = listen(config.host, config.port)
         # decoders' stderr chatter stays: muting fd 2 process-wide would also swallow other threads' logs
         silence_native_decoder_messages(False)
-        pipeline = make_pipeline()
+        pipeline = make_pipeline({"threads": config.model_threads} if config.model_threads else {})
         warm_up(pipeline)
         metrics = ServeMetrics()
         metrics.set_models(pipeline.providers)
