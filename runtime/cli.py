@@ -170,7 +170,7 @@ def cmd_identify(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve.config import serve
+    from .serve.server import serve
 
     return serve(args, lambda options: _pipeline(args, need_recognizer=True, model_options=options))
 

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Query, Request
 from starlette.responses import Response
 
 from .. import __version__
-from ..image_io import load_image
+from ..image_io import LoadedImage, load_image_scaled
 from ..pipeline import Face, NoFaceError
 from .batcher import MicroBatcher, QueueFull
 from .config import ServeConfig
@@ -95,8 +95,9 @@ class Service:
 
     # -------------------------------------------------------------------------- pipeline steps
 
-    def decode(self, upload: Upload) -> np.ndarray:
-        return load_image(upload.data, name=upload.label, max_pixels=self.config.max_pixels)
+    def decode(self, upload: Upload) -> LoadedImage:
+        """The upload decoded as the pipeline decodes bytes (large JPEGs reduced; coordinates stay the file's)."""
+        return load_image_scaled(upload.data, name=upload.label, max_pixels=self.config.max_pixels)
 
     def faces_and_crops(self, upload: Upload) -> tuple[list[Face], np.ndarray | None]:
         """Every face of the image (``FacePipeline.detect``) and its aligned crop."""
@@ -108,12 +109,13 @@ class Service:
     def subject_and_crop(self, upload: Upload, required: bool) -> tuple[Face | None, np.ndarray | None]:
         """The subject face (``FacePipeline.find_subject``) and its crop; :class:`NoFaceError` if
         ``required`` and there is none."""
-        found = self.pipeline.find_subject(self.decode(upload))
+        img = self.decode(upload)
+        found = self.pipeline.find_subject(img)
         if found.face is None:
             if required:
                 raise NoFaceError(f"{upload.label}: no face found")
             return None, None
-        return found.face, self.pipeline.align(found.image, found.face.landmarks)[None]
+        return found.face, self.pipeline.align(img, found.face.landmarks)[None]
 
     async def subjects(self, request: Request, uploads: list[Upload], required: bool) -> list[Face | None]:
         """The embedded subject face of each upload (None where there is none and not ``required``)."""

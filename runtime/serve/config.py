@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..cpu import usable_cores
 from ..image_io import DEFAULT_MAX_PIXELS
@@ -123,14 +123,3 @@ def check_packages() -> None:
     missing = [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ServeError(f"the serve command needs {', '.join(missing)}: pip install 'facekit[serve]'")
-
-
-def serve(args: argparse.Namespace, make_pipeline: Callable[[dict], Any]) -> int:
-    """Run the service until SIGTERM/SIGINT; ``make_pipeline(model_options)`` builds the ``FacePipeline``
-    (after the galleries folder is locked, so a second server fails before loading any model). Returns the
-    exit status."""
-    config = config_from_args(args)
-    check_packages()
-    from .server import run
-
-    return run(config, make_pipeline)

@@ -10,6 +10,7 @@ time budget plus 5 s), drains the micro-batcher and exits with status 0 for SIGT
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import socket
@@ -20,10 +21,19 @@ from typing import Any, Callable
 import numpy as np
 
 from ..image_io import silence_native_decoder_messages
-from .config import ServeConfig, ServeError
+from .config import ServeConfig, ServeError, check_packages, config_from_args
 from .galleries import FolderLock, GalleryStore
 
 log = logging.getLogger("facekit.serve")
+
+
+def serve(args: argparse.Namespace, make_pipeline: Callable[[dict], Any]) -> int:
+    """``python -m runtime serve``: run the service until SIGTERM/SIGINT; ``make_pipeline(model_options)``
+    builds the ``FacePipeline`` (after the galleries folder is locked, so a second server fails before loading
+    any model). Returns the exit status."""
+    config = config_from_args(args)
+    check_packages()
+    return run(config, make_pipeline)
 
 
 def listen(host: str, port: int) -> socket.socket:
