@@ -60,6 +60,8 @@ def test_micro_batcher_merges_concurrent_submissions_and_keeps_each_answer():
         futures = [b.submit(c) for c in crops]
         for c, f in zip(crops, futures):
             assert np.array_equal(f.result(10), _embed_rows(c))
+        assert b.idle()
+        assert np.array_equal(b.run_inline(crops[1]), _embed_rows(crops[1])) and sizes[-1] == 2
     finally:
         b.close()
     assert max(sizes) > 1 and 9 in sizes  # merged, and the oversized one ran alone

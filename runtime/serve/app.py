@@ -3,7 +3,7 @@
 Every answer equals what the in-process :class:`~runtime.pipeline.FacePipeline` and
 :class:`~runtime.gallery.Gallery` give for the same image: the routes call the same public pipeline
 steps (``detect``, ``find_subject``, ``align``) and only the recognizer call is shared with other
-requests (:mod:`.batcher`). Decoding and detection run in a pool of ``workers`` threads; gallery writes in
+requests (:mod:`.batcher`; a lone request is embedded in its own worker thread). Decoding and detection run in a pool of ``workers`` threads; gallery writes in
 their own threads, outside the request's time budget once started (an acknowledged write is durable, a
 started one is finished).
 """
@@ -81,8 +81,10 @@ class Service:
         finally:
             self.detecting -= feeds_batcher
 
-    async def embed(self, request: Request, crops: np.ndarray) -> np.ndarray:
-        """Embeddings of aligned ``crops`` through the micro-batcher."""
+    async def embed(self, request: Request, crops: np.ndarray, done: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings of aligned ``crops`` through the micro-batcher (``done``: already computed inline)."""
+        if done is not None:
+            return done
         try:
             fut = self.batcher.submit(crops, deadline(request.scope))
         except QueueFull as e:
@@ -99,37 +101,49 @@ class Service:
         """The upload decoded as the pipeline decodes bytes (large JPEGs reduced; coordinates stay the file's)."""
         return load_image_scaled(upload.data, name=upload.label, max_pixels=self.config.max_pixels)
 
-    def faces_and_crops(self, upload: Upload) -> tuple[list[Face], np.ndarray | None]:
-        """Every face of the image (``FacePipeline.detect``) and its aligned crop."""
+    def inline(self, crops: np.ndarray | None) -> np.ndarray | None:
+        """The embeddings of ``crops`` computed here when no other request could share the recognizer call
+        (the batcher is idle and no other request is being detected), else None (they go to the batcher)."""
+        if crops is None or self.detecting > 1 or not self.batcher.idle():
+            return None
+        return self.batcher.run_inline(crops)
+
+    def faces_and_crops(self, upload: Upload) -> tuple[list[Face], np.ndarray | None, np.ndarray | None]:
+        """Every face of the image (``FacePipeline.detect``), their aligned crops, and their embeddings when
+        computed inline (:meth:`inline`)."""
         img = self.decode(upload)
         faces = self.pipeline.detect(img)
         crops = np.stack([self.pipeline.align(img, f.landmarks) for f in faces]) if faces else None
-        return faces, crops
+        return faces, crops, self.inline(crops)
 
-    def subject_and_crop(self, upload: Upload, required: bool) -> tuple[Face | None, np.ndarray | None]:
-        """The subject face (``FacePipeline.find_subject``) and its crop; :class:`NoFaceError` if
-        ``required`` and there is none."""
+    def subject_and_crop(self, upload: Upload, required: bool, alone: bool = False) -> tuple[Face | None, Any]:
+        """The subject face (``FacePipeline.find_subject``) and its crop, or (``alone``: the request's only
+        image) its embedding when computed inline; :class:`NoFaceError` if ``required`` and there is none."""
         img = self.decode(upload)
         found = self.pipeline.find_subject(img)
         if found.face is None:
             if required:
                 raise NoFaceError(f"{upload.label}: no face found")
             return None, None
-        return found.face, self.pipeline.align(img, found.face.landmarks)[None]
+        crop = self.pipeline.align(img, found.face.landmarks)[None]
+        emb = self.inline(crop) if alone else None
+        if emb is not None:
+            found.face.embedding = emb[0]
+        return found.face, crop
 
     async def subjects(self, request: Request, uploads: list[Upload], required: bool) -> list[Face | None]:
         """The embedded subject face of each upload (None where there is none and not ``required``)."""
-        found = await asyncio.gather(*(self.run(request, self.subject_and_crop, u, required) for u in uploads),
-                                     return_exceptions=True)
+        alone = len(uploads) == 1
+        found = await asyncio.gather(*(self.run(request, self.subject_and_crop, u, required, alone)
+                                       for u in uploads), return_exceptions=True)
         for item in found:  # the first image's error, whichever thread failed first
             if isinstance(item, BaseException):
                 raise item
-        crops = [c for _, c in found if c is not None]
-        if crops:
-            emb = iter(await self.embed(request, np.concatenate(crops)))
-            for face, crop in found:
-                if face is not None:
-                    face.embedding = next(emb)
+        waiting = [(face, crop) for face, crop in found if face is not None and face.embedding is None]
+        if waiting:
+            emb = await self.embed(request, np.concatenate([crop for _, crop in waiting]))
+            for (face, _), e in zip(waiting, emb):
+                face.embedding = e
         return [face for face, _ in found]
 
 
@@ -190,9 +204,9 @@ def _face_routes(app: FastAPI, s: Service) -> None:
               summary="Faces of one image with their L2-normalised embeddings")
     async def embed(request: Request):
         upload = one_image(await within_budget(request.scope, read_images(request, 1)))
-        faces, crops = await s.run(request, s.faces_and_crops, upload)
+        faces, crops, done = await s.run(request, s.faces_and_crops, upload)
         if faces:
-            for f, e in zip(faces, await s.embed(request, crops)):
+            for f, e in zip(faces, await s.embed(request, crops, done)):
                 f.embedding = e
         return json_response({"faces": [f.to_dict(with_embedding=True) for f in faces]})
 

@@ -7,6 +7,9 @@ batch in one call. A request's crops are never split across calls;
 one larger than ``max_batch`` runs alone (the embed function chunks it). Each crop's embedding does not
 depend on its batch-mates, so a request's answer is the one it would get alone.
 
+When nothing is queued or running, :meth:`MicroBatcher.run_inline` embeds in the caller's thread instead
+(there is nothing to batch with, and it saves two thread hand-offs).
+
 Bounded: at most ``max_queue`` crops wait; past that :meth:`MicroBatcher.submit` raises
 :class:`QueueFull`. A submission whose deadline has passed before its batch starts is dropped with
 :class:`TimeoutError` instead of being computed for nobody.
@@ -57,6 +60,7 @@ class MicroBatcher:
         self._more_coming = more_coming or (lambda: True)
         self._queue: collections.deque[_Item] = collections.deque()
         self._waiting = 0  # crops in the queue
+        self._running = 0  # recognizer calls under way
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="facekit-batcher", daemon=True)
@@ -66,6 +70,23 @@ class MicroBatcher:
     def depth(self) -> int:
         """Crops waiting for the recognizer."""
         return self._waiting
+
+    def idle(self) -> bool:
+        """Nothing queued and no recognizer call under way."""
+        return not self._queue and not self._running
+
+    def run_inline(self, crops: np.ndarray) -> np.ndarray:
+        """Embed ``crops`` now, in this thread (for a caller that found the batcher :meth:`idle`)."""
+        with self._cv:
+            self._running += 1
+        try:
+            t0 = time.perf_counter()
+            emb = self._embed(crops)
+            self._on_batch(len(crops), time.perf_counter() - t0)
+            return emb
+        finally:
+            with self._cv:
+                self._running -= 1
 
     def submit(self, crops: np.ndarray, deadline: float | None = None) -> Future:
         """Queue ``crops`` (N×H×W×3 uint8, N ≥ 1); the future's result is their N×D embeddings.
@@ -139,12 +160,17 @@ class MicroBatcher:
     def _embed_batch(self, items: list[_Item]) -> None:
         crops = items[0].crops if len(items) == 1 else np.concatenate([i.crops for i in items])
         t0 = time.perf_counter()
+        with self._cv:
+            self._running += 1
         try:
             emb = self._embed(crops)
         except BaseException as e:  # noqa: BLE001 - handed to every waiting request
             for item in items:
                 item.future.set_exception(e)
             return
+        finally:
+            with self._cv:
+                self._running -= 1
         self._on_batch(len(crops), time.perf_counter() - t0)
         start = 0
         for item in items:
