@@ -13,7 +13,7 @@
     python benchmarks/run.py triton [--concurrency 1,4,16] [--seconds 5]       # through Triton vs in-process
     python benchmarks/run.py throughput [--data LFW_DIR] [--images 1000] [--indexer-images 600]  # embed_many
     python benchmarks/run.py training [--only loader,ranks,rec-open]  # trainer/loader images/s, .rec start-up
-    python benchmarks/run.py serve [--concurrency 1,4,16] [--per-client 24]  # HTTP service vs in-process
+    python benchmarks/run.py serve [--concurrency 1,4,16] [--level-seconds 24]  # HTTP service vs in-process
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -341,7 +341,7 @@ def cmd_serve(args) -> dict:
     from benchmarks import serve as sv
 
     try:
-        report, md = sv.serve_report(resolve_model(args.model), args.landmarks, args.concurrency, args.per_client,
+        report, md = sv.serve_report(resolve_model(args.model), args.landmarks, args.concurrency, args.level_seconds,
                                      Path(args.results) if args.results else None, client=args.client,
                                      write=not args.no_write, progress=log)
     except sv.NoPhotos as e:
@@ -588,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end pipeline timing")
     s = sub.add_parser("serve", parents=[sub_common], help="the HTTP service vs the in-process pipeline")
     s.add_argument("--concurrency", default="1,4,16", help="client counts (default 1,4,16)")
-    s.add_argument("--per-client", type=int, default=24, help="requests per client at each level (default 24)")
+    s.add_argument("--level-seconds", type=float, help="seconds of load per side and concurrency (default 24)")
     s.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="load generator: plain HTTP/1.1 on asyncio streams (default) or httpx")
     s = sub.add_parser("landmarks", parents=[sub_common],

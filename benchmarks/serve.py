@@ -2,45 +2,51 @@
 both measured in one run on the same photos.
 
 Workload: ``POST /v1/embed`` with one photo per request (the single portraits of ``$FACEKIT_DATA/photos``,
-longer side 640 px, JPEG-encoded once before timing), closed loop: each of ``c`` clients sends its next
-request when the previous answer arrives. The in-process side is the same loop with ``c`` threads calling
-``FacePipeline.embed`` on the same JPEG bytes (decoding included on both sides), once with the pipeline's
-defaults and once with one thread per model call (``model_options={"threads": 1}``, what the server
-uses), plus one ``FacePipeline.embed_many`` call over all images when the pipeline has it. The batched
-reference is the best in-process throughput at the highest concurrency.
+longer side 640 px, JPEG-encoded once before timing). Each level is :func:`benchmarks.latency.time_level`:
+``c`` closed-loop clients (threads), each sending its next request when the previous answer arrives, for a
+time budget. The in-process side is the same loop calling ``FacePipeline.embed`` on the same JPEG bytes
+(decoding included on both sides), once with the pipeline's defaults and once with one thread per model
+call (``model_options={"threads": 1}``, what the server uses), plus one ``FacePipeline.embed_many`` call
+over the images when the pipeline has it. The batched reference is the best in-process throughput at the
+highest concurrency.
 
-The server is a real ``python -m runtime serve`` subprocess on 127.0.0.1. The load generator is one asyncio
-process speaking plain HTTP/1.1 over one kept-alive connection per client (:func:`post_loop`): on a 2-core
-machine the client shares the CPU with the server, and httpx spends many times its CPU per request
-(``--client httpx`` runs httpx instead; the client CPU column shows the difference). CPU seconds per request are reported for every row: the server's
-and the client's for the service, the process's for in-process.
+The server is a real ``python -m runtime serve`` subprocess on 127.0.0.1. Each client thread speaks plain
+HTTP/1.1 over one kept-alive connection (:class:`HttpConnection`): on a 2-core machine the client shares the
+CPU with the server, and httpx spends many times its CPU per request (``--client httpx`` runs httpx instead;
+the client CPU column shows the difference). CPU seconds per request are reported for every row: the
+server's and the client's for the service, the process's for in-process.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from benchmarks.latency import CLIENT_TIMEOUT_S, time_level
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16)
 ROUNDS = 2
+#: seconds of load per side and concurrency (split into ROUNDS segments)
+LEVEL_SECONDS = 24.0
 READY = re.compile(r"listening on (http://[\d.]+:\d+)")
 NOTES = (
-    "Closed loop: each client sends its next request when the previous answer arrives; one photo (640 px "
-    f"JPEG, one face) per request; JPEG decoding included on both sides. Per concurrency, the in-process and "
-    f"service segments alternate ({ROUNDS} rounds) so that load changes on a shared machine hit all rows alike.",
-    "The client runs on the same machine as the server (one asyncio process, one kept-alive connection per "
-    "client): its CPU is part of the service's cost here and is listed (client ms CPU/req); the in-process "
+    "Closed loop: each client (a thread) sends its next request when the previous answer arrives; one photo "
+    "(640 px JPEG, one face) per request; JPEG decoding included on both sides. Per concurrency, the in-process "
+    f"and service segments alternate ({ROUNDS} rounds) so that load changes on a shared machine hit all rows "
+    "alike.",
+    "The client runs on the same machine as the server (one process, one kept-alive connection per client "
+    "thread): its CPU is part of the service's cost here and is listed (client CPU ms/req); the in-process "
     "rows have no client.",
     "Batched in-process reference: the best in-process throughput at the highest concurrency "
     "(FacePipeline.embed_many when the pipeline has it; thread pools with the default and with one thread per "
@@ -62,32 +68,35 @@ def process_cpu_s(pid: int) -> float:
 
 @dataclass
 class LoadResult:
-    """One closed-loop run: ``mode``, ``concurrency``, per-request latencies, wall time and CPU seconds."""
+    """One configuration at one concurrency: every latency, wall time, requests (timed, and untimed warm-up)
+    and CPU seconds (the process's, or the server's plus the client's)."""
 
     mode: str
     concurrency: int
     latencies_s: np.ndarray
     wall_s: float
     cpu_s: float
+    warmup_requests: int = 0
     client_cpu_s: float | None = None
     note: str = ""
 
     def to_dict(self) -> dict:
         lat = self.latencies_s[np.isfinite(self.latencies_s)] * 1e3
-        n = len(self.latencies_s)
+        n, all_requests = len(self.latencies_s), len(self.latencies_s) + self.warmup_requests
         pct = (lambda q: round(float(np.percentile(lat, q)), 1)) if len(lat) else (lambda q: None)
         return {"mode": self.mode, "concurrency": self.concurrency, "requests": n,
                 "throughput_per_s": round(n / self.wall_s, 2), "p50_ms": pct(50), "p99_ms": pct(99),
-                "cpu_ms_per_request": round(1e3 * self.cpu_s / n, 1),
+                "cpu_ms_per_request": round(1e3 * self.cpu_s / all_requests, 1),
                 "client_cpu_ms_per_request": None if self.client_cpu_s is None else
-                round(1e3 * self.client_cpu_s / n, 2), "note": self.note}
+                round(1e3 * self.client_cpu_s / all_requests, 2), "note": self.note}
 
 
 def merge(parts: list[LoadResult]) -> LoadResult:
-    """Segments of one configuration as one result (latencies joined, times added)."""
+    """Segments of one configuration as one result (latencies joined, times and counts added)."""
     client = None if parts[0].client_cpu_s is None else sum(p.client_cpu_s for p in parts)
     return LoadResult(parts[0].mode, parts[0].concurrency, np.concatenate([p.latencies_s for p in parts]),
-                      sum(p.wall_s for p in parts), sum(p.cpu_s for p in parts), client, parts[0].note)
+                      sum(p.wall_s for p in parts), sum(p.cpu_s for p in parts),
+                      sum(p.warmup_requests for p in parts), client, parts[0].note)
 
 
 def encode_photos(photos: list[np.ndarray]) -> list[bytes]:
@@ -96,29 +105,34 @@ def encode_photos(photos: list[np.ndarray]) -> list[bytes]:
     return [cv2.imencode(".jpg", p, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes() for p in photos]
 
 
-def requests_for(concurrency: int, per_client: int) -> int:
-    return max(4 * per_client, per_client * concurrency)
+def timed_level(mode: str, make_caller: Callable[[], Callable[[int], object]], concurrency: int, seconds: float,
+                server_pid: int | None = None) -> LoadResult:
+    """:func:`time_level` with CPU accounting: this process's CPU, plus the server's when ``server_pid``."""
+    server0 = process_cpu_s(server_pid) if server_pid else 0.0
+    cpu0 = time.process_time()
+    row = time_level(make_caller, concurrency, seconds, keep_latencies=True)
+    cpu = time.process_time() - cpu0
+    lat = np.asarray(row["latencies_s"])
+    if server_pid:
+        return LoadResult(mode, concurrency, lat, row["wall_s"], process_cpu_s(server_pid) - server0, concurrency,
+                          client_cpu_s=cpu)
+    return LoadResult(mode, concurrency, lat, row["wall_s"], cpu, concurrency)
 
 
-# ------------------------------------------------------------------------------------------ in-process
-
-
-def in_process(pipe, name: str, images: list[bytes], concurrency: int, n: int) -> LoadResult:
-    """``n`` ``pipe.embed`` calls from ``concurrency`` threads, each calling in a closed loop."""
-    lat: list[float] = []
-    counter = iter(range(n))
-
-    def client() -> None:
-        for i in counter:  # a shared iterator hands out the work (next() on it is atomic under the GIL)
-            t0 = time.perf_counter()
-            pipe.embed(images[i % len(images)])
-            lat.append(time.perf_counter() - t0)
-
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(client) for _ in range(concurrency)]:
-            f.result()
-    return LoadResult(name, concurrency, np.asarray(lat), time.perf_counter() - t0, time.process_time() - cpu0)
+def recognizer_calls(url: str) -> tuple[float, float]:
+    """(recognizer calls, faces embedded) so far, from the server's ``/metrics``."""
+    conn = HttpConnection(url)
+    try:
+        status, text = conn.post("/metrics", b"", "text/plain", method="GET")
+    finally:
+        conn.close()
+    values = {}
+    for line in text.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("facekit_recognizer_batch_faces_count", "facekit_recognizer_batch_faces_sum"):
+            values[name] = float(value)
+    return (values.get("facekit_recognizer_batch_faces_count", 0.0),
+            values.get("facekit_recognizer_batch_faces_sum", 0.0))
 
 
 def in_process_many(pipe, images: list[bytes], n: int) -> LoadResult | None:
@@ -174,106 +188,94 @@ class ServerProcess:
         self.folder.cleanup()
 
 
-async def post_loop(url: str, path: str, bodies, lat: list[float], check) -> None:
-    """One client: POST each of ``bodies`` (an iterator shared with the other clients) as ``image/jpeg`` on
-    one kept-alive HTTP/1.1 connection, recording each latency; ``check(status, body)`` validates answers."""
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        for body in bodies:
-            head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
-            t0 = time.perf_counter()
-            writer.write(head + body)
-            await writer.drain()
-            status = int((await reader.readline()).split(b" ", 2)[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                key, _, value = line.partition(b":")
-                if key.strip().lower() == b"content-length":
-                    length = int(value)
-            answer = await reader.readexactly(length)
-            lat.append(time.perf_counter() - t0)
-            check(status, answer)
-    finally:
-        writer.close()
+class HttpConnection:
+    """One kept-alive HTTP/1.1 connection to ``url`` (``http://host:port``) that POSTs bodies: the cheapest
+    honest client (a few socket calls and a header parse per request)."""
+
+    def __init__(self, url: str):
+        self.host, port = url.split("//", 1)[1].rsplit(":", 1)
+        self.sock = socket.create_connection((self.host, int(port)), timeout=CLIENT_TIMEOUT_S)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+        self.port = int(port)
+
+    def post(self, path: str, body: bytes, content_type: str = "image/jpeg",
+             method: str = "POST") -> tuple[int, bytes]:
+        """(status, answer body) of ``POST path`` with ``body`` (or another ``method``)."""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
+        self.sock.sendall(head + body)
+        status = int(self.reader.readline().split(b" ", 2)[1])
+        length = 0
+        while (line := self.reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-length":
+                length = int(value)
+        return status, self.reader.read(length)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
 
 
-async def httpx_loop(url: str, path: str, bodies, lat: list[float], check) -> None:
-    """:func:`post_loop` with httpx (one client, one connection)."""
-    import httpx
+def embed_caller(url: str, images: list[bytes], client: str = "raw") -> Callable[[], Callable[[int], object]]:
+    """``make_caller`` for :func:`time_level`: each caller has its own connection and POSTs image ``i``."""
+    def make() -> Callable[[int], object]:
+        if client == "httpx":
+            import httpx
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        for body in bodies:
-            t0 = time.perf_counter()
-            r = await client.post(path, content=body, headers={"content-type": "image/jpeg"})
-            lat.append(time.perf_counter() - t0)
-            check(r.status_code, r.content)
+            session = httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT_S)
+            post = (lambda body: _status_and_body(session.post("/v1/embed", content=body,
+                                                               headers={"content-type": "image/jpeg"})))
+        else:
+            conn = HttpConnection(url)
+            post = (lambda body: conn.post("/v1/embed", body))
 
-
-def service(server: ServerProcess, images: list[bytes], concurrency: int, n: int, expect_faces: list[int],
-            client: str = "raw") -> LoadResult:
-    """``n`` ``POST /v1/embed`` requests from ``concurrency`` clients (after one untimed request each)."""
-    loop_fn = httpx_loop if client == "httpx" else post_loop
-    faces = {img: k for img, k in zip(images, expect_faces)}
-
-    def drive(requests: int) -> tuple[list[float], float]:
-        lat: list[float] = []
-        bodies = iter([images[i % len(images)] for i in range(requests)])
-
-        def check(status: int, answer: bytes) -> None:
+        def call(i: int) -> bytes:
+            status, answer = post(images[i % len(images)])
             if status != 200:
-                raise RuntimeError(f"unexpected answer {status}: {answer[:300]!r}")
-
-        async def run() -> None:
-            await asyncio.gather(*(loop_fn(server.url, "/v1/embed", bodies, lat, check) for _ in range(concurrency)))
-
-        t0 = time.perf_counter()
-        asyncio.run(run())
-        return lat, time.perf_counter() - t0
-
-    drive(concurrency)  # warm every path once
-    check_one = json.loads(_post_once(server.url, images[0]))
-    if len(check_one["faces"]) != faces[images[0]]:
-        raise RuntimeError(f"the service found {len(check_one['faces'])} faces, in-process {faces[images[0]]}")
-    server_cpu0, client_cpu0 = process_cpu_s(server.proc.pid), time.process_time()
-    lat, wall = drive(n)
-    return LoadResult(f"service POST /v1/embed ({client} client)", concurrency, np.asarray(lat), wall,
-                      process_cpu_s(server.proc.pid) - server_cpu0, time.process_time() - client_cpu0)
+                raise RuntimeError(f"the service answered {status}: {answer[:300]!r}")
+            return answer
+        return call
+    return make
 
 
-def _post_once(url: str, body: bytes) -> bytes:
-    out: list[bytes] = []
-
-    async def run() -> None:
-        await post_loop(url, "/v1/embed", iter([body]), [], lambda status, answer: out.append(answer))
-
-    asyncio.run(run())
-    return out[0]
+def _status_and_body(response) -> tuple[int, bytes]:
+    return response.status_code, response.content
 
 
 # -------------------------------------------------------------------------------------------- the run
 
 
 def run_benchmark(pipes: dict, images: list[bytes], server: ServerProcess, concurrency=CONCURRENCY,
-                  per_client: int = 24, client: str = "raw", progress=print) -> dict:
-    """Every concurrency on every side; per level, ``ROUNDS`` alternating segments (so that a change in the
-    machine's load during the run hits all rows alike); the summary. ``pipes``: name → in-process pipeline."""
+                  seconds: float = LEVEL_SECONDS, client: str = "raw", progress=print) -> dict:
+    """Every concurrency on every side for ``seconds`` each, in ``ROUNDS`` alternating segments (so that a
+    change in the machine's load during the run hits all rows alike); the summary. ``pipes``: name → pipeline."""
     first = next(iter(pipes.values()))
     expect = [len(first.embed(img)) for img in images]
-    for pipe in pipes.values():
-        pipe.embed(images[0])  # warm
+    answer = json.loads(embed_caller(server.url, images)()(0))
+    if len(answer["faces"]) != expect[0]:
+        raise RuntimeError(f"the service found {len(answer['faces'])} faces, in-process {expect[0]}")
     rows: list[dict] = []
     for c in concurrency:
-        share = -(-requests_for(c, per_client) // ROUNDS)
-        progress(f"concurrency {c}: {ROUNDS} × {share} requests per side, alternating")
+        progress(f"concurrency {c}: {ROUNDS} × {seconds / ROUNDS:g} s per side, alternating")
         parts: dict[str, list[LoadResult]] = {}
+        batches = [0.0, 0.0]  # recognizer calls, faces, during the service segments
         for _ in range(ROUNDS):
             for name, pipe in pipes.items():
-                parts.setdefault(name, []).append(in_process(pipe, name, images, c, share))
-            parts.setdefault("service", []).append(service(server, images, c, share, expect, client))
+                make = (lambda p: lambda: (lambda i: p.embed(images[i % len(images)])))(pipe)
+                parts.setdefault(name, []).append(timed_level(name, make, c, seconds / ROUNDS))
+            calls0 = recognizer_calls(server.url)
+            parts.setdefault("service", []).append(timed_level(
+                f"service POST /v1/embed ({client} client)", embed_caller(server.url, images, client), c,
+                seconds / ROUNDS, server_pid=server.proc.pid))
+            batches = [total + after - before for total, before, after in
+                       zip(batches, calls0, recognizer_calls(server.url))]
         rows += [merge(p).to_dict() for p in parts.values()]
-    many = in_process_many(first, images, requests_for(max(concurrency), per_client))
+        rows[-1]["faces_per_recognizer_call"] = round(batches[1] / max(batches[0], 1), 2)
+        for r in rows[-len(parts):]:
+            progress(f"  {r['mode']}: {r['throughput_per_s']:.2f}/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+    many = in_process_many(first, images, 16 * len(images))
     if many is not None:
         rows.append(many.to_dict())
     return {"rows": rows, "summary": summarize(rows, max(concurrency))}
@@ -302,6 +304,33 @@ def summarize(rows: list[dict], top: int) -> dict:
     return out
 
 
+def plot(report: dict, path: Path) -> str:
+    """Throughput and p99 latency against concurrency, one line per mode."""
+    from benchmarks import report as rp
+    from benchmarks.plots import _plt, _save
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    levels = sorted({r["concurrency"] for r in report["rows"] if r["p50_ms"] is not None})
+    for mode in dict.fromkeys(r["mode"] for r in report["rows"] if r["p50_ms"] is not None):
+        rows = sorted((r for r in report["rows"] if r["mode"] == mode), key=lambda r: r["concurrency"])
+        style = "s--" if mode.startswith("service") else "o-"
+        axes[0].plot([r["concurrency"] for r in rows], [r["throughput_per_s"] for r in rows], style, label=mode)
+        axes[1].plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], style, label=mode)
+    for ax, title in zip(axes, ("photos/s (POST /v1/embed vs FacePipeline.embed)", "p99 latency (ms)")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{rp.machine_line(report['machine'])}; load average at start "
+                 f"{report['machine'].get('load_average_at_start')}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _num(v, fmt: str = ".0f") -> str:
     return "–" if v is None or v != v else format(v, fmt)
 
@@ -315,10 +344,11 @@ def to_markdown(report: dict) -> str:
              f"Machine: {machine_line(m)}; load average at start {m.get('load_average_at_start')}, at the end "
              f"{report.get('load_average_at_end')}.", "", f"Command: `{report['command']}`", "",
              table(["mode", "concurrency", "requests", "throughput /s", "p50 ms", "p99 ms", "CPU ms/req",
-                    "client CPU ms/req"],
+                    "client CPU ms/req", "faces / recognizer call"],
                    [[r["mode"], r["concurrency"], r["requests"], f"{r['throughput_per_s']:.2f}", _num(r["p50_ms"]),
                      _num(r["p99_ms"]), _num(r["cpu_ms_per_request"], ".1f"),
-                     _num(r["client_cpu_ms_per_request"], ".2f")] for r in report["rows"]]), ""]
+                     _num(r["client_cpu_ms_per_request"], ".2f"), _num(r.get("faces_per_recognizer_call"), ".2f")]
+                    for r in report["rows"]]), ""]
     s = report["summary"]
     lines.append("Service / best in-process throughput at the same concurrency: "
                  + ", ".join(f"c={c}: {v:.2f}" for c, v in s["vs_best_in_process_same_concurrency"].items()) + ".")
@@ -328,11 +358,13 @@ def to_markdown(report: dict) -> str:
                      f"{s['batched_reference_per_s']:.2f} /s; goal ≥ 80 %: "
                      f"{'met' if s['goal_throughput_met'] else 'NOT met'}), p99 / p50 = "
                      f"{s['service_p99_over_p50']:.2f} (goal ≤ 3: {'met' if s['goal_tail_met'] else 'NOT met'}).")
+    if report.get("plot"):
+        lines += ["", f"![throughput and p99 vs clients]({report['plot']})"]
     lines += ["", *[f"- {n}" for n in report.get("notes", [])], ""]
     return "\n".join(lines)
 
 
-def serve_report(model: Path, landmarks: str, concurrency: str, per_client: int, results: Path | None,
+def serve_report(model: Path, landmarks: str, concurrency: str, seconds: float | None, results: Path | None,
                  client: str = "raw", write: bool = True, progress=print) -> tuple[dict, str]:
     """Run the benchmark for ``model`` and (``write``) save ``<date>-<machine>-serve.{md,json}`` in
     ``results`` (default ``benchmarks/results``); returns the report and its markdown."""
@@ -352,20 +384,23 @@ def serve_report(model: Path, landmarks: str, concurrency: str, per_client: int,
              "in-process embed (thread pool, 1 thread per model call)": FacePipeline(
                  str(model), landmarks=landmarks, model_options={"threads": 1})}
     levels = tuple(int(c) for c in concurrency.split(","))
-    report = {"date": _dt.date.today().isoformat(), "machine": rp.machine_info(), "model": str(model),
+    shown = os.path.relpath(model, ROOT) if Path(model).resolve().is_relative_to(ROOT) else str(model)
+    report = {"date": _dt.date.today().isoformat(), "machine": rp.machine_info(), "model": shown,
               "command": "python benchmarks/run.py " + " ".join(sys.argv[1:])}
     server = ServerProcess(["--recognizer", str(model), "--landmarks", landmarks])
     try:
-        report.update(run_benchmark(pipes, encode_photos(photos), server, levels, per_client=per_client,
+        report.update(run_benchmark(pipes, encode_photos(photos), server, levels, seconds=seconds or LEVEL_SECONDS,
                                     client=client, progress=progress))
     finally:
         server.close()
     report["load_average_at_end"] = rp.load_average()
     report["notes"] = list(NOTES)
-    md = to_markdown(report)
+    stem = results / (rp.report_stem(report["machine"], report["date"]) + "-serve")
     if write:
         results.mkdir(parents=True, exist_ok=True)
-        stem = results / (rp.report_stem(report["machine"], report["date"]) + "-serve")
+        report["plot"] = str(Path(plot(report, stem / "throughput-latency.png")).relative_to(results))
+    md = to_markdown(report)
+    if write:
         atomic_write_bytes(f"{stem}.md", md.encode())
         atomic_write_bytes(f"{stem}.json", (json.dumps(report, indent=2) + "\n").encode())
         progress(f"wrote {stem}.md and .json")

@@ -352,6 +352,21 @@ def test_16_clients_times_50_mixed_requests_are_all_right_and_batched(client, se
     assert "facekit_request_duration_seconds_bucket" in metrics and "facekit_recognizer_queue_depth" in metrics
 
 
+def test_the_benchmark_client_and_its_accounting(server, photos):
+    from benchmarks import serve as bench
+
+    images = [photos["obama.jpg"], photos["biden.jpg"]]
+    part = bench.timed_level("service", bench.embed_caller(server.url, images), 2, 0.3, server_pid=server.pid)
+    row = bench.merge([part, part]).to_dict()
+    assert row["requests"] == 2 * len(part.latencies_s) >= 12  # at least 3 per client per segment
+    assert row["p50_ms"] <= row["p99_ms"] and row["cpu_ms_per_request"] > 0 and row["client_cpu_ms_per_request"] > 0
+    rows = [{"mode": m, "concurrency": 16, "throughput_per_s": t, "p50_ms": 100.0, "p99_ms": 250.0}
+            for m, t in (("in-process embed (a)", 10.0), ("in-process embed (b)", 12.0), ("service x", 9.0))]
+    s = bench.summarize(rows, 16)
+    assert s["service_vs_batched_reference"] == 0.75 and not s["goal_throughput_met"]  # against the best row
+    assert s["service_p99_over_p50"] == 2.5 and s["goal_tail_met"]
+
+
 def test_a_second_server_on_the_same_folder_is_refused(server, tmp_path):
     other = Server(server.galleries, tmp_path / "second.log")
     try:
