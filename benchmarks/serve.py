@@ -6,9 +6,9 @@ longer side 640 px, JPEG-encoded once before timing). Each level is :func:`bench
 ``c`` closed-loop clients (threads), each sending its next request when the previous answer arrives, for a
 time budget. The in-process side is the same loop calling ``FacePipeline.embed`` on the same JPEG bytes
 (decoding included on both sides), once with the pipeline's defaults and once with one thread per model
-call (``model_options={"threads": 1}``, what the server uses), plus one ``FacePipeline.embed_many`` call
-over the images when the pipeline has it. The batched reference is the best in-process throughput at the
-highest concurrency.
+call (``model_options={"threads": 1}``, what the server uses), and, at the highest concurrency, one
+``FacePipeline.embed_many`` call over :data:`MANY_IMAGES` images per round for each pipeline. The batched
+reference is the best in-process throughput at the highest concurrency.
 
 The server is a real ``python -m runtime serve`` subprocess on 127.0.0.1. Each client thread speaks plain
 HTTP/1.1 over one kept-alive connection (:class:`HttpConnection`): on a 2-core machine the client shares the
@@ -36,9 +36,11 @@ from benchmarks.latency import CLIENT_TIMEOUT_S, time_level
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16)
-ROUNDS = 2
+ROUNDS = 4
 #: seconds of load per side and concurrency (split into ROUNDS segments)
 LEVEL_SECONDS = 24.0
+#: images per FacePipeline.embed_many call (one call per round, at the highest concurrency)
+MANY_IMAGES = 64
 READY = re.compile(r"listening on (http://[\d.]+:\d+)")
 NOTES = (
     "Closed loop: each client (a thread) sends its next request when the previous answer arrives; one photo "
@@ -48,9 +50,9 @@ NOTES = (
     "The client runs on the same machine as the server (one process, one kept-alive connection per client "
     "thread): its CPU is part of the service's cost here and is listed (client CPU ms/req); the in-process "
     "rows have no client.",
-    "Batched in-process reference: the best in-process throughput at the highest concurrency "
-    "(FacePipeline.embed_many when the pipeline has it; thread pools with the default and with one thread per "
-    "model call).",
+    "Batched in-process reference: the best in-process throughput at the highest concurrency: "
+    f"FacePipeline.embed_many (one call over {MANY_IMAGES} images per round) and the thread pools, each with "
+    "the default model threads and with one thread per model call.",
     "On a machine shared with other jobs, wall-clock throughput follows each process's share of the CPU; the "
     "CPU ms per request do not, and show where the time goes.",
 )
@@ -135,16 +137,18 @@ def recognizer_calls(url: str) -> tuple[float, float]:
             values.get("facekit_recognizer_batch_faces_sum", 0.0))
 
 
-def in_process_many(pipe, images: list[bytes], n: int) -> LoadResult | None:
-    """One ``pipe.embed_many`` call over ``n`` images (None when the pipeline has no ``embed_many``)."""
-    many = getattr(pipe, "embed_many", None)
-    if many is None:
-        return None
+def in_process_many(pipe, name: str, images: list[bytes], n: int, level: int) -> LoadResult:
+    """One ``pipe.embed_many`` call over ``n`` images, consumed to the end (no per-image latency), listed at
+    concurrency ``level``."""
     batch = [images[i % len(images)] for i in range(n)]
     cpu0, t0 = time.process_time(), time.perf_counter()
-    many(batch)
-    return LoadResult("in-process embed_many", n, np.full(n, np.nan), time.perf_counter() - t0,
-                      time.process_time() - cpu0, note="one call; no per-image latency")
+    results = list(pipe.embed_many(batch))
+    wall = time.perf_counter() - t0
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"embed_many failed on {len(failed)} images: {failed[0]}")
+    return LoadResult(name, level, np.full(n, np.nan), wall, time.process_time() - cpu0,
+                      note=f"one call over {n} images per round; no per-image latency")
 
 
 # --------------------------------------------------------------------------------------------- service
@@ -265,6 +269,9 @@ def run_benchmark(pipes: dict, images: list[bytes], server: ServerProcess, concu
             for name, pipe in pipes.items():
                 make = (lambda p: lambda: (lambda i: p.embed(images[i % len(images)])))(pipe)
                 parts.setdefault(name, []).append(timed_level(name, make, c, seconds / ROUNDS))
+                if c == max(concurrency) and hasattr(pipe, "embed_many"):
+                    many = name.replace("embed (thread pool, ", "embed_many (")
+                    parts.setdefault(many, []).append(in_process_many(pipe, many, images, MANY_IMAGES, c))
             calls0 = recognizer_calls(server.url)
             parts.setdefault("service", []).append(timed_level(
                 f"service POST /v1/embed ({client} client)", embed_caller(server.url, images, client), c,
@@ -274,10 +281,8 @@ def run_benchmark(pipes: dict, images: list[bytes], server: ServerProcess, concu
         rows += [merge(p).to_dict() for p in parts.values()]
         rows[-1]["faces_per_recognizer_call"] = round(batches[1] / max(batches[0], 1), 2)
         for r in rows[-len(parts):]:
-            progress(f"  {r['mode']}: {r['throughput_per_s']:.2f}/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
-    many = in_process_many(first, images, 16 * len(images))
-    if many is not None:
-        rows.append(many.to_dict())
+            progress(f"  {r['mode']}: {r['throughput_per_s']:.2f}/s, p50 {_num(r['p50_ms'])} ms, "
+                     f"p99 {_num(r['p99_ms'])} ms")
     return {"rows": rows, "summary": summarize(rows, max(concurrency))}
 
 
@@ -290,13 +295,17 @@ def summarize(rows: list[dict], top: int) -> dict:
         if r["mode"].startswith("in-process embed (") and r["throughput_per_s"] > inp.get(
                 r["concurrency"], {"throughput_per_s": -1})["throughput_per_s"]:
             inp[r["concurrency"]] = r
-    candidates = [r for r in rows if r["mode"] == "in-process embed_many"] + ([inp[top]] if top in inp else [])
+    candidates = [r for r in rows if r["mode"].startswith("in-process embed_many")] + ([inp[top]] if top in inp else [])
     reference = max(candidates, key=lambda r: r["throughput_per_s"])
     out = {"vs_best_in_process_same_concurrency": {c: round(svc[c]["throughput_per_s"] / inp[c]["throughput_per_s"], 3)
                                                    for c in svc if c in inp},
            "batched_reference": f"{reference['mode']} at concurrency {reference['concurrency']}",
            "batched_reference_per_s": reference["throughput_per_s"]}
     if top in svc:
+        cost = svc[top]["cpu_ms_per_request"] + (svc[top]["client_cpu_ms_per_request"] or 0.0)
+        out["service_cpu_vs_in_process_cpu"] = round(cost / min(
+            r["cpu_ms_per_request"] for r in rows if r["mode"].startswith("in-process") and r["concurrency"] == top),
+            3)
         out["service_vs_batched_reference"] = round(svc[top]["throughput_per_s"] / reference["throughput_per_s"], 3)
         out["service_p99_over_p50"] = round(svc[top]["p99_ms"] / svc[top]["p50_ms"], 2)
         out["goal_throughput_met"] = out["service_vs_batched_reference"] >= 0.8
@@ -357,7 +366,9 @@ def to_markdown(report: dict) -> str:
                      f"of the batched in-process reference ({s['batched_reference']}, "
                      f"{s['batched_reference_per_s']:.2f} /s; goal ≥ 80 %: "
                      f"{'met' if s['goal_throughput_met'] else 'NOT met'}), p99 / p50 = "
-                     f"{s['service_p99_over_p50']:.2f} (goal ≤ 3: {'met' if s['goal_tail_met'] else 'NOT met'}).")
+                     f"{s['service_p99_over_p50']:.2f} (goal ≤ 3: {'met' if s['goal_tail_met'] else 'NOT met'}). "
+                     f"CPU per request there, server + client over the cheapest in-process row: "
+                     f"{s['service_cpu_vs_in_process_cpu']:.2f}.")
     if report.get("plot"):
         lines += ["", f"![throughput and p99 vs clients]({report['plot']})"]
     lines += ["", *[f"- {n}" for n in report.get("notes", [])], ""]

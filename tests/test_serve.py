@@ -360,11 +360,14 @@ def test_the_benchmark_client_and_its_accounting(server, photos):
     row = bench.merge([part, part]).to_dict()
     assert row["requests"] == 2 * len(part.latencies_s) >= 12  # at least 3 per client per segment
     assert row["p50_ms"] <= row["p99_ms"] and row["cpu_ms_per_request"] > 0 and row["client_cpu_ms_per_request"] > 0
-    rows = [{"mode": m, "concurrency": 16, "throughput_per_s": t, "p50_ms": 100.0, "p99_ms": 250.0}
-            for m, t in (("in-process embed (a)", 10.0), ("in-process embed (b)", 12.0), ("service x", 9.0))]
+    rows = [{"mode": m, "concurrency": 16, "throughput_per_s": t, "p50_ms": 100.0, "p99_ms": 250.0,
+             "cpu_ms_per_request": cpu, "client_cpu_ms_per_request": client}
+            for m, t, cpu, client in (("in-process embed (a)", 10.0, 80.0, None),
+                                      ("in-process embed (b)", 12.0, 60.0, None), ("service x", 9.0, 64.0, 2.0))]
     s = bench.summarize(rows, 16)
     assert s["service_vs_batched_reference"] == 0.75 and not s["goal_throughput_met"]  # against the best row
     assert s["service_p99_over_p50"] == 2.5 and s["goal_tail_met"]
+    assert s["service_cpu_vs_in_process_cpu"] == 1.1  # (64 + 2) / the cheapest in-process row
 
 
 def test_a_second_server_on_the_same_folder_is_refused(server, tmp_path):

@@ -23,16 +23,20 @@ def test_runtime_and_its_cli_never_import_the_web_framework():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_api_key_file_rules(tmp_path):
+def test_api_key_file_keeps_one_key_per_line(tmp_path):
     f = tmp_path / "keys"
     f.write_text("# comment\n\n  first-key-0123456789  \nsecond-key-0123456789\n")
     assert read_api_keys(f) == ("first-key-0123456789", "second-key-0123456789")
-    for text, words in (("# only a comment\n", "no key"), ("short\n", "at least 16")):
+
+
+@pytest.mark.parametrize("text, words", [("# only a comment\n", "no key"), ("short\n", "at least 16"),
+                                         (None, "cannot read")])
+def test_unusable_api_key_files_are_refused(tmp_path, text, words):
+    f = tmp_path / "keys"
+    if text is not None:
         f.write_text(text)
-        with pytest.raises(ServeError, match=words):
-            read_api_keys(f)
-    with pytest.raises(ServeError, match="cannot read"):
-        read_api_keys(tmp_path / "missing")
+    with pytest.raises(ServeError, match=words):
+        read_api_keys(f)
 
 
 def test_invalid_limits_are_one_line_errors(tmp_path, capsys):
