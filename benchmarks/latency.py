@@ -7,9 +7,13 @@ minimum count and a time budget are reached; p50 / p95 of the per-call wall time
 Pipeline: ``FacePipeline.embed`` (detect → landmarks → warp → embed) on decoded 640 px photos with one face
 each (the single portraits of ``$FACEKIT_DATA/photos``); ms/photo p50/p95 and photos/s, one photo at a time.
 JPEG decoding is not included.
+
+Serving (:func:`time_level`): N closed-loop clients, each sending its next request when the previous
+answer arrives, for a time budget; p50 / p99 and requests/s of the level (Triton and HTTP service benchmarks).
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,13 @@ from typing import Callable
 import numpy as np
 
 BATCH_SIZES = (1, 8, 64, 256)
+
+#: Closed-loop levels (:func:`time_level`): each client sends at least this many requests ...
+MIN_REQUESTS_PER_CLIENT = 3
+#: ... and no more than this many in one level (bounds a run on a fast machine)
+MAX_REQUESTS_PER_CLIENT = 5000
+#: the longest one client call may take
+CLIENT_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -129,3 +140,47 @@ def make_pipeline(recognizer: str, landmarks: str = "detector", backend: str = "
     from runtime.pipeline import FacePipeline
 
     return FacePipeline(recognizer=recognizer, landmarks=landmarks, backend=backend)
+
+
+def time_level(make_caller: Callable[[], Callable[[int], object]], concurrency: int, seconds: float,
+               warmup: int = 1, keep_latencies: bool = False) -> dict:
+    """N threads, each with its own ``make_caller()``, call it back to back for ``seconds``; latencies and
+    throughput of the level (warm-up calls untimed); ``keep_latencies`` adds every latency (``latencies_s``)."""
+    callers = [make_caller() for _ in range(concurrency)]
+    for call in callers:
+        for i in range(warmup):
+            call(i)
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[str] = []
+    start_line = threading.Barrier(concurrency + 1)
+
+    def client(k: int) -> None:
+        start_line.wait()
+        deadline = time.perf_counter() + seconds
+        try:
+            i = 0
+            while i < MAX_REQUESTS_PER_CLIENT and (i < MIN_REQUESTS_PER_CLIENT or time.perf_counter() < deadline):
+                t0 = time.perf_counter()
+                callers[k](k + i)
+                latencies[k].append(time.perf_counter() - t0)
+                i += 1
+        except Exception as e:  # reported, never silently lost with the thread
+            errors.append(f"client {k}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    start_line.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(timeout=seconds + 10 * CLIENT_TIMEOUT_S)
+    wall = time.perf_counter() - t0
+    if errors or any(t.is_alive() for t in threads):
+        raise RuntimeError("; ".join(errors) or "a client did not finish")
+    lat = np.concatenate([np.asarray(v) for v in latencies])
+    row = {"concurrency": concurrency, "requests": int(len(lat)), "wall_s": round(wall, 2),
+           "throughput_per_s": round(len(lat) / wall, 2), "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
+           "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2)}
+    if keep_latencies:
+        row["latencies_s"], row["wall_s"] = lat.tolist(), wall
+    return row

@@ -13,6 +13,7 @@
     python benchmarks/run.py triton [--concurrency 1,4,16] [--seconds 5]       # through Triton vs in-process
     python benchmarks/run.py throughput [--data LFW_DIR] [--images 1000] [--indexer-images 600]  # embed_many
     python benchmarks/run.py training [--only loader,ranks,rec-open]  # trainer/loader images/s, .rec start-up
+    python benchmarks/run.py serve [--concurrency 1,4,16] [--level-seconds 24]  # HTTP service vs in-process
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -335,6 +336,20 @@ def cmd_landmarks(args) -> dict:
     return result
 
 
+def cmd_serve(args) -> dict:
+    """The HTTP service against the in-process pipeline (``benchmarks/serve.py``)."""
+    from benchmarks import serve as sv
+
+    try:
+        report, md = sv.serve_report(resolve_model(args.model), args.landmarks, args.concurrency, args.level_seconds,
+                                     Path(args.results) if args.results else None, client=args.client,
+                                     write=not args.no_write, progress=log)
+    except sv.NoPhotos as e:
+        raise UsageError(str(e)) from None
+    _print_result(report, args, md)
+    return report
+
+
 # ------------------------------------------------------------------------------------------ default run
 
 
@@ -571,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", default="1,8,64,256")
     s.add_argument("--all-backends", action="store_true", help="every backend available for the model")
     s.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end pipeline timing")
+    s = sub.add_parser("serve", parents=[sub_common], help="the HTTP service vs the in-process pipeline")
+    s.add_argument("--concurrency", default="1,4,16", help="client counts (default 1,4,16)")
+    s.add_argument("--level-seconds", type=float, help="seconds of load per side and concurrency (default 24)")
+    s.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="load generator: plain HTTP/1.1 on asyncio streams (default) or httpx")
     s = sub.add_parser("landmarks", parents=[sub_common],
                        help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
     s.add_argument("--data", help="folder of images with .pts5 files (default: $FACEKIT_DATA/landmarks_300w/test)")
@@ -613,7 +633,7 @@ def commands() -> dict:
     """Sub-command name → the function that runs it (the verification kinds share ``cmd_verification``)."""
     return {"identification": cmd_identification, "parity": cmd_parity, "latency": cmd_latency,
             "landmarks": cmd_landmarks, "large-photos": large_photos.run, "triton": cmd_triton,
-            "throughput": cmd_throughput, "training": cmd_training}
+            "throughput": cmd_throughput, "training": cmd_training, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

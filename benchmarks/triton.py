@@ -20,15 +20,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from benchmarks import report as rp
-from benchmarks.latency import SINGLE_PORTRAITS
+from benchmarks.latency import MIN_REQUESTS_PER_CLIENT  # noqa: F401 - part of this module's interface
+from benchmarks.latency import CLIENT_TIMEOUT_S, SINGLE_PORTRAITS, time_level
 from benchmarks.plots import _plt, _save
 from export.triton_repository import ServingOptions, plan_repository, write_repository
 from export.triton_server import LocalTritonServer, executed_batches
@@ -39,51 +38,6 @@ from runtime.preprocess import to_model_input
 
 CONCURRENCY = (1, 4, 16)
 WORKLOADS = ("recognizer", "pipeline")
-MIN_REQUESTS_PER_CLIENT = 3
-#: no client may send more than this many requests in one level (bounds a run on a fast machine)
-MAX_REQUESTS_PER_CLIENT = 5000
-CLIENT_TIMEOUT_S = 120.0
-
-
-def time_level(make_caller: Callable[[], Callable[[int], object]], concurrency: int, seconds: float,
-               warmup: int = 1) -> dict:
-    """N threads, each with its own ``make_caller()``, call it back to back for ``seconds``; latencies and
-    throughput of the level (warm-up calls untimed)."""
-    callers = [make_caller() for _ in range(concurrency)]
-    for call in callers:
-        for i in range(warmup):
-            call(i)
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    errors: list[str] = []
-    start_line = threading.Barrier(concurrency + 1)
-
-    def client(k: int) -> None:
-        start_line.wait()
-        deadline = time.perf_counter() + seconds
-        try:
-            i = 0
-            while i < MAX_REQUESTS_PER_CLIENT and (i < MIN_REQUESTS_PER_CLIENT or time.perf_counter() < deadline):
-                t0 = time.perf_counter()
-                callers[k](k + i)
-                latencies[k].append(time.perf_counter() - t0)
-                i += 1
-        except Exception as e:  # reported, never silently lost with the thread
-            errors.append(f"client {k}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    start_line.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join(timeout=seconds + 10 * CLIENT_TIMEOUT_S)
-    wall = time.perf_counter() - t0
-    if errors or any(t.is_alive() for t in threads):
-        raise RuntimeError("; ".join(errors) or "a client did not finish")
-    lat = np.concatenate([np.asarray(v) for v in latencies])
-    return {"concurrency": concurrency, "requests": int(len(lat)), "wall_s": round(wall, 2),
-            "throughput_per_s": round(len(lat) / wall, 2), "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
-            "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2)}
 
 
 class Workloads:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m runtime {detect,compare,matrix,enroll,identify,index} ...``.
+"""Command line: ``python -m runtime {detect,compare,matrix,enroll,identify,index,serve} ...``.
 
 Exit status 0 on success (a picture without a face is a result, not an error); 2 with one line on stderr
 for unusable input (unreadable image, missing or foreign model, bad gallery); never a traceback for bad input.
@@ -26,12 +26,12 @@ class CliError(Exception):
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _pipeline(args, need_recognizer: bool):
+def _pipeline(args, need_recognizer: bool, model_options: dict | None = None):
     from .pipeline import FacePipeline
 
     pipe = FacePipeline(recognizer=args.recognizer, detector=args.detector, landmarks=args.landmarks,
                         aligner=args.aligner, backend=args.backend, threshold=args.threshold,
-                        score_threshold=args.score_threshold)
+                        score_threshold=args.score_threshold, model_options=model_options)
     if need_recognizer:
         pipe.recognizer  # load now, so a missing default model is reported before any work
     return pipe
@@ -170,6 +170,12 @@ def cmd_identify(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.server import serve
+
+    return serve(args, lambda options: _pipeline(args, need_recognizer=True, model_options=options))
+
+
 def similarity_heatmap_png(sim: np.ndarray, names: Sequence[str], threshold: float | None = None) -> bytes:
     """A PNG heat map of a square similarity matrix, names on both axes and the value in each cell."""
     try:
@@ -276,6 +282,12 @@ def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     from .index_cli import add_index_command
 
     add_index_command(sub, [models])
+
+    from .serve.config import add_serve_arguments
+
+    s = sub.add_parser("serve", parents=[models], help="the HTTP service (needs the serve extra)")
+    add_serve_arguments(s)
+    s.set_defaults(func=cmd_serve)
     p.commands = sorted(sub.choices)
     return p
 
@@ -284,8 +296,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .backends.base import ModelLoadError
     from .image_io import ImageError
     from .metadata import ModelMetadataError
+    from .serve.config import ServeError
 
-    errors: list[type[BaseException]] = [CliError, ImageError, ModelLoadError, ModelMetadataError,
+    errors: list[type[BaseException]] = [CliError, ImageError, ModelLoadError, ModelMetadataError, ServeError,
                                          FileNotFoundError, IsADirectoryError, PermissionError]
     try:
         from .gallery import GalleryError

@@ -1,0 +1,125 @@
+"""Service options and their defaults, and the ``serve`` command line (no web framework imported here)."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..cpu import usable_cores
+from ..image_io import DEFAULT_MAX_PIXELS
+
+MB = 1024 * 1024
+SERVE_PACKAGES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
+
+
+class ServeError(Exception):
+    """The service cannot start (folder locked, bad option, missing package): one line for the user."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything a server needs besides its models; every limit has a default (see README, "Limits")."""
+
+    galleries: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    max_upload_bytes: int = 10 * MB
+    request_timeout_s: float = 30.0
+    max_batch: int = 32
+    batch_wait_ms: float = 5.0
+    max_queue: int = 512
+    max_inflight: int = 64
+    workers: int = field(default_factory=usable_cores)
+    model_threads: int = 1
+    max_images: int = 16
+    max_top_k: int = 100
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    access_log: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self):
+        checks = {"port": 0 <= self.port <= 65535, "max_upload_bytes": self.max_upload_bytes > 0,
+                  "request_timeout_s": self.request_timeout_s > 0, "max_batch": self.max_batch >= 1,
+                  "batch_wait_ms": self.batch_wait_ms >= 0, "max_queue": self.max_queue >= 1,
+                  "max_inflight": self.max_inflight >= 1, "workers": self.workers >= 1,
+                  "max_images": self.max_images >= 1, "max_top_k": self.max_top_k >= 1,
+                  "max_pixels": self.max_pixels >= 1, "model_threads": self.model_threads >= 0}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ServeError(f"invalid value for {', '.join(bad)}: {', '.join(str(getattr(self, b)) for b in bad)}")
+
+    @property
+    def shutdown_grace_s(self) -> int:
+        """How long SIGTERM waits for in-flight requests: their time budget plus a margin."""
+        return int(self.request_timeout_s) + 5
+
+
+def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
+    """API keys from a file, one per line (blank lines and ``#`` comments ignored); at least one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ServeError(f"--api-key-file {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    if not keys:
+        raise ServeError(f"--api-key-file {path}: no key in the file")
+    if any(len(k) < 16 for k in keys):
+        raise ServeError(f"--api-key-file {path}: keys must be at least 16 characters")
+    return keys
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``serve`` command's own options (the model options come from the CLI's shared group)."""
+    d = ServeConfig(galleries=Path("."))
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
+    p.add_argument("--galleries", required=True, help="folder of gallery files (<name>.npz); created if absent")
+    p.add_argument("--api-key-file", help="require one of the keys in this file (one per line) on /v1 and /metrics")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / MB,
+                   help=f"largest request body in MiB (default {d.max_upload_bytes // MB})")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                   help=f"time budget of one request in seconds, else 503 (default {d.request_timeout_s:g})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"most faces in one recognizer call (default {d.max_batch})")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help=f"longest wait for more faces before a recognizer call (default {d.batch_wait_ms:g})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"faces waiting for the recognizer before requests get 503 (default {d.max_queue})")
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight,
+                   help=f"requests handled at once before others get 503 (default {d.max_inflight})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads decoding and detecting (default: usable CPU cores)")
+    p.add_argument("--model-threads", type=int, default=d.model_threads,
+                   help=f"threads inside each model call, 0 = the backend's default (default {d.model_threads}: "
+                        "requests run in parallel instead)")
+    p.add_argument("--max-images", type=int, default=d.max_images,
+                   help=f"most images in one enrolment (default {d.max_images})")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"largest image (width × height) decoded (default {d.max_pixels})")
+    p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    p.add_argument("--log-level", default=d.log_level, choices=("critical", "error", "warning", "info", "debug"))
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """A :class:`ServeConfig` from parsed ``serve`` arguments."""
+    extra: dict[str, Any] = {} if args.workers is None else {"workers": args.workers}
+    return ServeConfig(
+        galleries=Path(args.galleries), host=args.host, port=args.port,
+        api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
+        max_upload_bytes=int(args.max_upload_mb * MB), request_timeout_s=args.request_timeout,
+        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+        max_inflight=args.max_inflight, max_images=args.max_images, max_pixels=args.max_pixels,
+        model_threads=args.model_threads,
+        access_log=not args.no_access_log, log_level=args.log_level, **extra)
+
+
+def check_packages() -> None:
+    """:class:`ServeError` naming the missing package when the ``serve`` extra is not installed."""
+    import importlib.util
+
+    missing = [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ServeError(f"the serve command needs {', '.join(missing)}: pip install 'facekit[serve]'")

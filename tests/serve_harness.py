@@ -1,0 +1,103 @@
+"""Helpers for the service tests (not a test module): a real ``python -m runtime serve`` subprocess on
+127.0.0.1 with a port it picks itself, killed with its process group however the test ends, plus small
+request images made from ``$FACEKIT_DATA/photos``."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from conftest import ROOT
+
+READY = re.compile(r"facekit serve: listening on (http://127\.0\.0\.1:\d+)")
+MOBILEFACENET = str(ROOT / "runtime" / "models" / "mobilefacenet.onnx")
+
+
+class Server:
+    """One server process; :meth:`start` waits until it serves, :meth:`kill` / :meth:`terminate` end it."""
+
+    def __init__(self, galleries: Path, log: Path, *args: str):
+        self.galleries, self.log_path, self.args = Path(galleries), Path(log), list(args)
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def spawn(self) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "runtime", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--galleries", str(self.galleries), "--no-access-log", "--log-level", "warning", *self.args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        return self.proc
+
+    def start(self, timeout: float = 90.0) -> "Server":
+        """Spawn and wait for the "listening on" line (AssertionError with the log if it exits first)."""
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.spawn()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            text = self.log_path.read_bytes()[start:].decode("utf-8", "replace")
+            m = READY.search(text)
+            if m:
+                self.url = m.group(1)
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{text[-3000:]}")
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"server not ready within {timeout} s:\n{self.log_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process (MiB)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group and reap it (no-op once it is gone)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM the server and return its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def small_jpeg(path: Path, side: int = 256) -> bytes:
+    """``path`` resized so its longer side is ``side`` px, as JPEG bytes (quality 90)."""
+    img = cv2.imread(str(path))
+    s = side / max(img.shape[:2])
+    img = cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def blank_jpeg(h: int = 120, w: int = 160) -> bytes:
+    """A grey picture without a face."""
+    return cv2.imencode(".jpg", np.full((h, w, 3), 128, np.uint8))[1].tobytes()
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
