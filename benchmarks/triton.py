@@ -26,7 +26,6 @@ from typing import Callable
 import numpy as np
 
 from benchmarks import report as rp
-from benchmarks.latency import MIN_REQUESTS_PER_CLIENT  # noqa: F401 - part of this module's interface
 from benchmarks.latency import CLIENT_TIMEOUT_S, SINGLE_PORTRAITS, time_level
 from benchmarks.plots import _plt, _save
 from export.triton_repository import ServingOptions, plan_repository, write_repository

@@ -90,7 +90,11 @@ def test_health_readiness_and_schema(client):
                  "/v1/galleries/{gallery}/people/{name}", "/v1/galleries/{gallery}/identify"):
         assert path in schema["paths"], path
     assert "multipart/form-data" in schema["paths"]["/v1/embed"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    if "/docs/assets/" in docs.text:  # swagger-ui-bundle installed: the page works offline
+        script = client.get("/docs/assets/swagger-ui-bundle.js")
+        assert script.status_code == 200 and len(script.content) > 100_000
 
 
 def test_detect_and_embed_equal_the_pipeline(client, pipe, photos):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (the triton extra) is not installed")
-from benchmarks import triton  # noqa: E402
+from benchmarks import latency, triton  # noqa: E402
 
 
 def test_time_level_runs_n_clients_and_reports_percentiles():
@@ -22,7 +22,7 @@ def test_time_level_runs_n_clients_and_reports_percentiles():
 
     row = triton.time_level(make, concurrency=4, seconds=0.2)
     assert len(seen - {threading.get_ident()}) == 4 and row["concurrency"] == 4  # warm-up runs here
-    assert row["requests"] >= 4 * triton.MIN_REQUESTS_PER_CLIENT
+    assert row["requests"] >= 4 * latency.MIN_REQUESTS_PER_CLIENT
     assert 9 <= row["p50_ms"] <= row["p99_ms"] and row["throughput_per_s"] > 0
 
 

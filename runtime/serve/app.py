@@ -158,14 +158,41 @@ def create_app(service: Service, on_ready: Callable[[], None] | None = None) -> 
         yield
         service.close()
 
-    app = FastAPI(title="facekit", version=__version__, lifespan=lifespan,
+    assets = _swagger_assets()
+    app = FastAPI(title="facekit", version=__version__, lifespan=lifespan, docs_url=None if assets else "/docs",
                   description="Face detection, embedding, comparison and galleries over HTTP. Errors are "
                               '`{"error": {"code", "message"}}`.')
+    if assets:
+        _offline_docs(app, assets)
     install_error_handlers(app)
     _health_routes(app, service)
     _face_routes(app, service)
     _gallery_routes(app, service)
     return app
+
+
+def _swagger_assets() -> str | None:
+    """The folder of Swagger UI's files from the ``swagger-ui-bundle`` package (the ``serve`` extra), so
+    ``/docs`` works offline; None without it (then FastAPI's page loads them from a CDN)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    return str(swagger_ui_path)
+
+
+def _offline_docs(app: FastAPI, assets: str) -> None:
+    """``/docs``: Swagger UI served from this server's own copy of its files."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/docs/assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="facekit API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css", swagger_favicon_url="")
 
 
 def _health_routes(app: FastAPI, s: Service) -> None:
