@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from runtime.files import atomic_write, sha256_file
+from runtime.files import cache_dir as runtime_cache_dir
 from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec
 
 #: Bump when the crop selection / fallback logic changes (invalidates cached crops).
@@ -533,8 +534,8 @@ class CropSet:
 
 
 def cache_dir() -> Path:
-    """``$FACEKIT_CACHE`` or ``~/.cache/facekit``."""
-    return Path(os.environ.get("FACEKIT_CACHE") or Path.home() / ".cache" / "facekit")
+    """facekit's cache folder (:func:`runtime.files.cache_dir`)."""
+    return runtime_cache_dir()
 
 
 #: Cached crop files kept per data set name (older ones, e.g. from earlier detector code, are deleted).
