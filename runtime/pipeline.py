@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .backends.base import Backend, ModelLoadError, load_model
+from .backends.base import Backend, ModelLoadError, load_model, onnx_backends
 from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, Detection, load_detector
 from .image_io import ImageError, load_image
 from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
@@ -103,7 +103,7 @@ class FacePipeline:
             # ONNX detectors (the default's bytes included) run where ONNX runs; engines use `backend`
             onnx_like = detector is None or isinstance(detector, (bytes, bytearray)) or \
                 os.fspath(detector).lower().endswith(".onnx")
-            det_backend = backend if backend == "onnxruntime" or not onnx_like else "auto"
+            det_backend = backend if backend in onnx_backends() or not onnx_like else "auto"
             self.detector = load_detector(detector, backend=det_backend, max_side=max_side, min_side=min_side)
         else:
             if not callable(getattr(detector, "detect", None)):
