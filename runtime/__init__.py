@@ -1,6 +1,6 @@
 """facekit runtime: detect → 5 landmarks → similarity warp → embed → compare / identify.
 
-numpy + opencv + onnxruntime (TensorRT when installed). Never imports torch.
+numpy + opencv + an inference engine: OpenVINO or ONNX Runtime (TensorRT when installed). Never imports torch.
 """
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ class FacePipeline:
     shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX path or bytes,
     a detector object, or None for the default RetinaFace-MobileNet0.25. ``landmarks``: ``"detector"`` uses
     the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner. ``backend``: ``"auto"``
-    (fastest available) or a backend name. ``threshold`` overrides the recognizer's ``threshold_cosine``.
+    (the fastest backend that really runs each model here) or ``"onnxruntime"``, ``"openvino"``,
+    ``"tensorrt"``; :attr:`providers` says what runs each model. ``threshold`` overrides the recognizer's ``threshold_cosine``.
     ``preprocess`` overrides the recognizer's metadata (only for models exported without it).
     ``flip_test`` (default on) embeds each face and its mirror image and sums the two, as the benchmark
     protocol does — the protocol that the shipped ``threshold_cosine`` comes from.
