@@ -148,49 +148,99 @@ def lfw_images(count: int) -> list[str]:
     return [str(p) for p in pairset.images[:count]]
 
 
-def pipeline_worker(label: str, images: list[str]) -> dict:
-    """In this process: time ``FacePipeline.embed`` per image (warm) for one configuration."""
+def worker_main(label: str) -> None:
+    """A pipeline worker process: image paths (one JSON line) in; ``{"ready", "providers"}`` out after a
+    warm-up; then for each ``[start, stop]`` line the per-image ``FacePipeline.embed`` times and the largest
+    face's embedding of ``images[start:stop]``; ``quit`` ends it."""
     from runtime.pipeline import FacePipeline
 
-    backend, _ = PIPELINES[label]
-    pipe = FacePipeline(backend=backend)
-    decoded = [ds.read_image(p) for p in images]
+    decoded = [ds.read_image(p) for p in json.loads(sys.stdin.readline())]
+    pipe = FacePipeline(backend=PIPELINES[label][0])
     for img in decoded[:10]:
         pipe.embed(img)
-    times, embeddings = [], []
-    for img in decoded:
-        t0 = time.perf_counter()
-        faces = pipe.embed(img)
-        times.append(time.perf_counter() - t0)
-        best = max(faces, key=lambda f: f.area) if faces else None
-        embeddings.append(best.embedding.tolist() if best is not None else None)
-    return {"label": label, "providers": pipe.providers, "times_ms": [t * 1e3 for t in times],
-            "embeddings": embeddings}
+    print(json.dumps({"ready": True, "providers": pipe.providers}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            return
+        start, stop = json.loads(line)
+        times, embeddings = [], []
+        for img in decoded[start:stop]:
+            t0 = time.perf_counter()
+            faces = pipe.embed(img)
+            times.append((time.perf_counter() - t0) * 1e3)
+            best = max(faces, key=lambda f: f.area) if faces else None
+            embeddings.append(best.embedding.tolist() if best is not None else None)
+        print(json.dumps({"times_ms": times, "embeddings": embeddings}), flush=True)
 
 
-def pipelines(opts: Options) -> dict:
-    """Every :data:`PIPELINES` configuration in its own process, ``opts.rounds`` interleaved rounds."""
+class PipelineWorker:
+    """One :data:`PIPELINES` configuration in its own process (its threads cannot disturb the others'),
+    timing blocks of images when asked."""
+
+    def __init__(self, label: str, images: list[str]):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   **PIPELINES[label][1])
+        self.label = label
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.cpu_backends", "--worker", label], env=env,
+                                     cwd=str(ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.providers = self._ask(json.dumps(images))["providers"]
+
+    def _ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"pipeline worker {self.label!r} exited with status {self.proc.wait()}")
+        return json.loads(answer)
+
+    def block(self, start: int, stop: int) -> dict:
+        return self._ask(json.dumps([start, stop]))
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_worker(label: str, images: list[str]) -> dict:
+    """One configuration timed once over ``images``: ``{"providers", "times_ms", "embeddings"}``."""
+    worker = PipelineWorker(label, images)
+    try:
+        return {"providers": worker.providers, **worker.block(0, len(images))}
+    finally:
+        worker.close()
+
+
+def pipelines(opts: Options, block: int = 10) -> dict:
+    """Every :data:`PIPELINES` configuration in its own process, all started at once; blocks of ``block``
+    images go to each in turn (order rotating), ``opts.rounds`` passes over the images."""
     images = lfw_images(opts.images)
     if not images:
         return {"skip_reason": "LFW not found under $FACEKIT_DATA (needs lfw/pairs.txt)"}
     labels = [k for k in PIPELINES if openvino_installed() or PIPELINES[k][0] != "openvino"]
-    runs: dict[str, list[dict]] = {k: [] for k in labels}
-    for r in range(opts.rounds):
-        for label in labels:
+    workers: list[PipelineWorker] = []
+    try:
+        workers = [PipelineWorker(label, images) for label in labels]
+        blocks: dict[str, list[list[dict]]] = {k: [] for k in labels}
+        for r in range(opts.rounds):
             if not opts.quiet:
-                print(f"pipeline round {r + 1}/{opts.rounds}: {label}", file=sys.stderr, flush=True)
-            runs[label].append(_run_worker(label, images))
+                print(f"pipeline round {r + 1}/{opts.rounds}", file=sys.stderr, flush=True)
+            for k in labels:
+                blocks[k].append([])
+            for i, start in enumerate(range(0, len(images), block)):
+                for w in workers[i % len(workers):] + workers[:i % len(workers)]:
+                    blocks[w.label][-1].append(w.block(start, min(start + block, len(images))))
+    finally:
+        for w in workers:
+            w.close()
+    runs = {w.label: [{"providers": w.providers, "times_ms": sum((b["times_ms"] for b in rnd), []),
+                       "embeddings": sum((b["embeddings"] for b in rnd), [])} for rnd in blocks[w.label]]
+            for w in workers}
     return summarize_pipelines(runs, len(images))
-
-
-def _run_worker(label: str, images: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               **PIPELINES[label][1])
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_backends", "--worker", label],
-                          input=json.dumps(images), capture_output=True, text=True, env=env, cwd=str(ROOT))
-    if proc.returncode != 0:
-        raise RuntimeError(f"pipeline worker {label!r} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def summarize_pipelines(runs: dict[str, list[dict]], images: int) -> dict:
@@ -202,10 +252,13 @@ def summarize_pipelines(runs: dict[str, list[dict]], images: int) -> dict:
     for label, vs in runs.items():
         pairs = [(a, b) for a, b in zip(vs[0]["embeddings"], ref_emb) if a is not None and b is not None]
         cos = [float(np.dot(a, b)) for a, b in pairs]
+        same = (label != ref_label and vs[0]["providers"] == runs[ref_label][0]["providers"]
+                and PIPELINES.get(label, ("", {}))[1] == PIPELINES[ref_label][1])
         rows.append({"pipeline": label, "providers": vs[0]["providers"], "median_ms": round(medians[label], 2),
                      "per_round_median_ms": [round(float(np.median(v["times_ms"])), 2) for v in vs],
                      "speedup_vs_onnxruntime": round(medians[ref_label] / medians[label], 3),
-                     "min_cos_vs_onnxruntime": min(cos) if cos else None, "faces_compared": len(cos)})
+                     "min_cos_vs_onnxruntime": min(cos) if cos else None, "faces_compared": len(cos),
+                     "note": "same backends as onnxruntime: the ratio is this run's noise" if same else ""})
     return {"images": images, "rounds": len(runs[ref_label]), "rows": rows}
 
 
@@ -279,10 +332,10 @@ def to_markdown(report: dict) -> str:
         lines += [f"## Pipeline per LFW image ({pl['images']} images × {pl['rounds']} interleaved rounds, "
                   "FacePipeline.embed, flip on, warm, one at a time)", "",
                   rp.table(["pipeline", "providers", "median ms", "per-round medians", "× onnxruntime",
-                            "min cos vs onnxruntime"],
+                            "min cos vs onnxruntime", "note"],
                            [[r["pipeline"], ", ".join(sorted(set(r["providers"].values()))), f"{r['median_ms']:.2f}",
                              str(r["per_round_median_ms"]), f"{r['speedup_vs_onnxruntime']:.2f}",
-                             rp._fmt(r["min_cos_vs_onnxruntime"], 7)] for r in pl["rows"]]), ""]
+                             rp._fmt(r["min_cos_vs_onnxruntime"], 7), r.get("note", "")] for r in pl["rows"]]), ""]
     elif pl.get("skip_reason"):
         lines += ["## Pipeline", "", f"Not run: {pl['skip_reason']}", ""]
     lines += ["## Targets", "", rp.table(["target", "measured", "holds"], [
@@ -314,7 +367,7 @@ def run(opts: Options, results_dir: Path | None, command: str) -> dict:
     return report
 
 
-if __name__ == "__main__":  # the pipeline worker: image paths (JSON) on stdin, one JSON line out
-    if sys.argv[1:2] != ["--worker"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m benchmarks.cpu_backends --worker LABEL < images.json")
-    print(json.dumps(pipeline_worker(sys.argv[2], json.loads(sys.stdin.read()))))
+if __name__ == "__main__":  # a pipeline worker (see worker_main)
+    if sys.argv[1:2] != ["--worker"] or len(sys.argv) != 3 or sys.argv[2] not in PIPELINES:
+        sys.exit(f"usage: python -m benchmarks.cpu_backends --worker LABEL  (LABEL one of {list(PIPELINES)})")
+    worker_main(sys.argv[2])

@@ -44,7 +44,7 @@ def test_cpu_subcommand_without_data(tmp_path):
 def test_pipeline_workers_time_real_lfw_images(facekit_data):
     need(facekit_data / "lfw" / "pairs.txt")
     images = cpu_backends.lfw_images(3)
-    runs = {label: [cpu_backends._run_worker(label, images)] for label in ("onnxruntime", "openvino")}
+    runs = {label: [cpu_backends.run_worker(label, images)] for label in ("onnxruntime", "openvino")}
     for label, (run,) in runs.items():
         assert len(run["times_ms"]) == 3 and all(t > 0 for t in run["times_ms"])
         assert all(e is not None and len(e) == 128 for e in run["embeddings"]), label
