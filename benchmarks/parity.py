@@ -175,6 +175,7 @@ class BackendPlan:
     fp16: bool = False
     skip_reason: str | None = None
     precision: str = ""  # OpenVINO's inference precision (f32, bf16, int8)
+    options: dict = field(default_factory=dict)  # further load options (e.g. OpenVINO's pinning)
 
     def build(self, batch_size: int = 64, for_dataset: bool = False):
         """The embedder. ``for_dataset``: on the CPU, one thread per call and ``workers`` concurrent batches
@@ -187,7 +188,7 @@ class BackendPlan:
             emb = BackendEmbedder(self.path, backend="tensorrt", batch_size=batch_size)
         elif self.kind == "openvino":
             emb = BackendEmbedder(self.path, backend="openvino", batch_size=batch_size, name=self.label,
-                                  **openvino_options(self.precision, for_dataset))
+                                  **openvino_options(self.precision, for_dataset), **self.options)
             emb.workers = concurrent_requests(emb.model)
             return emb
         else:

@@ -30,7 +30,7 @@ def test_cpu_subcommand_without_data(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = {(r["backend"], r["batch"]): r for r in report["throughput"]}
-    expected = {"onnxruntime-cpu fp32", "openvino-cpu f32", "openvino-cpu int8"} | (
+    expected = {"onnxruntime-cpu fp32", "openvino-cpu f32", "openvino-cpu f32, threads pinned", "openvino-cpu int8"} | (
         {"openvino-cpu bf16"} if native_bf16() else set())
     assert {b for b, _ in rows} == expected and {n for _, n in rows} == {1, 32}
     assert rows[("onnxruntime-cpu fp32", 32)]["speedup_vs_ort_fp32"] == 1.0
