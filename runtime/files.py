@@ -1,4 +1,5 @@
-"""File helpers, defined once: atomic writes, cleanup after killed writers, and file hashing.
+"""File helpers, defined once: atomic writes, cleanup after killed writers, file hashing and facekit's
+cache folder.
 
 Atomic writes: temp file in the same folder, flush, fsync, ``os.replace``, fsync the folder. A reader sees
 either the previous complete file or the new complete file, never a partial one, even when the writer is
@@ -121,3 +122,8 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """facekit's cache folder (aligned crops, compiled models): ``$FACEKIT_CACHE``, else ``~/.cache/facekit``."""
+    return Path(os.environ.get("FACEKIT_CACHE") or Path.home() / ".cache" / "facekit")

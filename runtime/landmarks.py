@@ -24,6 +24,7 @@ import numpy as np
 
 from .geometry import LANDMARK_NAMES, flip_landmarks, transform_points
 from .preprocess import PreprocessSpec, to_model_input
+from .sample_face import sample_face, sample_image
 
 #: The aligner's input: 128×128 RGB, (x − 127.5) / 127.5 like every facekit model, NCHW.
 ALIGNER_SPEC = PreprocessSpec(input_size=(128, 128))
@@ -313,7 +314,7 @@ class LandmarkRefiner:
         from .backends import load_model
         from .backends.base import ModelLoadError
 
-        self.backend = load_model(str(path), backend=backend, **options)
+        self.backend = load_model(str(path), backend=backend, check_inputs=sample_inputs, **options)
         meta = self.backend.metadata
         if meta.get("task") != "landmarks":
             raise ModelLoadError(f"{path}: not an aligner (metadata task is {meta.get('task')!r}, expected 'landmarks')")
@@ -352,3 +353,12 @@ class LandmarkRefiner:
 
     def __repr__(self) -> str:
         return f"LandmarkRefiner({self.backend!r})"
+
+
+def sample_inputs(backend) -> list[np.ndarray]:
+    """An aligner's inputs for the runtime's sample face and its mirror image (for precision checks)."""
+    geometry = AlignerGeometry.from_dict(backend.metadata)
+    box, points = sample_face()
+    crop, _ = face_crop(sample_image(), box, geometry, points)
+    crops = np.stack([crop, crop[:, ::-1]])
+    return [to_model_input(crops, aligner_spec(geometry), color_order="RGB")]

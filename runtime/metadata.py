@@ -1,12 +1,15 @@
 """The metadata every facekit model carries, and how it is read back.
 
 Exported ONNX models hold one ``metadata_props`` entry, key :data:`METADATA_KEY`, whose value is a JSON
-object. The runtime reads it (through ONNX Runtime, without the ``onnx`` package) instead of guessing.
+object. The runtime reads it (:func:`read_onnx_metadata`, without the ``onnx`` package or an inference
+engine) instead of guessing.
 """
 from __future__ import annotations
 
+import io
 import json
-from typing import Any
+import os
+from typing import Any, BinaryIO
 
 from .preprocess import PreprocessSpec
 
@@ -61,3 +64,79 @@ def decode_metadata(props: dict[str, str], source: str = "model") -> dict[str, A
 def preprocess_spec(meta: dict[str, Any]) -> PreprocessSpec:
     """The :class:`PreprocessSpec` stored in decoded metadata."""
     return PreprocessSpec.from_dict(meta["preprocess"])
+
+
+# ------------------------------------------------------------------------ ONNX metadata without onnx
+
+_MODEL_METADATA_PROPS = 14  # ModelProto.metadata_props: repeated StringStringEntryProto {key = 1, value = 2}
+_MODEL_GRAPH = 7
+
+
+def read_onnx_metadata(source: str | os.PathLike | bytes) -> dict[str, str]:
+    """The ``metadata_props`` map (key → string) of an ONNX file or its bytes, read from the protobuf wire
+    format directly (no ``onnx`` package, no inference engine; the graph is skipped, not parsed).
+
+    Raises :class:`ModelMetadataError` when ``source`` is not an ONNX model.
+    """
+    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
+    stream: BinaryIO = io.BytesIO(bytes(source)) if name == "<bytes>" else open(source, "rb")
+    props: dict[str, str] = {}
+    has_graph = False
+    with stream:
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(0)
+        try:
+            while stream.tell() < size:
+                field, wire = divmod(_varint(stream), 8)
+                if wire == 2:
+                    length = _varint(stream)
+                    if stream.tell() + length > size:
+                        raise ValueError("truncated field")
+                    if field == _MODEL_METADATA_PROPS:
+                        key, value = _string_entry(stream.read(length))
+                        props[key] = value
+                    else:
+                        has_graph |= field == _MODEL_GRAPH
+                        stream.seek(length, io.SEEK_CUR)
+                elif wire == 0:
+                    _varint(stream)
+                elif wire in (1, 5):
+                    stream.seek(8 if wire == 1 else 4, io.SEEK_CUR)
+                else:
+                    raise ValueError(f"wire type {wire}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelMetadataError(f"{name}: not an ONNX model ({e})") from None
+    if not has_graph:
+        raise ModelMetadataError(f"{name}: not an ONNX model (no graph)")
+    return props
+
+
+def _varint(stream: BinaryIO) -> int:
+    value = shift = 0
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            raise ValueError("truncated varint")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _string_entry(payload: bytes) -> tuple[str, str]:
+    """(key, value) of one StringStringEntryProto."""
+    fields = {1: "", 2: ""}
+    stream = io.BytesIO(payload)
+    while stream.tell() < len(payload):
+        field, wire = divmod(_varint(stream), 8)
+        if wire != 2:
+            raise ValueError("malformed metadata entry")
+        length = _varint(stream)
+        data = stream.read(length)
+        if len(data) != length:
+            raise ValueError("truncated metadata entry")
+        if field in fields:
+            fields[field] = data.decode("utf-8")
+    return fields[1], fields[2]

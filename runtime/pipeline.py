@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .backends.base import Backend, ModelLoadError, load_model
+from .backends.base import Backend, ModelLoadError, load_model, onnx_backends
 from .batching import ordered_batches
 from .cpu import usable_cores
 from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, Detection, load_detector
@@ -114,10 +114,11 @@ class FacePipeline:
     or None for the shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX
     path or bytes, a detector object, or None for the default RetinaFace-MobileNet0.25. ``landmarks``: ``"detector"`` uses
     the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner. ``backend``: ``"auto"``
-    (fastest available) or a backend name. ``threshold`` overrides the recognizer's ``threshold_cosine``.
-    ``preprocess`` overrides the recognizer's metadata (for models exported without it, or to crop faces
-    without a recognizer: then the default recognizer is only loaded when something is embedded).
-    ``model_options`` go to every model this pipeline loads (e.g. ``{"threads": 1}`` for ONNX Runtime).
+    (the fastest backend that really runs each model here) or ``"onnxruntime"``, ``"openvino"``,
+    ``"tensorrt"``; :attr:`providers` says what runs each model. ``threshold`` overrides the recognizer's
+    ``threshold_cosine``. ``preprocess`` overrides the recognizer's metadata (for models exported without it,
+    or to crop faces without a recognizer: then the default recognizer is only loaded when something is
+    embedded). ``model_options`` go to every model this pipeline loads (e.g. ``{"threads": 1}``).
     ``flip_test`` (default on) embeds each face and its mirror image and sums the two, as the benchmark
     protocol does — the protocol that the shipped ``threshold_cosine`` comes from.
     """
@@ -147,7 +148,7 @@ class FacePipeline:
             # ONNX detectors (the default's bytes included) run where ONNX runs; engines use `backend`
             onnx_like = detector is None or isinstance(detector, (bytes, bytearray)) or \
                 os.fspath(detector).lower().endswith(".onnx")
-            det_backend = backend if backend == "onnxruntime" or not onnx_like else "auto"
+            det_backend = backend if backend in onnx_backends() or not onnx_like else "auto"
             self.detector = load_detector(detector, backend=det_backend, max_side=max_side, min_side=min_side,
                                           **self._model_options)
         else:

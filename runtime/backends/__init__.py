@@ -1,4 +1,4 @@
 """Inference backends behind one interface (:class:`Backend`); see :mod:`runtime.backends.base`."""
-from .base import Backend, ModelLoadError, available_backends, load_model, register
+from .base import Backend, ModelLoadError, available_backends, load_model, load_model_bytes, register
 
-__all__ = ["Backend", "ModelLoadError", "available_backends", "load_model", "register"]
+__all__ = ["Backend", "ModelLoadError", "available_backends", "load_model", "load_model_bytes", "register"]

@@ -1,13 +1,15 @@
 """The one small interface every inference backend implements, and the registry that picks one.
 
-A backend module in this package calls :func:`register` at import time; :func:`load_model` picks the
-first available backend that accepts the file (or, for backends registered with ``files=False``, the
-source such as a server URL). Adding a backend means adding one module here.
+A backend module in this package calls :func:`register` at import time; :func:`load_model` (a file, or for
+backends registered with ``files=False`` a source such as a server URL) and :func:`load_model_bytes` (ONNX
+in memory) pick the fastest available backend that accepts the model and really loads it here. Adding a
+backend means adding one module here.
 """
 from __future__ import annotations
 
 import abc
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -72,52 +74,113 @@ class Backend(abc.ABC):
         return f"{type(self).__name__}({os.path.basename(self.path)!r}, device={self.device!r})"
 
 
-# name -> (priority, is_available, accepts(path), factory(path, **options))
-_REGISTRY: dict[str, tuple[int, Callable[[], bool], Callable[[str], bool], Callable[..., Backend]]] = {}
-#: backends whose sources are not files (e.g. ``triton://`` URLs): load_model does not require a file for them
-_NON_FILE: set[str] = set()
+#: Load options that only some backends use (e.g. inputs to verify a reduced-precision build against full
+#: precision); any caller may pass them, and a backend that did not register one never sees it.
+HINTS = ("check_inputs",)
 
 
-def register(name: str, priority: int, available: Callable[[], bool], accepts: Callable[[str], bool],
-             factory: Callable[..., Backend], *, files: bool = True) -> None:
-    """Register a backend. Higher ``priority`` wins under ``backend="auto"``; ``files=False``: the backend
-    loads sources that are not files (``accepts`` recognises them, e.g. by URL scheme)."""
-    _REGISTRY[name] = (priority, available, accepts, factory)
-    if files:
-        _NON_FILE.discard(name)
-    else:
-        _NON_FILE.add(name)
+@dataclass(frozen=True)
+class _Entry:
+    priority: int | Callable[[], int]
+    available: Callable[[], bool]
+    accepts: Callable[[str], bool]
+    factory: Callable[..., Backend]
+    reads_bytes: bool
+    hints: tuple[str, ...]
+    files: bool
+
+    def rank(self) -> int:
+        return self.priority() if callable(self.priority) else self.priority
+
+    def build(self, path: str | None, options: dict) -> Backend:
+        kept = {k: v for k, v in options.items() if k not in HINTS or k in self.hints}
+        return self.factory(path, **kept)
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, priority: int | Callable[[], int], available: Callable[[], bool],
+             accepts: Callable[[str], bool], factory: Callable[..., Backend], *, reads_bytes: bool = False,
+             hints: tuple[str, ...] = (), files: bool = True) -> None:
+    """Register a backend. Higher ``priority`` (a number, or a function evaluated when backends are ranked)
+    wins under ``backend="auto"``. ``factory(path, **options)``; with ``reads_bytes`` the factory also takes
+    ``factory(None, data=ONNX_BYTES, label=NAME, **options)``. ``hints``: the :data:`HINTS` it uses. ``files=False``: the backend loads sources that are not files
+    (``accepts`` recognises them, e.g. by URL scheme)."""
+    _REGISTRY[name] = _Entry(priority, available, accepts, factory, reads_bytes, tuple(hints), files)
 
 
 def available_backends() -> list[str]:
     """Names of the backends usable in this environment, fastest first."""
     _discover()
-    ranked = sorted(_REGISTRY.items(), key=lambda kv: -kv[1][0])
-    return [n for n, (_, ok, _, _) in ranked if ok()]
+    ranked = sorted(_REGISTRY.items(), key=lambda kv: -kv[1].rank())
+    return [n for n, e in ranked if e.available()]
+
+
+def is_onnx_path(path: str) -> bool:
+    """Whether ``path`` names an ONNX file (by its extension)."""
+    return os.path.splitext(path)[1].lower() == ".onnx"
+
+
+def onnx_backends() -> list[str]:
+    """Names of the available backends that load ONNX models (files and bytes), fastest first."""
+    return [n for n in available_backends() if _REGISTRY[n].reads_bytes]
 
 
 def load_model(path: str, backend: str = "auto", **options) -> Backend:
     """Load ``path`` (a model file, or a source such as ``triton://host:port/model``) with the named backend,
-    or with the fastest available one that accepts it."""
+    or under ``"auto"`` with the fastest available one that accepts it and really loads it here (a backend
+    that fails to load it gives way to the next)."""
     _discover()
-    if not os.path.isfile(path) and not any(_REGISTRY[n][2](path) for n in _NON_FILE):
+    if not os.path.isfile(path) and not any(not e.files and e.accepts(path) for e in _REGISTRY.values()):
         raise ModelLoadError(f"{path}: model file not found")
     if backend != "auto":
-        if backend not in _REGISTRY:
-            raise ValueError(f"unknown backend {backend!r}; known: {sorted(_REGISTRY)}")
-        _, ok, accepts, factory = _REGISTRY[backend]
-        if not ok():
-            raise ModelLoadError(f"backend {backend!r} is not installed here; available: {available_backends()}")
-        if not accepts(path):
+        entry = _named(backend)
+        if not entry.accepts(path):
             raise ModelLoadError(f"{path}: backend {backend!r} cannot load this kind of file")
-        return factory(path, **options)
-    for name in available_backends():
-        _, _, accepts, factory = _REGISTRY[name]
-        if accepts(path):
-            return factory(path, **options)
-    missing = [n for n, (_, ok, accepts, _) in _REGISTRY.items() if accepts(path) and not ok()]
-    hint = f"; backend {missing[0]!r} accepts it but is not installed here" if missing else ""
-    raise ModelLoadError(f"{path}: no available backend accepts this file (available: {available_backends()}){hint}")
+        return entry.build(path, options)
+    candidates = [_REGISTRY[n] for n in available_backends() if _REGISTRY[n].accepts(path)]
+    if not candidates:
+        missing = [n for n, e in _REGISTRY.items() if e.accepts(path) and not e.available()]
+        hint = f"; backend {missing[0]!r} accepts it but is not installed here" if missing else ""
+        raise ModelLoadError(f"{path}: no available backend accepts this file "
+                             f"(available: {available_backends()}){hint}")
+    return _first_that_loads(candidates, lambda e: e.build(path, options))
+
+
+def load_model_bytes(data: bytes, backend: str = "auto", label: str = "<bytes>", **options) -> Backend:
+    """Load an ONNX model held in memory (``label`` names it in messages and ``Backend.path``)."""
+    _discover()
+    if backend != "auto":
+        entry = _named(backend)
+        if not entry.reads_bytes:
+            raise ModelLoadError(f"{label}: backend {backend!r} cannot load a model from bytes; "
+                                 f"use one of {[n for n, e in _REGISTRY.items() if e.reads_bytes]} or a file path")
+        return entry.build(None, {**options, "data": bytes(data), "label": label})
+    candidates = [_REGISTRY[n] for n in available_backends() if _REGISTRY[n].reads_bytes]
+    if not candidates:
+        raise ModelLoadError(f"{label}: no available backend loads ONNX bytes (available: {available_backends()})")
+    return _first_that_loads(candidates, lambda e: e.build(None, {**options, "data": bytes(data), "label": label}))
+
+
+def _named(backend: str) -> _Entry:
+    if backend not in _REGISTRY:
+        raise ValueError(f"unknown backend {backend!r}; known: {sorted(_REGISTRY)}")
+    entry = _REGISTRY[backend]
+    if not entry.available():
+        raise ModelLoadError(f"backend {backend!r} is not installed here; available: {available_backends()}")
+    return entry
+
+
+def _first_that_loads(candidates: list[_Entry], build: Callable[[_Entry], Backend]) -> Backend:
+    """The first candidate's backend that loads; the first candidate's error when none does."""
+    first: ModelLoadError | None = None
+    for entry in candidates:
+        try:
+            return build(entry)
+        except ModelLoadError as e:
+            first = first or e
+    raise first
 
 
 def _discover() -> None:

@@ -1,15 +1,26 @@
-"""ONNX Runtime backend: CPU, and CUDA when onnxruntime-gpu is installed (the provider really used is reported)."""
+"""ONNX Runtime backend: CPU, and CUDA when onnxruntime-gpu is installed and a GPU really runs it.
+
+ONNX Runtime lists the providers compiled into the wheel, not the ones that work: onnxruntime-gpu lists CUDA
+on a machine without a usable GPU (or without matching CUDA libraries) and then silently builds CPU
+sessions. :func:`cuda_usable` therefore builds one tiny probe session on CUDA and checks what it got.
+
+Intra-op threads do not spin after a run by default (``spinning=False``): spinning threads of one session
+keep the cores busy while the next model (the detector's, the recognizer's, OpenVINO's) wants them.
+``spinning=True`` or ``FACEKIT_ORT_SPINNING=1`` turns it back on (ONNX Runtime's own default).
+"""
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
 import numpy as np
 
 from ..metadata import METADATA_KEY, ModelMetadataError, decode_metadata
-from .base import Backend, ModelLoadError, register
+from .base import Backend, ModelLoadError, is_onnx_path, register
 
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+SPINNING_ENV = "FACEKIT_ORT_SPINNING"
 
 
 def _ort():
@@ -18,32 +29,37 @@ def _ort():
     return onnxruntime
 
 
+def default_spinning() -> bool:
+    """Whether ONNX Runtime's intra-op threads spin after a run: ``$FACEKIT_ORT_SPINNING`` (1/0), default off."""
+    return os.environ.get(SPINNING_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs an ONNX model (path or bytes) with ONNX Runtime.
 
-    ``device``: ``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda"``; asking for CUDA where it
-    does not really run raises instead of silently falling back to the CPU. ``optimize=False`` turns ONNX
-    Runtime's graph optimisations off: a Q/DQ graph then runs as written (DequantizeLinear → float op →
-    QuantizeLinear) instead of through fused int8 kernels, whose results depend on the CPU.
+    ``device``: ``"auto"`` (CUDA where it really runs, else the CPU), ``"cpu"`` or ``"cuda"``; an explicit
+    ``"cuda"`` that does not really run raises instead of silently falling back to the CPU. ``threads``:
+    intra-op threads (0: one per core). ``spinning``: let idle intra-op threads spin (None: see
+    :func:`default_spinning`). ``optimize=False`` turns ONNX Runtime's graph optimisations off: a Q/DQ
+    graph then runs as written (DequantizeLinear → float op → QuantizeLinear) instead of through fused
+    int8 kernels, whose results depend on the CPU.
     """
 
     name = "onnxruntime"
 
     def __init__(self, path: str | None = None, *, data: bytes | None = None, device: str = "auto",
-                 threads: int = 0, label: str | None = None, optimize: bool = True):
+                 threads: int = 0, label: str | None = None, optimize: bool = True, spinning: bool | None = None):
         super().__init__(path or label or "<bytes>")
         ort = _ort()
         source = data if data is not None else path
         if source is None:
             raise ValueError("give a model path or its bytes")
-        if device == "auto":
-            device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-        if device not in _PROVIDERS:
+        if device not in ("auto", *_PROVIDERS):
             raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
+        requested = device
+        if device == "auto":
+            device = "cuda" if cuda_usable() else "cpu"
+        opts = session_options(threads, default_spinning() if spinning is None else spinning)
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
@@ -52,7 +68,7 @@ class OnnxRuntimeBackend(Backend):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"{self.path}: not a loadable ONNX model ({msg})") from None
         active = self.session.get_providers()
-        if device == "cuda" and active[0] != "CUDAExecutionProvider":
+        if requested == "cuda" and active[0] != "CUDAExecutionProvider":
             raise ModelLoadError(f"{self.path}: CUDA was requested but ONNX Runtime runs on {active[0]}")
         self._device = active[0]
         props = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -65,7 +81,7 @@ class OnnxRuntimeBackend(Backend):
         self._input = self.session.get_inputs()[0]
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._fp16_input = "float16" in self._input.type
-        self._lock = threading.Lock() if device == "cuda" else None
+        self._lock = threading.Lock() if self._device == "CUDAExecutionProvider" else None
 
     @property
     def device(self) -> str:
@@ -95,6 +111,61 @@ class OnnxRuntimeBackend(Backend):
             return self.session.run(self._outputs, {self._input.name: x})
 
 
+def session_options(threads: int = 0, spinning: bool = False):
+    """ONNX Runtime session options: quiet logs, ``threads`` intra-op threads (0: ORT's default), spinning."""
+    opts = _ort().SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    flag = "1" if spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", flag)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", flag)
+    return opts
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """Whether a CUDA session really runs here (the wheel lists CUDA and a probe session gets it); cached."""
+    try:
+        ort = _ort()
+    except ImportError:
+        return False
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        probe = ort.InferenceSession(probe_model(), sess_options=session_options(1),
+                                     providers=_PROVIDERS["cuda"])
+    except Exception:
+        return False
+    return probe.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def probe_model() -> bytes:
+    """A one-node ONNX model (Identity on a float[1] input ``x``), serialised without the onnx package."""
+    def field(number: int, payload: bytes) -> bytes:
+        return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+    def number(field_no: int, value: int) -> bytes:
+        return _varint(field_no << 3) + _varint(value)
+
+    def value_info(name: bytes) -> bytes:  # ValueInfoProto{name, type{tensor_type{elem_type FLOAT, shape{dim 1}}}}
+        shape = field(2, field(1, number(1, 1)))
+        return field(1, name) + field(2, field(1, number(1, 1) + shape))
+
+    node = field(1, b"x") + field(2, b"y") + field(4, b"Identity")
+    graph = field(1, node) + field(2, b"probe") + field(11, value_info(b"x")) + field(12, value_info(b"y"))
+    return number(1, 8) + field(7, graph) + field(8, number(2, 13))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
 def _available() -> bool:
     try:
         _ort()
@@ -103,10 +174,10 @@ def _available() -> bool:
         return False
 
 
-register(
-    "onnxruntime",
-    priority=10,
-    available=_available,
-    accepts=lambda p: os.path.splitext(p)[1].lower() == ".onnx",
-    factory=lambda p, **kw: OnnxRuntimeBackend(p, **kw),
-)
+def _priority() -> int:
+    """18 where CUDA really runs (above every CPU backend); 10 on the CPU (see the OpenVINO backend's)."""
+    return 18 if cuda_usable() else 10
+
+
+register("onnxruntime", priority=_priority, available=_available, accepts=is_onnx_path,
+         factory=lambda p, **kw: OnnxRuntimeBackend(p, **kw), reads_bytes=True)
