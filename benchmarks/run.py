@@ -9,6 +9,7 @@
     python benchmarks/run.py parity  --data LFW_DIR [--kind lfw|cfp-fp|cfp-ff|bin] [--pairs-per-fold N]
     python benchmarks/run.py latency [--model FILE] [--batches 1,8,64,256] [--no-pipeline]
     python benchmarks/run.py landmarks --data DIR [--aligner FILE] [--json]   # aligner vs detector NME
+    python benchmarks/run.py gallery [--data LFW_DIR] [--sizes 10000,100000,1000000] [--indexes exact,hnsw,ivf]
 
 ``--model`` takes an ONNX file (ONNX Runtime), a TensorRT engine, or a PyTorch checkpoint (.pt); the default
 is the shipped ``runtime/models/recognizer.onnx``. With ``--json`` the last stdout line is one JSON object
@@ -273,6 +274,35 @@ def cmd_landmarks(args) -> dict:
     return result
 
 
+def cmd_gallery(args) -> dict:
+    """Exact / HNSW / IVF gallery search among synthetic distractors (``benchmarks/gallery.py``)."""
+    from benchmarks import gallery as bg
+    from benchmarks import gallery_report
+
+    pairset = ep.load_lfw(args.data or data_root() / "lfw")
+    model = resolve_model(args.model)
+
+    def embed() -> np.ndarray:
+        embedder = make_embedder(model, args.backend, args.device)
+        crops = crops_for(pairset, args, embedder.spec)
+        return flip_sum_embeddings(embedder, crops.crops, batch_size=embedder.batch_size,
+                                   progress=None if args.quiet else "gallery: embed LFW",
+                                   workers=getattr(embedder, "workers", 1))
+
+    key = bg.embeddings_cache_key(model, pairset.image_keys(), {"landmarks": args.landmarks,
+                                                                "detector": args.detector, "aligner": args.aligner})
+    emb = bg.cached_embeddings(ec.cache_dir(), key, embed, use_cache=not args.no_cache)
+    out = bg.run(emb, pairset.identities, sizes=[int(v) for v in args.sizes.split(",")],
+                 kinds=args.indexes.split(","), exact_queries=args.exact_queries,
+                 with_crossover=not args.no_crossover, log=log)
+    out.update(model=str(model), command="python benchmarks/run.py " + " ".join(sys.argv[1:]))
+    if not getattr(args, "no_write", False):
+        md, _ = gallery_report.write(out, Path(getattr(args, "results", None) or rp.RESULTS_DIR))
+        log(f"wrote {md}")
+    _print_result(out, args, gallery_report.to_markdown(out))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ default run
 
 
@@ -510,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("landmarks", parents=[sub_common],
                        help="aligner and detector NME on a landmark set (benchmarks/landmarks.py)")
     s.add_argument("--data", required=True, help="folder of images with .pts5 files, e.g. landmarks_300w/test")
+    s = sub.add_parser("gallery", parents=[sub_common], help="exact / HNSW / IVF search among synthetic distractors")
+    s.add_argument("--data", help="LFW folder (default $FACEKIT_DATA/lfw)")
+    s.add_argument("--sizes", default="10000,100000,1000000", help="distractor counts")
+    s.add_argument("--indexes", default="exact,hnsw,ivf", help="index kinds (runtime.gallery_index)")
+    s.add_argument("--exact-queries", type=int, default=300, help="queries timed on the exact single-query path")
+    s.add_argument("--no-crossover", action="store_true", help="skip the small-size exact vs HNSW timing")
+    s.add_argument("--results", default=argparse.SUPPRESS, help="report folder (default benchmarks/results)")
+    s.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS, help="print, write no files")
     return p
 
 
@@ -529,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_latency(args)
         elif args.command == "landmarks":
             cmd_landmarks(args)
+        elif args.command == "gallery":
+            cmd_gallery(args)
     except UsageError as e:
         log(f"error: {e}")
         return 2
