@@ -43,6 +43,9 @@ DEFAULT_INDEXES = ("exact", "hnsw", "ivf")
 SWEEPS = {"hnsw": ("ef_search", (64, 128, 256, 512)), "ivf": ("nprobe", (16, 32, 48, 64, 96, 128))}
 CROSSOVER_SIZES = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000)
 CROSSOVER_KINDS = ("exact", "ivf", "hnsw")
+#: An index counts as faster than exact search from the smallest size on which it and every larger size
+#: measured are at least this much faster (p50, one thread).
+CROSSOVER_MARGIN = 0.1
 FPR = 1e-3
 FPR_DISTRACTORS = 100_000
 SEED = 0
@@ -285,10 +288,11 @@ def crossover(ps: ProbeSet, distractors: np.ndarray, queries: int, log: Callable
                 point[f"{kind}_p50_ms"] = run_queries(g, ps.probes[:queries], row_of)["p50_ms"]
         points.append(point)
         log(f"crossover {point}")
-    out = {"points": points, "queries": queries}
+    out = {"points": points, "queries": queries, "margin": CROSSOVER_MARGIN}
     for kind in CROSSOVER_KINDS[1:]:
-        faster = [p["rows"] for p in points if p[f"{kind}_p50_ms"] < p["exact_p50_ms"]]
-        out[f"{kind}_faster_from_rows"] = faster[0] if faster else None
+        faster = [p[f"{kind}_p50_ms"] < (1 - CROSSOVER_MARGIN) * p["exact_p50_ms"] for p in points]
+        from_here = [p["rows"] for i, p in enumerate(points) if all(faster[i:])]
+        out[f"{kind}_faster_from_rows"] = from_here[0] if from_here else None
     return out
 
 

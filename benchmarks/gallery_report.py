@@ -72,8 +72,9 @@ def to_markdown(report: dict) -> str:
         lines += ["## Exact vs approximate search at small sizes (one thread, p50 ms)", "",
                   rp.table(["rows"] + kinds, [[f"{p['rows']:,}"] + [f"{p[f'{k}_p50_ms']:.3f}" for k in kinds]
                                               for p in c["points"]]), ""]
-        lines += [f"{k} is faster than exact from {c.get(f'{k}_faster_from_rows')} rows on ({c['queries']} queries "
-                  "per point)." for k in kinds[1:]] + [""]
+        lines += [f"{k} is at least {100 * c.get('margin', 0.1):.0f} % faster than exact from "
+                  f"{c.get(f'{k}_faster_from_rows')} rows on ({c['queries']} queries per point)." for k in kinds[1:]]
+        lines += [""]
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"- [{k}]({v})" for k, v in report["plots"].items()] + [""]
     lines += [f"- {n}" for n in NOTES]

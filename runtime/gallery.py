@@ -429,7 +429,7 @@ def _normalise(x: np.ndarray, what: str) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms < 1e-12).any():
         raise GalleryError(f"{what}: zero-length embedding")
-    return (x / norms).astype(np.float32)
+    return (x / norms).astype(np.float32, copy=False)
 
 
 def _label(image: Any) -> str:
