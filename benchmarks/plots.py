@@ -115,3 +115,23 @@ def tsne_map(embeddings: np.ndarray, identities: list[str], path, n_identities: 
     ax.set_title(f"{title} ({len(chosen)} identities, {len(idx)} images)")
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return _save(fig, path)
+
+
+def latency_vs_size(series: dict[str, tuple[list[int], list[float], list[float]]], path,
+                    title: str = "gallery query latency") -> str:
+    """Query latency against gallery size (log–log), one line per index: ``label → (sizes, p50 ms, p99 ms)``;
+    p50 solid with dots, p99 dashed in the same colour."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for k, (label, (sizes, p50, p99)) in enumerate(series.items()):
+        colour = f"C{k}"
+        ax.plot(sizes, p50, marker="o", color=colour, label=f"{label} p50")
+        ax.plot(sizes, p99, ls="--", color=colour, alpha=0.6, label=f"{label} p99")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("gallery rows")
+    ax.set_ylabel("latency per query (ms)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -15,6 +15,7 @@
     python benchmarks/run.py training [--only loader,ranks,rec-open]  # trainer/loader images/s, .rec start-up
     python benchmarks/run.py serve [--concurrency 1,4,16] [--level-seconds 24]  # HTTP service vs in-process
     python benchmarks/run.py cpu [--images 100] [--rounds 3] [--no-accuracy]  # OpenVINO vs ORT, pipelines
+    python benchmarks/run.py gallery [--sizes 10000,100000,1000000] [--indexes exact,hnsw,ivf]  # ANN search
 
 ``--data`` defaults to the data set's folder under ``$FACEKIT_DATA`` (``lfw/``, ``cfp/``,
 ``landmarks_300w/test``), as the default run reads them.
@@ -367,6 +368,35 @@ def cmd_cpu(args) -> dict:
     return report
 
 
+def cmd_gallery(args) -> dict:
+    """Exact / HNSW / IVF gallery search among synthetic distractors (``benchmarks/gallery.py``)."""
+    from benchmarks import gallery as bg
+    from benchmarks import gallery_report
+
+    pairset = ep.load_lfw(args.data or data_root() / "lfw")
+    model = resolve_model(args.model)
+
+    def embed() -> np.ndarray:
+        embedder = make_embedder(model, args.backend, args.device)
+        crops = crops_for(pairset, args, embedder.spec)
+        return flip_sum_embeddings(embedder, crops.crops, batch_size=embedder.batch_size,
+                                   progress=None if args.quiet else "gallery: embed LFW",
+                                   workers=getattr(embedder, "workers", 1))
+
+    key = bg.embeddings_cache_key(model, pairset.image_keys(), {"landmarks": args.landmarks,
+                                                                "detector": args.detector, "aligner": args.aligner})
+    emb = bg.cached_embeddings(ec.cache_dir(), key, embed, use_cache=not args.no_cache)
+    out = bg.run(emb, pairset.identities, sizes=[int(v) for v in args.sizes.split(",")],
+                 kinds=args.indexes.split(","), exact_queries=args.exact_queries,
+                 with_crossover=not args.no_crossover, log=log)
+    out.update(model=str(model), command="python benchmarks/run.py " + " ".join(sys.argv[1:]))
+    if not getattr(args, "no_write", False):
+        md, _ = gallery_report.write(out, Path(getattr(args, "results", None) or rp.RESULTS_DIR))
+        log(f"wrote {md}")
+    _print_result(out, args, gallery_report.to_markdown(out))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ default run
 
 
@@ -639,6 +669,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rec-dir", help="folder for the generated MS1MV2-shaped .idx/.rec (default: the facekit cache)")
     s.add_argument("--steps", type=int, default=30, help="ranks: training steps per run")
     s.add_argument("--old-rev", default="main", help="rec-open: git revision of the reader to compare with ('' = none)")
+    s = sub.add_parser("gallery", parents=[sub_common], help="exact / HNSW / IVF search among synthetic distractors")
+    s.add_argument("--data", help="LFW folder (default $FACEKIT_DATA/lfw)")
+    s.add_argument("--sizes", default="10000,100000,1000000", help="distractor counts")
+    s.add_argument("--indexes", default="exact,hnsw,ivf", help="index kinds (runtime.gallery_index)")
+    s.add_argument("--exact-queries", type=int, default=300, help="queries timed on the exact single-query path")
+    s.add_argument("--no-crossover", action="store_true", help="skip the small-size exact vs HNSW timing")
+    s.add_argument("--results", default=argparse.SUPPRESS, help="report folder (default benchmarks/results)")
+    s.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS, help="print, write no files")
     return p
 
 
@@ -658,7 +696,8 @@ def commands() -> dict:
     """Sub-command name → the function that runs it (the verification kinds share ``cmd_verification``)."""
     return {"identification": cmd_identification, "parity": cmd_parity, "latency": cmd_latency,
             "landmarks": cmd_landmarks, "large-photos": large_photos.run, "triton": cmd_triton,
-            "throughput": cmd_throughput, "training": cmd_training, "serve": cmd_serve, "cpu": cmd_cpu}
+            "throughput": cmd_throughput, "training": cmd_training, "serve": cmd_serve, "cpu": cmd_cpu,
+            "gallery": cmd_gallery}
 
 
 def main(argv: list[str] | None = None) -> int:

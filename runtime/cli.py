@@ -147,18 +147,28 @@ def cmd_enroll(args) -> int:
 
     pipe = _pipeline(args, need_recognizer=True)
     path = Path(args.gallery)
-    gallery = Gallery.load(path, pipeline=pipe) if path.exists() else Gallery()
+    gallery = _load_gallery(path, pipe) if path.exists() else Gallery()
     added = gallery.enroll(args.name, [str(p) for p in args.images], pipeline=pipe)
     gallery.save(path)
     print(f"enrolled {added} face(s) for {args.name!r}; {path} holds {len(gallery)} people")
     return 0
 
 
-def cmd_identify(args) -> int:
-    from .gallery import Gallery
+def _load_gallery(path, pipe):
+    """``Gallery.load``; says on stderr how long a large one took."""
+    from .gallery import LOG_LOAD_MIN_ROWS, Gallery
 
+    gallery = Gallery.load(path, pipeline=pipe)
+    info = gallery.load_info
+    if info["rows"] >= LOG_LOAD_MIN_ROWS:
+        print(f"{path}: {info['rows']} embeddings loaded in {info['seconds']:.1f} s (index {info['index']})",
+              file=sys.stderr)
+    return gallery
+
+
+def cmd_identify(args) -> int:
     pipe = _pipeline(args, need_recognizer=True)
-    gallery = Gallery.load(args.gallery, pipeline=pipe)
+    gallery = _load_gallery(args.gallery, pipe)
     matches = gallery.identify(args.image, top_k=args.top_k, pipeline=pipe)
     if args.json:
         print(json.dumps([{"name": n, "similarity": round(s, 6)} for n, s in matches]))

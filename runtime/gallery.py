@@ -11,39 +11,43 @@ when set, else the one the recognizer model carries (``FacePipeline.threshold``)
 Memory: embeddings live in an append-only buffer that grows by doubling, so enrolling one person costs
 O(its rows), not a copy of the gallery; ``remove`` compacts (one copy).
 
-Storage: one ``.npz`` file (no pickle: loaded with ``allow_pickle=False``) holding ``embeddings``
-(float32 M×D), ``owner`` (int32 person index per row) and ``meta`` (UTF-8 JSON as uint8 bytes: format,
-version, names, threshold, dim and a SHA-256 of the arrays). One file means names and vectors can never
-disagree; it is written atomically (temporary file in the same folder, fsync, ``os.replace``, fsync of the
+Storage: one ``.npz`` file (no pickle; :mod:`runtime.gallery_file`) holding ``embeddings`` (float32 M×D),
+``owner`` (int32 person index per row) and ``meta`` (JSON: names, threshold, dim, index settings and a
+SHA-256 of the arrays). One file means names and vectors can never disagree; it is written atomically (temporary file in the same folder, fsync, ``os.replace``, fsync of the
 folder), so a process killed during :meth:`Gallery.save` leaves the previous gallery intact.
 
 Thread safety: the state is an immutable snapshot replaced under a lock (copy-on-write); ``identify``
 reads one snapshot and never sees a half-finished enrolment. Enrolments write only buffer rows past every
 published snapshot, then publish a new snapshot.
+
+Search: ``Gallery(index="exact" | "hnsw" | "ivf" | "auto")`` (default ``auto``: exact for small galleries,
+a faiss HNSW index from :data:`~runtime.gallery_index.AUTO_ANN_MIN_ROWS` rows on); see
+:mod:`runtime.gallery_index` for the kinds, exact re-ranking and how enrolment and removal update an index.
+The index is kept current by ``enroll`` / ``remove`` (built when the gallery reaches the size that needs
+it), saved beside the gallery (``<file>.index-<checksum>``, :mod:`runtime.gallery_index_file`) and, on
+``load``, used only when it was built for exactly this gallery; otherwise it is rebuilt.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .files import atomic_write, pid_temp_prefix, remove_stale_temporaries
+from .files import pid_temp_prefix
+from .gallery_file import GalleryError, digest, read_gallery, write_gallery
+from .gallery_index import GalleryIndexError, IndexKeeper, IndexSpec, IndexView, exact_search
+from .gallery_index_file import index_path, load_saved_index, remove_other_indexes, saved_spec, write_index
 
 UNKNOWN = None
-FORMAT = "facekit-gallery"
-VERSION = 1
-#: Galleries with at least this many embeddings are searched with faiss (IndexFlatIP, exact) when installed.
-FAISS_MIN_ROWS = 20_000
-
-
-class GalleryError(ValueError):
-    """A gallery file is missing, corrupt or of an unknown format; or an enrolment is invalid."""
+#: Loads of galleries with at least this many rows are logged at INFO with their timings.
+LOG_LOAD_MIN_ROWS = 100_000
+log = logging.getLogger("facekit.gallery")
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class _Snapshot:
     owner: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # person index of each row
     max_rows: int = 0  # most rows held by one person
     lookup: dict = field(default_factory=dict, compare=False)  # name -> person index (may run ahead)
-    index: list = field(default_factory=list, compare=False)  # lazily built faiss index (0 or 1 item)
+    ann: IndexView | None = field(default=None, compare=False)  # approximate index, None: exact search
 
     @property
     def names(self) -> list[str]:
@@ -76,32 +80,37 @@ class _Snapshot:
         return self.embeddings[self.owner == person]
 
 
-def _freeze(names: list, people: int, emb: np.ndarray, owner: np.ndarray, max_rows: int, lookup: dict) -> _Snapshot:
+def _freeze(names: list, people: int, emb: np.ndarray, owner: np.ndarray, max_rows: int, lookup: dict,
+            ann: IndexView | None = None) -> _Snapshot:
     emb, owner = emb.view(), owner.view()
     emb.setflags(write=False)
     owner.setflags(write=False)
-    return _Snapshot(names, people, emb, owner, int(max_rows), lookup)
+    return _Snapshot(names, people, emb, owner, int(max_rows), lookup, ann)
 
 
-def _fresh(names: Sequence[str], emb: np.ndarray, owner: np.ndarray) -> tuple[_Snapshot, list[int]]:
+def _fresh(names: Sequence[str], emb: np.ndarray, owner: np.ndarray,
+           ann: IndexView | None = None) -> tuple[_Snapshot, list[int]]:
     """A snapshot on new (unshared) arrays and lists, plus the per-person row counts."""
     names = list(names)
     counts = np.bincount(owner.astype(np.int64), minlength=len(names)).tolist() if len(names) else []
     snap = _freeze(names, len(names), np.ascontiguousarray(emb, np.float32), np.ascontiguousarray(owner, np.int32),
-                   max(counts, default=0), {n: i for i, n in enumerate(names)})
+                   max(counts, default=0), {n: i for i, n in enumerate(names)}, ann)
     return snap, counts
 
 
 class Gallery:
     """Enrolled people and their face embeddings (see the module docstring for the rules)."""
 
-    def __init__(self, threshold: float | None = None, dim: int | None = None, pipeline: Any = None):
+    def __init__(self, threshold: float | None = None, dim: int | None = None, pipeline: Any = None,
+                 index: "str | IndexSpec | dict" = "auto"):
         self.threshold = None if threshold is None else float(threshold)
         self.dim = None if dim is None else int(dim)
         self.pipeline = pipeline
+        self.load_info: dict = {}  # timings of :meth:`load`
         self._lock = threading.Lock()
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None  # (embeddings, owner) with spare rows
         self._counts: list[int] = []  # rows per person (writer side, under the lock)
+        self._index = IndexKeeper(IndexSpec.parse(index))  # ImportError naming the faiss extra if needed
         self._state = _Snapshot()
 
     # ------------------------------------------------------------------------------------- queries
@@ -133,6 +142,12 @@ class Gallery:
     def num_embeddings(self) -> int:
         return len(self._state.embeddings)
 
+    @property
+    def index_kind(self) -> str:
+        """The search in use now: "exact", "hnsw" or "ivf" (``auto`` and small galleries search exactly)."""
+        ann = self._state.ann
+        return "exact" if ann is None else ann.ann.kind
+
     # ------------------------------------------------------------------------------------ changes
 
     def enroll(self, name: str, images_or_embeddings: Any, pipeline: Any = None) -> int:
@@ -150,11 +165,33 @@ class Gallery:
         vectors = self._to_embeddings(images_or_embeddings, pipeline or self.pipeline)
         if len(vectors) == 0:
             raise GalleryError(f"nothing to enrol for {name!r}")
+        self._append([name], np.zeros(len(vectors), np.int64), vectors)
+        return len(vectors)
+
+    def enroll_many(self, names: Sequence[str], embeddings: Any) -> int:
+        """Enrol many embeddings at once: ``names[i]`` owns row ``i`` of ``embeddings`` (N×D; names may repeat).
+
+        One snapshot and one index update for all rows: the way to import a large gallery. Returns N.
+        """
+        vectors = _normalise(np.asarray(embeddings, np.float32), "embeddings")
+        names = list(names)
+        if len(names) != len(vectors):
+            raise GalleryError(f"{len(names)} names for {len(vectors)} embeddings")
+        slot: dict[str, int] = {}
+        local = np.fromiter((slot.setdefault(n, len(slot)) for n in names), np.int64, len(names))
+        for n in slot:
+            if not isinstance(n, str) or not n.strip():
+                raise GalleryError(f"a person's name must be a non-empty string, got {n!r}")
+        self._append(list(slot), local, vectors)
+        return len(vectors)
+
+    def _append(self, new_names: list[str], local_owner: np.ndarray, vectors: np.ndarray) -> None:
+        """Publish ``vectors`` as rows of ``new_names[local_owner[i]]``: one new snapshot, one index update."""
         with self._lock:
             if self.dim is None:
                 self.dim = vectors.shape[1]
             elif vectors.shape[1] != self.dim:
-                raise GalleryError(f"embeddings for {name!r} have {vectors.shape[1]} dimensions, "
+                raise GalleryError(f"embeddings for {new_names[0]!r} have {vectors.shape[1]} dimensions, "
                                    f"the gallery has {self.dim}")
             s = self._state
             n, k = len(s.owner), len(vectors)
@@ -165,19 +202,25 @@ class Gallery:
                     emb_buf[:n], own_buf[:n] = s.embeddings, s.owner
                 self._buffers = (emb_buf, own_buf)
             emb_buf, own_buf = self._buffers
-            person = s.person(name)
-            if person is None:  # append to the shared name list: older snapshots see only their prefix
-                person = s.people
-                del s.all_names[person:]  # defensive: nothing past ``people`` is ever published
-                s.all_names.append(name)
-                s.lookup[name] = person
-                self._counts.append(0)
-            self._counts[person] += k
             emb_buf[n:n + k] = vectors  # rows no published snapshot can see yet
-            own_buf[n:n + k] = person
-            self._state = _freeze(s.all_names, len(s.all_names), emb_buf[:n + k], own_buf[:n + k],
-                                  max(s.max_rows, self._counts[person]), s.lookup)
-        return len(vectors)
+            ann = self._index.update(emb_buf[:n + k], added_from=n)
+            del s.all_names[s.people:]  # defensive: nothing past ``people`` is ever published
+            people = []
+            for name in new_names:  # append to the shared name list: older snapshots see only their prefix
+                person = s.person(name)
+                if person is None:
+                    person = len(s.all_names)
+                    s.all_names.append(name)
+                    s.lookup[name] = person
+                    self._counts.append(0)
+                people.append(person)
+            max_rows = s.max_rows
+            for person, rows in zip(people, np.bincount(local_owner, minlength=len(people)).tolist()):
+                self._counts[person] += rows
+                max_rows = max(max_rows, self._counts[person])
+            own_buf[n:n + k] = np.asarray(people, np.int32)[local_owner]
+            self._state = _freeze(s.all_names, len(s.all_names), emb_buf[:n + k], own_buf[:n + k], max_rows,
+                                  s.lookup, ann)
 
     def remove(self, name: str) -> int:
         """Forget ``name``; returns how many embeddings were removed. KeyError if not enrolled."""
@@ -192,9 +235,25 @@ class Gallery:
             removed = len(s.owner) - len(owner)
             names = s.names
             del names[drop]
+            emb = s.embeddings[keep]
+            ann = self._index.update(emb, keep=keep)
             self._buffers = None  # fresh arrays and lists: older snapshots keep theirs untouched
-            self._state, self._counts = _fresh(names, s.embeddings[keep], owner)
+            self._state, self._counts = _fresh(names, emb, owner, ann)
         return removed
+
+    def set_index(self, index: "str | IndexSpec | dict") -> None:
+        """Search with ``index`` from now on: builds it now when the gallery is big enough for it; a change of
+        search settings only (``ef_search``, ``nprobe``, ``candidates``) keeps the built index."""
+        spec = IndexSpec.parse(index)
+        with self._lock:
+            s = self._state
+            view = self._index.respec(spec, s.embeddings)
+            self._state = _freeze(s.all_names, s.people, s.embeddings, s.owner, s.max_rows, s.lookup, view)
+
+    @property
+    def index_spec(self) -> IndexSpec:
+        """The search settings (kind, build and search parameters)."""
+        return self._index.spec
 
     # ----------------------------------------------------------------------------------- identify
 
@@ -233,19 +292,11 @@ class Gallery:
         The ``top_k × (most rows of one person)`` best rows always contain the best row of each of the
         ``top_k`` best people, so only those rows are reduced to people.
         """
-        n = len(s.owner)
-        k = min(n, top_k * s.max_rows)
-        index = _faiss_index(s)
-        if index is not None:
-            sims, rows = index.search(q.reshape(1, -1), k)
-            sims, rows = sims[0], rows[0]
-            ok = rows >= 0
-            sims, rows = sims[ok], rows[ok]
+        k = min(len(s.owner), top_k * s.max_rows)
+        if s.ann is not None:
+            sims, rows = s.ann.search(s.embeddings, q, k)
         else:
-            all_sims = s.embeddings @ q
-            rows = np.argpartition(-all_sims, k - 1)[:k] if k < n else np.arange(n)
-            rows = rows[np.argsort(-all_sims[rows], kind="stable")]
-            sims = all_sims[rows]
+            sims, rows = exact_search(s.embeddings, q, k)
         best: dict[int, float] = {}
         for sim, row in zip(sims.tolist(), rows.tolist()):
             best.setdefault(int(s.owner[row]), sim)  # sorted: the first row of a person is its best
@@ -308,61 +359,52 @@ class Gallery:
     # ---------------------------------------------------------------------------------- save/load
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the gallery to ``path`` (one .npz) atomically; returns the path."""
+        """Write the gallery to ``path`` (one .npz) atomically; returns the path.
+
+        Its approximate index, if it has one, is written first, beside it and named by the gallery's checksum
+        (:mod:`runtime.gallery_index_file`); older index files go after the gallery is in place. Enrolments
+        wait meanwhile."""
         path = Path(path)
-        s = self._state
-        emb = np.ascontiguousarray(s.embeddings, np.float32)
-        owner = np.ascontiguousarray(s.owner, np.int32)
-        meta = {"format": FORMAT, "version": VERSION, "names": list(s.names), "threshold": self.threshold,
-                "dim": self.dim, "count": int(len(emb)), "sha256": _digest(emb, owner)}
-        meta_bytes = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), np.uint8)
-        atomic_write(path, lambda f: np.savez(f, embeddings=emb, owner=owner, meta=meta_bytes),
-                     tmp_prefix=pid_temp_prefix(path))
-        remove_stale_temporaries(path)
+        with self._lock:  # the index written must be the index of exactly these rows
+            s = self._state
+            sha = digest(s.embeddings, s.owner)
+            if self._index.ann is not None:
+                write_index(index_path(path, sha), self._index.ann, sha, len(s.embeddings), pid_temp_prefix(path))
+            write_gallery(path, s.embeddings, s.owner, {"names": s.names, "threshold": self.threshold,
+                                                        "dim": self.dim, "index": self.index_spec.to_dict()}, sha)
+            remove_other_indexes(path, sha if self._index.ann is not None else None)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, pipeline: Any = None) -> "Gallery":
-        """Read a gallery written by :meth:`save`; :class:`GalleryError` if missing, corrupt or foreign."""
+    def load(cls, path: str | os.PathLike, pipeline: Any = None,
+             index: "str | IndexSpec | dict | None" = None) -> "Gallery":
+        """Read a gallery written by :meth:`save`; :class:`GalleryError` if missing, corrupt or foreign.
+
+        ``index`` defaults to the settings it was saved with. Its saved index is used when it was built for
+        exactly these rows with these build settings, else rebuilt (logged as a warning with the reason).
+        ``load_info`` holds the timings; loads of large galleries are logged at INFO.
+        """
+        t0 = time.perf_counter()
         path = Path(path)
-        if not path.is_file():
-            raise GalleryError(f"{path}: gallery file not found")
+        emb, owner, meta = read_gallery(path)
+        names, thr, dim = meta["names"], meta.get("threshold"), meta.get("dim")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = {"embeddings", "owner", "meta"} - set(z.files)
-                if missing:
-                    raise GalleryError(f"{path}: not a facekit gallery (missing {', '.join(sorted(missing))})")
-                emb, owner, meta_bytes = z["embeddings"], z["owner"], z["meta"]
-            meta = json.loads(meta_bytes.tobytes().decode("utf-8"))
-        except GalleryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - an untrusted file: any failure is "cannot read"
-            raise GalleryError(f"{path}: cannot read gallery ({type(e).__name__}: {e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise GalleryError(f"{path}: not a facekit gallery")
-        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-            raise GalleryError(f"{path}: gallery format version {meta.get('version')!r} is newer than this "
-                               f"runtime ({VERSION})")
-        names = meta.get("names")
-        if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
-                or len(set(names)) != len(names)):
-            raise GalleryError(f"{path}: corrupt gallery (bad name list)")
-        if emb.dtype != np.float32 or emb.ndim != 2 or owner.ndim != 1 or owner.dtype.kind not in "iu" \
-                or len(owner) != len(emb) \
-                or meta.get("count") != len(emb) or (len(emb) and (owner.min() < 0 or owner.max() >= len(names))):
-            raise GalleryError(f"{path}: corrupt gallery (arrays do not match the name list)")
-        if meta.get("sha256") != _digest(emb, owner.astype(np.int32)):
-            raise GalleryError(f"{path}: corrupt gallery (checksum mismatch)")
-        thr, dim = meta.get("threshold"), meta.get("dim")
-        if not (thr is None or isinstance(thr, (int, float))) or not (dim is None or isinstance(dim, int)) \
-                or (len(emb) and dim != emb.shape[1]):
-            raise GalleryError(f"{path}: corrupt gallery (bad threshold or dimension)")
-        g = cls(threshold=thr, dim=dim, pipeline=pipeline)
-        counts = np.bincount(owner.astype(np.int64), minlength=len(names))
-        if (counts == 0).any():
-            raise GalleryError(f"{path}: corrupt gallery (a person without embeddings)")
+            spec = saved_spec(meta.get("index"), index, path)
+        except GalleryIndexError as e:
+            if index is not None:
+                raise
+            raise GalleryError(f"{path}: corrupt gallery (index settings: {e})") from None
+        g = cls(threshold=thr, dim=dim, pipeline=pipeline, index=spec)
         with g._lock:
-            g._state, g._counts = _fresh(names, emb, owner)
+            s, g._counts = _fresh(names, emb, owner)
+            read_s = time.perf_counter() - t0
+            view, info = load_saved_index(g._index, path, meta["sha256"], s.embeddings)
+            g._state = _freeze(s.all_names, s.people, s.embeddings, s.owner, s.max_rows, s.lookup, view)
+            g.load_info = {"rows": len(emb), "read_seconds": round(read_s, 3), **info}
+        g.load_info["seconds"] = round(time.perf_counter() - t0, 3)
+        if len(emb) >= LOG_LOAD_MIN_ROWS:
+            log.info("%s: %d rows loaded in %.1f s (index %s)", path, len(emb), g.load_info["seconds"],
+                     g.load_info["index"])
         return g
 
 
@@ -387,7 +429,7 @@ def _normalise(x: np.ndarray, what: str) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms < 1e-12).any():
         raise GalleryError(f"{what}: zero-length embedding")
-    return (x / norms).astype(np.float32)
+    return (x / norms).astype(np.float32, copy=False)
 
 
 def _label(image: Any) -> str:
@@ -406,32 +448,4 @@ def _pipeline_threshold(pipeline: Any) -> float | None:
     return None
 
 
-def _digest(emb: np.ndarray, owner: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(emb, np.float32).tobytes())
-    h.update(np.ascontiguousarray(owner, np.int32).tobytes())
-    return h.hexdigest()
-
-
-_FAISS_LOCK = threading.Lock()
-
-
-def _faiss_index(s: _Snapshot):
-    """An exact faiss IndexFlatIP for large snapshots when faiss is installed, else None."""
-    if len(s.embeddings) < FAISS_MIN_ROWS:
-        return None
-    if s.index:
-        return s.index[0]
-    try:
-        import faiss  # optional
-    except ImportError:
-        return None
-    with _FAISS_LOCK:
-        if not s.index:
-            index = faiss.IndexFlatIP(s.embeddings.shape[1])
-            index.add(np.ascontiguousarray(s.embeddings))
-            s.index.append(index)
-    return s.index[0]
-
-
-__all__ = ["Gallery", "GalleryError", "UNKNOWN", "FAISS_MIN_ROWS"]
+__all__ = ["Gallery", "GalleryError", "IndexSpec", "UNKNOWN"]

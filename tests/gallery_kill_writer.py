@@ -5,16 +5,22 @@ Run as ``python tests/gallery_kill_writer.py``: it imports everything once, then
 
 * ``go PATH START`` — fork a writer that saves gallery versions START, START+1, ... to PATH forever;
   reply with its pid (the test SIGKILLs it);
+* ``goindex PATH START`` — the same for a gallery with an HNSW index (saved beside it as ``PATH.index``):
+  version ``v`` is :func:`index_base` plus the person ``extra`` with :func:`extra_vector` ``(v)``;
 * ``reap PID`` — wait for that writer and reply with its wait status;
 * ``quit``.
 
 :func:`make_version` builds version ``v`` deterministically, so the test can check a loaded file is
-exactly one complete version.
+exactly one complete version. Run it with ``OMP_NUM_THREADS=1``: faiss must not start OpenMP threads in
+the process that forks.
 """
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +53,92 @@ def _writer(path: str, start: int, base: np.ndarray) -> None:
         v += 1
 
 
+INDEX_ROWS, INDEX_DIM = 1500, 128
+
+
+def index_rows() -> np.ndarray:
+    """Rows of the indexed gallery: clustered like face embeddings (a common direction plus noise)."""
+    rng = np.random.default_rng(99)
+    x = rng.standard_normal(INDEX_DIM) * 3 + rng.standard_normal((INDEX_ROWS, INDEX_DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def extra_vector(v: int) -> np.ndarray:
+    x = index_rows()[v % INDEX_ROWS] + 0.3 * np.random.default_rng(v).standard_normal(INDEX_DIM)
+    return (x / np.linalg.norm(x)).astype(np.float32)
+
+
+def index_base() -> Gallery:
+    """One person per row (``b0``, ``b1``, …), searched with an HNSW index."""
+    g = Gallery(threshold=0.0, index="hnsw")
+    g.enroll_many([f"b{i}" for i in range(INDEX_ROWS)], index_rows())
+    return g
+
+
+def set_index_version(g: Gallery, v: int) -> Gallery:
+    """Make ``g`` (an :func:`index_base`, perhaps with an older version) version ``v``."""
+    if "extra" in g:
+        g.remove("extra")
+    g.enroll("extra", extra_vector(v))
+    g.threshold = v / 1000.0
+    return g
+
+
+def _index_writer(path: str, start: int, g: Gallery) -> None:
+    v = start
+    while True:
+        set_index_version(g, v).save(path)
+        v += 1
+
+
+class Zygote:
+    """This script as a process, seen from a test: fork a writer, SIGKILL it after a delay, reap it."""
+
+    def __init__(self):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+
+    def _ask(self, line: str) -> int:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def kill_writer(self, command: str, path: Path, start: int, delay_s: float) -> int:
+        """Start a ``command`` ("go" / "goindex") writer, SIGKILL it ``delay_s`` later; returns its pid."""
+        pid = self._ask(f"{command} {path} {start}")
+        time.sleep(delay_s)
+        os.kill(pid, signal.SIGKILL)
+        status = self._ask(f"reap {pid}")
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"writer {pid}: status {status}"
+        return pid
+
+    def __enter__(self) -> "Zygote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
 def main() -> None:
     base = base_embeddings()
+    indexed = None
     for line in sys.stdin:
         cmd = line.split()
         if not cmd:
             continue
-        if cmd[0] == "go":
+        if cmd[0] in ("go", "goindex"):
+            if cmd[0] == "goindex":
+                indexed = indexed or index_base()
             pid = os.fork()
             if pid == 0:
                 try:
-                    _writer(cmd[1], int(cmd[2]), base)
+                    if cmd[0] == "go":
+                        _writer(cmd[1], int(cmd[2]), base)
+                    else:
+                        _index_writer(cmd[1], int(cmd[2]), indexed)
                 finally:
                     os._exit(1)
             print(pid, flush=True)

@@ -4,21 +4,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from runtime import gallery as gallery_mod
 from runtime.gallery import Gallery, GalleryError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gallery_kill_writer as writer  # noqa: E402
+from gallery_concurrency import enrol_while_identifying  # noqa: E402
 
 DIM = 64
 
@@ -164,31 +161,15 @@ def test_sigkill_during_save_50_times_leaves_a_loadable_gallery(tmp_path):
     base = writer.base_embeddings()
     path = tmp_path / "gallery.npz"
     writer.make_version(0, base).save(path)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    zygote = subprocess.Popen([sys.executable, writer.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env)
     rnd = random.Random(0)
     last, killed_mid_write, t0 = 0, 0, time.monotonic()
-    try:
+    with writer.Zygote() as zygote:
         for round_ in range(50):
-            start = last + 1
-            zygote.stdin.write(f"go {path} {start}\n")
-            zygote.stdin.flush()
-            pid = int(zygote.stdout.readline())
-            time.sleep(rnd.uniform(0.002, 0.08))  # a save takes ~10-20 ms here
-            os.kill(pid, signal.SIGKILL)
-            zygote.stdin.write(f"reap {pid}\n")
-            zygote.stdin.flush()
-            status = int(zygote.stdout.readline())
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"round {round_}: {status}"
+            pid = zygote.kill_writer("go", path, last + 1, rnd.uniform(0.002, 0.08))  # a save takes ~10-20 ms here
             killed_mid_write += any(p.name.startswith(f".{path.name}.{pid}.") for p in tmp_path.iterdir())
             v = _loaded_version(path, base)  # loadable, consistent, one complete version
             assert v == 0 or v >= last, f"round {round_}: went back from version {last} to {v}"
             last = max(last, v)
-    finally:
-        zygote.stdin.write("quit\n")
-        zygote.stdin.close()
-        zygote.wait(timeout=10)
     print(f"\n50 SIGKILLs in {time.monotonic() - t0:.1f} s; {killed_mid_write} struck mid-write (left a temporary); "
           f"{last} versions completed")
     assert last > 0, "no writer ever completed a save: the test did not exercise replacing"
@@ -202,67 +183,8 @@ def test_concurrent_identify_never_sees_half_enrolment():
     n_people, per_person = 150, 4
     vecs = _unit(rng.standard_normal((n_people, per_person, DIM)))
     g = Gallery(threshold=0.99)
-    done = [0]  # people whose enroll() has returned
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def enroller():
-        try:
-            for i in range(n_people):
-                g.enroll(f"p{i}", vecs[i])
-                done[0] = i + 1
-                if i % 10 == 9:  # churn: add and remove a temporary person
-                    g.enroll("tmp", vecs[i])
-                    g.remove("tmp")
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-        finally:
-            stop.set()
-
-    def reader(seed):
-        r = np.random.default_rng(seed)
-        try:
-            while not stop.is_set():
-                n = done[0]
-                if n == 0:
-                    continue
-                i = int(r.integers(0, n))
-                j = int(r.integers(0, per_person))
-                (name, sim), = g.identify(vecs[i, j])
-                assert name in (f"p{i}", "tmp") and sim == pytest.approx(1.0, abs=1e-5), (i, name, sim)
-                emb = g.embeddings(f"p{i}")
-                assert emb.shape == (per_person, DIM)  # all four rows or nothing
-                top = g.identify(vecs[i, j], top_k=5)
-                assert len({nm for nm, s in top if nm is not None}) == len([1 for nm, s in top if nm is not None])
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-            stop.set()
-
-    threads = [threading.Thread(target=enroller)] + [threading.Thread(target=reader, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors[0]
+    enrol_while_identifying(g, vecs)
     assert len(g) == n_people and g.num_embeddings == n_people * per_person
-
-
-def test_faiss_search_matches_numpy(monkeypatch, people):
-    pytest.importorskip("faiss", reason="faiss is optional (pip install faiss-cpu)")
-    _, samples, rng = people
-    g = Gallery(threshold=0.5)
-    for name, emb in samples.items():
-        g.enroll(name, emb)
-    queries = _unit(rng.standard_normal((30, DIM)))
-    exact = [g.identify(q, top_k=3) for q in queries]
-    monkeypatch.setattr(gallery_mod, "FAISS_MIN_ROWS", 1)
-    g.enroll("extra", _unit(rng.standard_normal(DIM)))  # new snapshot → faiss index built on first query
-    g.remove("extra")
-    with_faiss = [g.identify(q, top_k=3) for q in queries]
-    assert gallery_mod._faiss_index(g._state) is not None
-    for a, b in zip(exact, with_faiss):
-        assert [n for n, _ in a] == [n for n, _ in b]
-        assert np.allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
 
 
 def test_empty_gallery_round_trip_and_remove_last(tmp_path):
