@@ -113,7 +113,8 @@ class FacePipeline:
     a loaded :class:`~runtime.backends.Backend` (or, for the aligner, a :class:`~runtime.landmarks.LandmarkRefiner`),
     or None for the shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX
     path or bytes, a detector object, or None for the default RetinaFace-MobileNet0.25. ``landmarks``: ``"detector"`` uses
-    the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner. ``backend``: ``"auto"``
+    the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner (keeping the detector's
+    where the aligner's fallback rule says so: profiles, unsure heatmaps). ``backend``: ``"auto"``
     (fastest available) or a backend name. ``threshold`` overrides the recognizer's ``threshold_cosine``.
     ``preprocess`` overrides the recognizer's metadata (for models exported without it, or to crop faces
     without a recognizer: then the default recognizer is only loaded when something is embedded).
