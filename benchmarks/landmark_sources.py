@@ -62,16 +62,12 @@ def source_accuracy(sets: dict[str, ep.PairSet], aligner: ec.FaceAligner, embedd
 
 def landmark_nme(data: Path, aligner_model: str | None, progress: bool = True) -> dict[str, Any] | None:
     """NME / failure rate on ``landmarks_300w/test`` of the runtime's aligner points (fallback rule applied),
-    the aligner's own points and the detector's; None without the data."""
-    from evaluation.landmarks import evaluate_landmarks
-    from runtime.landmarks import LandmarkRefiner
+    the aligner's own points and the detector's (:func:`benchmarks.landmarks.landmark_accuracy`); None
+    without the data."""
+    from benchmarks.landmarks import landmark_accuracy
 
     test = data / "landmarks_300w" / "test"
-    if not test.is_dir():
-        return None
-    path = aligner_model or str(ec.SHIPPED_ALIGNER)
-    refiners = {"aligner": LandmarkRefiner(path), "aligner_raw": LandmarkRefiner(path, fallback=False)}
-    return evaluate_landmarks(test, refiners, progress=progress, model_name=path)
+    return landmark_accuracy(test, aligner_model, progress) if test.is_dir() else None
 
 
 def compare_landmark_sources(data: Path, embedder, known: dict[str, dict[str, np.ndarray]] | None = None,

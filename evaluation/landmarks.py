@@ -27,6 +27,8 @@ from runtime.landmarks import FallbackRule, disagreement
 
 #: A prediction whose NME exceeds this counts as a failure.
 FAILURE_THRESHOLD = 0.10
+#: Table labels of :func:`evaluate_landmarks` result keys (other keys are shown as they are).
+ROW_LABELS = {"aligner": "aligner", "aligner_raw": "aligner's own points, no fallback"}
 
 
 class Refiner(Protocol):
@@ -213,7 +215,7 @@ def format_table(result: dict[str, Any]) -> str:
     model = Path(result["aligner_model"]).name
     for key in names + ["detector"]:
         r = result[key]
-        label = "detector" if key == "detector" else f"{key} ({model})"
+        label = "detector" if key == "detector" else f"{ROW_LABELS.get(key, key)} ({model})"
         per = " | ".join(f"{100 * r['per_landmark'][n]:.2f} %" for n in LANDMARK_NAMES)
         lines.append(f"| {label} | {100 * r['nme']:.2f} % | {100 * r['median_nme']:.2f} % | "
                      f"{100 * r['failure_rate']:.1f} % | {per} |")

@@ -122,7 +122,7 @@ def test_fallback_tool_measures_and_stores_the_rule(facekit_data, tmp_path):
                                 progress=False)
     assert set(result) >= {"aligner", "aligner_raw", "detector"} and result["images"] == 6
     table = format_table(result)
-    assert "| aligner (with_rule.onnx)" in table and "| aligner_raw (with_rule.onnx)" in table
+    assert "| aligner (with_rule.onnx)" in table and "| aligner's own points, no fallback (with_rule.onnx)" in table
     bad = subprocess.run([sys.executable, str(ROOT / "export" / "aligner_fallback.py"), str(tmp_path / "no.onnx"),
                           "--data", str(data)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
