@@ -174,6 +174,10 @@ def to_markdown(report: dict) -> str:
                 lines.append(f"- {name}: crops {r['crop_counts']}; alignment {r.get('alignment_seconds', '–')} s"
                              f"{' (cached)' if r.get('crops_from_cache') else ''}")
         lines.append("")
+    if report.get("landmark_sources"):
+        from benchmarks.landmark_sources import markdown as landmark_sources_markdown
+
+        lines += [landmark_sources_markdown(report["landmark_sources"]), ""]
     if report.get("parity"):
         p = report["parity"]
         lines += [f"## Backend parity ({p.get('data', '')}; reference: {p.get('reference', '')})", "",

@@ -25,8 +25,9 @@ is the shipped ``runtime/models/recognizer.onnx``. With ``--json`` the last stdo
 
 The default run (no arguments) measures the shipped recognizer: every backend available here (its fp32 /
 fp16 / INT8 ONNX siblings on ONNX Runtime CPU and CUDA, TensorRT engines, PyTorch from its checkpoint),
-their parity on a fixed LFW subset, their latency, the end-to-end pipeline time, and LFW and CFP-FP
-accuracy when ``$FACEKIT_DATA`` holds ``lfw/`` and ``cfp/``; it writes
+their parity on a fixed LFW subset, their latency, the end-to-end pipeline time, LFW and CFP-FP
+accuracy when ``$FACEKIT_DATA`` holds ``lfw/`` and ``cfp/``, and LFW / CFP-FP / CFP-FF accuracy with the
+detector's and the aligner's landmarks side by side, next to their NME on 300-W test; it writes
 ``benchmarks/results/<date>-<machine>.{md,json}`` and PNGs in ``benchmarks/results/<date>-<machine>/``.
 """
 from __future__ import annotations
@@ -436,7 +437,7 @@ class Clock:
 
 def cmd_default(args) -> dict:
     """Shipped models, every backend here, parity, latency, LFW / CFP-FP accuracy; writes report files."""
-    from benchmarks import latency, plots
+    from benchmarks import landmark_sources, latency, plots
     from benchmarks.identification import evaluate_identification
 
     clock = Clock()
@@ -463,6 +464,7 @@ def cmd_default(args) -> dict:
     aligner = None
     lfw_set = lfw_crops = None
     curves: dict = {}
+    seen: dict = {}  # image path -> fused embedding with args.landmarks' points (reused by landmark sources)
     if (lfw_dir / "pairs.txt").is_file() or (cfp_dir / "Protocol").is_dir():
         aligner = make_aligner(args)
         d = aligner.description
@@ -480,6 +482,7 @@ def cmd_default(args) -> dict:
         clock.stop("LFW embed+evaluate (onnxruntime-cpu fp32)")
         curves[f"LFW (acc {100 * res.accuracy:.2f} %, AUC {res.roc_auc:.4f})"] = (res.roc_fpr, res.roc_tpr)
         report["verification"]["LFW"] = res_dict
+        seen.update(zip(map(str, lfw_set.images), fused))
         report["plots"].update(res_dict.pop("plots", {}))
         clock.start()
         ident = evaluate_identification(fused, lfw_set.identities, min_images=args.min_images)
@@ -500,7 +503,9 @@ def cmd_default(args) -> dict:
         cfp_crops = crops_for(cfp_set, args, main.spec, aligner)
         clock.stop("CFP-FP detect+align" + (" (cache)" if cfp_crops.from_cache else ""))
         clock.start()
-        res_dict, _, res = verify(cfp_set, cfp_crops, main, args, plots_dir, _save_name(args.save_embeddings, "cfp-fp"))
+        res_dict, cfp_fused, res = verify(cfp_set, cfp_crops, main, args, plots_dir,
+                                          _save_name(args.save_embeddings, "cfp-fp"))
+        seen.update(zip(map(str, cfp_set.images), cfp_fused))
         curves[f"CFP-FP (acc {100 * res.accuracy:.2f} %, AUC {res.roc_auc:.4f})"] = (res.roc_fpr, res.roc_tpr)
         clock.stop("CFP-FP embed+evaluate (onnxruntime-cpu fp32)")
         report["verification"]["CFP-FP"] = res_dict
@@ -510,6 +515,11 @@ def cmd_default(args) -> dict:
                                "CFP-FP accuracy")
     if curves and plots_dir is not None:
         report["plots"]["ROC"] = plots.roc_curves(curves, plots_dir / "roc.png", title="verification ROC")
+    clock.start()
+    report["landmark_sources"] = landmark_sources.compare_landmark_sources(
+        data, main, {args.landmarks: seen}, getattr(args, "detector", None), args.aligner, not args.no_cache,
+        not args.quiet, log)
+    clock.stop("landmark sources (LFW, CFP-FP, CFP-FF; detector and aligner points)")
 
     # parity on the same LFW subset for every backend (or generated crops without data)
     clock.start()

@@ -23,9 +23,12 @@ import cv2
 import numpy as np
 
 from runtime.geometry import LANDMARK_NAMES
+from runtime.landmarks import FallbackRule, disagreement
 
 #: A prediction whose NME exceeds this counts as a failure.
 FAILURE_THRESHOLD = 0.10
+#: Table labels of :func:`evaluate_landmarks` result keys (other keys are shown as they are).
+ROW_LABELS = {"aligner": "aligner", "aligner_raw": "aligner's own points, no fallback"}
 
 
 class Refiner(Protocol):
@@ -106,22 +109,27 @@ def summarize(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
     }
 
 
-def evaluate_landmarks(data_dir: str | os.PathLike, refiner: Refiner, detector: Any = None,
+def evaluate_landmarks(data_dir: str | os.PathLike, refiner: Refiner | dict[str, Refiner], detector: Any = None,
                        progress: bool = True, model_name: str | None = None) -> dict[str, Any]:
     """NME and failure rate of ``refiner`` and of the detector's 5 points on the same faces.
 
-    ``detector`` None: the runtime's default detector. ``model_name`` labels the refiner in the result
-    (default: its ``path``). Returns ``{"aligner": {"nme", "failure_rate", "median_nme", "per_landmark",
-    "ms_per_face"}, "detector": {...}, "images": N, "missed": M, "data": str, "aligner_model": str}``.
+    ``refiner`` is one refiner (reported as ``"aligner"``) or several by name, all run on the same
+    detections. ``detector`` None: the runtime's default detector. ``model_name`` labels the aligner in
+    the result (default: the refiner's ``path``). Returns ``{"aligner": {"nme", "failure_rate",
+    "median_nme", "per_landmark", "ms_per_face"}, "detector": {...}, "images": N, "missed": M,
+    "data": str, "aligner_model": str}`` (one entry per refiner name).
     """
     from tqdm import tqdm
 
     from runtime.detector import load_detector
 
+    refiners = refiner if isinstance(refiner, dict) else {"aligner": refiner}
     pairs = landmark_files(data_dir)
     det = detector if detector is not None else load_detector()
-    gts, det_pts, ali_pts = [], [], []
-    missed, refine_s = 0, 0.0
+    gts, det_pts = [], []
+    found: dict[str, list] = {name: [] for name in refiners}
+    seconds = dict.fromkeys(refiners, 0.0)
+    missed = 0
     for img_path, pts_path in tqdm(pairs, desc="landmarks", disable=not progress):
         image = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
         if image is None:
@@ -131,24 +139,67 @@ def evaluate_landmarks(data_dir: str | os.PathLike, refiner: Refiner, detector: 
         if d is None:
             missed += 1
             continue
-        t = time.perf_counter()
-        refined = refiner.refine(image, d.box, d.landmarks)
-        refine_s += time.perf_counter() - t
+        for name, r in refiners.items():
+            t = time.perf_counter()
+            found[name].append(r.refine(image, d.box, d.landmarks))
+            seconds[name] += time.perf_counter() - t
         gts.append(gt)
         det_pts.append(d.landmarks)
-        ali_pts.append(refined)
     n = len(gts)
     if n == 0:
         raise RuntimeError(f"the detector found none of the {len(pairs)} annotated faces in {data_dir}")
-    gts, det_pts, ali_pts = np.stack(gts), np.stack(det_pts), np.stack(ali_pts)
-    return {
-        "aligner": {**summarize(ali_pts, gts), "ms_per_face": 1000 * refine_s / n},
-        "detector": summarize(det_pts, gts),
-        "images": n,
-        "missed": missed,
-        "data": str(data_dir),
-        "aligner_model": model_name or str(getattr(refiner, "path", type(refiner).__name__)),
-    }
+    gts = np.stack(gts)
+    first = next(iter(refiners.values()))
+    result: dict[str, Any] = {name: {**summarize(np.stack(found[name]), gts), "ms_per_face": 1000 * seconds[name] / n}
+                              for name in refiners}
+    result.update(detector=summarize(np.stack(det_pts), gts), images=n, missed=missed, data=str(data_dir),
+                  aligner_model=model_name or str(getattr(first, "path", type(first).__name__)))
+    return result
+
+
+def fallback_rule(detector_points: np.ndarray, aligner_points: np.ndarray, peaks: np.ndarray,
+                  coverage: float = 0.99) -> FallbackRule:
+    """The :class:`runtime.landmarks.FallbackRule` that keeps the aligner's points on ``coverage`` of these
+    faces by each of its criteria: the (1 − coverage) quantile of the weakest heatmap peak per face and
+    the ``coverage`` quantile of the aligner's disagreement with the detector. Measured on the aligner's
+    training faces, it marks the range the aligner was trained for."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+    dis = disagreement(aligner_points, detector_points)
+    dis = dis[np.isfinite(dis)]
+    min_peaks = np.asarray(peaks, np.float64).reshape(len(aligner_points), -1).min(1)
+    if not dis.size:
+        raise ValueError("no face with a measurable disagreement (detector eyes coincide everywhere)")
+    return FallbackRule(min_peak=round(float(np.quantile(min_peaks, 1 - coverage)), 4),
+                        max_disagreement=round(float(np.quantile(dis, coverage)), 4))
+
+
+def aligner_agreement(data_dirs: list[str | os.PathLike], refiner: Any, detector: Any = None,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(detector points (N, 5, 2), the aligner's own points (N, 5, 2), their peaks (N, 5)) of the annotated
+    faces the detector finds in ``data_dirs``; ``refiner`` needs ``refine_details`` (the runtime's
+    :class:`~runtime.landmarks.LandmarkRefiner` or ``train``'s ``TorchRefiner``)."""
+    from tqdm import tqdm
+
+    from runtime.detector import load_detector
+
+    det = detector if detector is not None else load_detector()
+    det_pts, ali_pts, peaks = [], [], []
+    pairs = [pair for folder in data_dirs for pair in landmark_files(folder)]
+    for img_path, pts_path in tqdm(pairs, desc="aligner vs detector", disable=not progress):
+        image = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"{img_path}: unreadable image")
+        d = match_detection(det.detect(image), read_points(pts_path)[: len(LANDMARK_NAMES)])
+        if d is None:
+            continue
+        r = refiner.refine_details(image, [d.box], [d.landmarks])
+        det_pts.append(d.landmarks)
+        ali_pts.append(r.aligner[0])
+        peaks.append(r.peaks[0])
+    if not det_pts:
+        raise RuntimeError(f"the detector found none of the {len(pairs)} annotated faces")
+    return np.stack(det_pts), np.stack(ali_pts), np.stack(peaks)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -160,11 +211,15 @@ def format_table(result: dict[str, Any]) -> str:
         + " | ".join(LANDMARK_NAMES) + " |",
         "|---|---|---|---|" + "---|" * len(LANDMARK_NAMES),
     ]
-    for key, label in (("aligner", f"aligner ({Path(result['aligner_model']).name})"), ("detector", "detector")):
+    names = [k for k, v in result.items() if isinstance(v, dict) and "per_landmark" in v and k != "detector"]
+    model = Path(result["aligner_model"]).name
+    for key in names + ["detector"]:
         r = result[key]
+        label = "detector" if key == "detector" else f"{ROW_LABELS.get(key, key)} ({model})"
         per = " | ".join(f"{100 * r['per_landmark'][n]:.2f} %" for n in LANDMARK_NAMES)
         lines.append(f"| {label} | {100 * r['nme']:.2f} % | {100 * r['median_nme']:.2f} % | "
                      f"{100 * r['failure_rate']:.1f} % | {per} |")
-    if "ms_per_face" in result["aligner"]:
-        lines += ["", f"aligner: {result['aligner']['ms_per_face']:.1f} ms per face (crop + network + decoding)"]
+    timing = [f"{k}: {result[k]['ms_per_face']:.1f} ms per face" for k in names if "ms_per_face" in result[k]]
+    if timing:
+        lines += ["", "; ".join(timing) + " (crop + network + decoding)"]
     return "\n".join(lines)

@@ -8,6 +8,9 @@ Defined once here and imported by training (``train/``), export, evaluation and 
 * the heatmap coding: a Gaussian of ``sigma`` heatmap pixels centred on the sub-pixel landmark position
   (:func:`encode_heatmaps`) and its inverse, argmax refined by a second-order Taylor step on the
   log-heatmap (:func:`decode_heatmaps`; exact for a Gaussian, so the round trip is sub-pixel);
+* the fallback rule (:class:`FallbackRule`, in the model's metadata): where the aligner is unsure (a weak
+  heatmap peak) or far from the detector's points (profiles, faces unlike its training data), the
+  detector's points are returned instead;
 * :class:`LandmarkRefiner`, which runs an exported aligner through :func:`runtime.backends.load_model`.
 
 Pixel convention everywhere: integer coordinates are pixel centres (OpenCV's ``warpAffine``).
@@ -22,7 +25,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from .geometry import LANDMARK_NAMES, flip_landmarks, transform_points
+from .geometry import FLIP_PAIRS, LANDMARK_NAMES, flip_landmarks, transform_points
 from .preprocess import PreprocessSpec, to_model_input
 from .sample_face import sample_face, sample_image
 
@@ -102,6 +105,8 @@ def aligner_metadata(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("stacks", "channels", "depth"):
         if key in config:
             meta[key] = config[key]
+    if config.get("fallback"):
+        meta["fallback"] = FallbackRule.from_metadata(config).to_dict()
     return meta
 
 
@@ -277,29 +282,112 @@ def crop_to_image(points: np.ndarray, matrices: np.ndarray) -> np.ndarray:
                     ).astype(np.float32)
 
 
-def predict_points(run: Callable[[np.ndarray], np.ndarray], crops_rgb: np.ndarray, matrices: np.ndarray,
-                   geometry: AlignerGeometry, batch_size: int = 32) -> np.ndarray:
-    """(N, 5, 2) image-pixel landmarks for RGB aligner crops, ``run`` mapping an input batch to heatmaps.
+def predict_with_peaks(run: Callable[[np.ndarray], np.ndarray], crops_rgb: np.ndarray, matrices: np.ndarray,
+                       geometry: AlignerGeometry, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 5, 2) image-pixel landmarks and (N, 5) heatmap peak values for RGB aligner crops, ``run``
+    mapping an input batch to heatmaps.
 
     With ``geometry.flip_test`` each crop also runs mirrored; its points are mirrored back (left/right
-    swapped) and averaged with the plain ones. Shared by the ONNX runtime and the PyTorch evaluation.
+    swapped) and averaged with the plain ones, and so are the peaks. Shared by the ONNX runtime and the
+    PyTorch evaluation.
     """
     spec = aligner_spec(geometry)
     width = geometry.input_size[1]
-    out = []
+    swap = list(range(len(LANDMARK_NAMES)))
+    for i, j in FLIP_PAIRS:
+        swap[i], swap[j] = j, i
+    points, peaks = [], []
     for s in range(0, len(crops_rgb), batch_size):
         batch = np.asarray(crops_rgb[s:s + batch_size])
         n = len(batch)
         if geometry.flip_test:
             batch = np.concatenate([batch, batch[:, :, ::-1]])
         heat = np.asarray(run(to_model_input(batch, spec, color_order="RGB")))
-        pts, _ = decode_heatmaps(heat)
+        pts, peak = decode_heatmaps(heat)
         pts = heatmap_to_crop(pts, geometry.stride)
         if geometry.flip_test:
             mirrored = np.stack([flip_landmarks(p, width) for p in pts[n:]])
-            pts = (pts[:n] + mirrored) / 2
-        out.append(crop_to_image(pts, matrices[s:s + n]))
-    return np.concatenate(out) if out else np.zeros((0, len(LANDMARK_NAMES), 2), np.float32)
+            pts, peak = (pts[:n] + mirrored) / 2, (peak[:n] + peak[n:][:, swap]) / 2
+        points.append(crop_to_image(pts, matrices[s:s + n]))
+        peaks.append(peak.astype(np.float32))
+    if not points:
+        return np.zeros((0, len(LANDMARK_NAMES), 2), np.float32), np.zeros((0, len(LANDMARK_NAMES)), np.float32)
+    return np.concatenate(points), np.concatenate(peaks)
+
+
+def predict_points(run: Callable[[np.ndarray], np.ndarray], crops_rgb: np.ndarray, matrices: np.ndarray,
+                   geometry: AlignerGeometry, batch_size: int = 32) -> np.ndarray:
+    """(N, 5, 2) image-pixel landmarks for RGB aligner crops (:func:`predict_with_peaks` without the peaks)."""
+    return predict_with_peaks(run, crops_rgb, matrices, geometry, batch_size)[0]
+
+
+# ----------------------------------------------------------------------------------------------- fallback
+
+
+def disagreement(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Mean point distance between (N, 5, 2) ``points`` and ``reference``, over the reference's inter-ocular
+    distance (infinite where the reference's eyes coincide): (N,)."""
+    p = np.asarray(points, np.float64).reshape(-1, len(LANDMARK_NAMES), 2)
+    r = np.asarray(reference, np.float64).reshape(-1, len(LANDMARK_NAMES), 2)
+    iod = np.linalg.norm(r[:, 0] - r[:, 1], axis=-1)
+    dist = np.linalg.norm(p - r, axis=-1).mean(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(iod > 0, dist / np.maximum(iod, 1e-12), np.inf)
+
+
+@dataclass(frozen=True)
+class FallbackRule:
+    """When the aligner's points are kept over the detector's, per face: its weakest heatmap peak is at
+    least ``min_peak`` and its points lie within ``max_disagreement`` (:func:`disagreement`, a fraction of
+    the detector's inter-ocular distance) of the detector's. Outside that range (profiles, faces unlike
+    its training data) the detector's points are used. Stored in an aligner's metadata as ``fallback``.
+    """
+
+    min_peak: float
+    max_disagreement: float
+
+    def keep(self, points: np.ndarray, peaks: np.ndarray, detector_points: np.ndarray) -> np.ndarray:
+        """(N,) True where the aligner's points are kept."""
+        peaks = np.asarray(peaks, np.float64).reshape(len(points), -1)
+        return (peaks.min(1) >= self.min_peak) & (disagreement(points, detector_points) <= self.max_disagreement)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"min_peak": float(self.min_peak), "max_disagreement": float(self.max_disagreement)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> "FallbackRule | None":
+        """The rule in an aligner's metadata (``fallback``: ``{min_peak, max_disagreement}``), or None."""
+        rule = meta.get("fallback")
+        if rule is None:
+            return None
+        if not isinstance(rule, dict) or not {"min_peak", "max_disagreement"} <= set(rule):
+            raise ValueError(f"aligner metadata 'fallback' must hold min_peak and max_disagreement, got {rule!r}")
+        return cls(float(rule["min_peak"]), float(rule["max_disagreement"]))
+
+
+@dataclass
+class Refined:
+    """What the aligner made of N faces: the ``points`` returned (N, 5, 2), the aligner's own ``aligner``
+    points, their heatmap ``peaks`` (N, 5), and ``kept`` (N,): True where the aligner's points were
+    returned, False where the fallback rule returned the detector's."""
+
+    points: np.ndarray
+    aligner: np.ndarray
+    peaks: np.ndarray
+    kept: np.ndarray
+
+
+def apply_fallback(rule: FallbackRule | None, points: np.ndarray, peaks: np.ndarray,
+                   detector_points: np.ndarray | None) -> Refined:
+    """The aligner's ``points`` where ``rule`` keeps them, the detector's elsewhere (all the aligner's
+    without a rule or without detector points)."""
+    kept = np.ones(len(points), bool)
+    out = points
+    if rule is not None and detector_points is not None and len(points):
+        init = np.asarray(detector_points, np.float32).reshape(points.shape)
+        kept = rule.keep(points, peaks, init) | ~np.isfinite(init).all((1, 2))  # no points to fall back to
+        out = np.where(kept[:, None, None], points, init)
+    return Refined(out, points, peaks, kept)
 
 
 class LandmarkRefiner:
@@ -307,10 +395,13 @@ class LandmarkRefiner:
 
     ``path`` is an aligner ONNX (or engine) file with facekit metadata of task ``"landmarks"``;
     ``flip_test`` (None: as the metadata says) also runs the mirrored crop and averages (twice the work);
-    ``backend`` and ``options`` go to :func:`runtime.backends.load_model`.
+    ``fallback`` (None: as the metadata says) applies the model's :class:`FallbackRule` when the detector's
+    points are given (False: always the aligner's points); ``backend`` and ``options`` go to
+    :func:`runtime.backends.load_model`.
     """
 
-    def __init__(self, path: str, backend: str = "auto", flip_test: bool | None = None, **options):
+    def __init__(self, path: str, backend: str = "auto", flip_test: bool | None = None,
+                 fallback: bool | None = None, **options):
         from .backends import load_model
         from .backends.base import ModelLoadError
 
@@ -326,6 +417,11 @@ class LandmarkRefiner:
         if tuple(self.spec.input_size) != tuple(self.geometry.input_size):
             raise ModelLoadError(f"{path}: preprocess input size {self.spec.input_size} disagrees with "
                                  f"the aligner geometry {self.geometry.input_size}")
+        try:
+            rule = FallbackRule.from_metadata(meta)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
+        self.fallback = rule if fallback is not False else None
 
     @property
     def device(self) -> str:
@@ -340,16 +436,20 @@ class LandmarkRefiner:
         """(5, 2) float32 landmarks of the face in ``box`` (x1, y1, x2, y2), image pixels.
 
         ``landmarks`` (the detector's) level the crop by their eye line when the model was trained with
-        ``derotate``; without them (or without ``derotate``) the box alone defines the crop.
+        ``derotate``, and are returned instead of the aligner's where the model's fallback rule says so;
+        without them (or without ``derotate``) the box alone defines the crop.
         """
         return self.refine_many(image_bgr, [box], None if landmarks is None else [landmarks])[0]
 
     def refine_many(self, image_bgr: np.ndarray, boxes, landmarks=None, batch_size: int = 32) -> np.ndarray:
         """(N, 5, 2) landmarks for several faces of one image, run in batches."""
+        return self.refine_details(image_bgr, boxes, landmarks, batch_size).points
+
+    def refine_details(self, image_bgr: np.ndarray, boxes, landmarks=None, batch_size: int = 32) -> Refined:
+        """:meth:`refine_many` with the aligner's own points, their peaks and where the rule kept them."""
         crops, mats = face_crops(image_bgr, boxes, self.geometry, landmarks)
-        if not len(crops):
-            return np.zeros((0, len(LANDMARK_NAMES), 2), np.float32)
-        return predict_points(lambda x: self.backend.run(x)[0], crops, mats, self.geometry, batch_size)
+        points, peaks = predict_with_peaks(lambda x: self.backend.run(x)[0], crops, mats, self.geometry, batch_size)
+        return apply_fallback(self.fallback, points, peaks, landmarks)
 
     def __repr__(self) -> str:
         return f"LandmarkRefiner({self.backend!r})"

@@ -113,7 +113,8 @@ class FacePipeline:
     a loaded :class:`~runtime.backends.Backend` (or, for the aligner, a :class:`~runtime.landmarks.LandmarkRefiner`),
     or None for the shipped ``runtime/models/{recognizer,aligner}.onnx``. ``detector``: RetinaFace/SCRFD ONNX
     path or bytes, a detector object, or None for the default RetinaFace-MobileNet0.25. ``landmarks``: ``"detector"`` uses
-    the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner. ``backend``: ``"auto"``
+    the detector's 5 points, ``"aligner"`` refines them with the hourglass aligner (keeping the detector's
+    where the aligner's fallback rule says so: profiles, unsure heatmaps). ``backend``: ``"auto"``
     (the fastest backend that really runs each model here) or ``"onnxruntime"``, ``"openvino"``,
     ``"tensorrt"``; :attr:`providers` says what runs each model. ``threshold`` overrides the recognizer's
     ``threshold_cosine``. ``preprocess`` overrides the recognizer's metadata (for models exported without it,

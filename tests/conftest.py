@@ -29,3 +29,13 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent")
     return path
+
+
+def link_faces(src: Path, dst: Path, count: int, start: int = 0) -> Path:
+    """``dst`` holding symbolic links to ``count`` image + ``.pts5`` pairs of the landmark folder ``src``
+    (sorted by name, from ``start``); skips the calling test when ``src`` is absent."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for pts in sorted(need(src).glob("*.pts5"))[start:start + count]:
+        for f in (pts, pts.with_suffix(".jpg")):
+            (dst / f.name).symlink_to(f)
+    return dst

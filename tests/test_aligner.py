@@ -213,12 +213,14 @@ def test_exported_aligner_matches_pytorch(facekit_data, tmp_path, flip_test):
         for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.1, 0.1)
             bn.running_var.uniform_(0.5, 1.5)
-    config = full_config({**SMALL, "flip_test": flip_test, "derotate": True})
+    rule = {"min_peak": -1.0, "max_disagreement": 1e9}  # carried into the export; never falls back here
+    config = full_config({**SMALL, "flip_test": flip_test, "derotate": True, "fallback": rule})
     ckpt = save_checkpoint(tmp_path / "a.pt", {"model": model.state_dict(), "config": config})
     onnx_path = tmp_path / "a.onnx"
     assert export_main(["--checkpoint", str(ckpt), "--out", str(onnx_path), "--batch", "1,3"]) == 0
     refiner = LandmarkRefiner(str(onnx_path))
     assert refiner.metadata["task"] == "landmarks" and refiner.geometry == AlignerGeometry.from_dict(config)
+    assert refiner.metadata["fallback"] == rule and refiner.fallback == TorchRefiner(ckpt).fallback
     image = cv2.imread(str(photo))
     boxes = np.array([[338.6, 77.8, 543.9, 379.5], [300.0, 60.0, 560.0, 400.0]])
     init = np.array([[[400, 200], [480, 215], [440, 250], [410, 300], [470, 310]]] * 2, np.float32)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, need
+from tests.conftest import ROOT, link_faces
 from train.config import ConfigError, load_config
 
 CONFIG = ROOT / "train" / "configs" / "aligner_300w.yaml"
@@ -54,12 +54,9 @@ def test_a_recognition_key_is_unknown_to_the_aligner(tmp_path):
 
 def _tiny_data(facekit_data: Path, root: Path) -> Path:
     """8 training and 4 test faces of 300-W AFW, linked into ``root``/{train,test}."""
-    src = sorted(need(facekit_data / "landmarks_300w" / "afw").glob("*.pts5"))
-    for name, part in (("train", src[:8]), ("test", src[8:12])):
-        (root / name).mkdir(parents=True)
-        for pts in part:
-            for f in (pts, pts.with_suffix(".jpg")):
-                (root / name / f.name).symlink_to(f)
+    afw = facekit_data / "landmarks_300w" / "afw"
+    link_faces(afw, root / "train", 8)
+    link_faces(afw, root / "test", 4, start=8)
     return root
 
 
@@ -93,6 +90,13 @@ def test_interrupted_training_resumes_exactly(facekit_data, tmp_path):
         assert torch.equal(a, b)
     assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["steps"] == 4
     assert 0 < metrics["nme"] and metrics["images"] + metrics["missed"] == 4
+    # the fallback rule is measured on the training faces and travels in the checkpoint's config
+    from train.aligner_refiner import TorchRefiner
+
+    rule = metrics["fallback"]
+    assert set(rule) == {"min_peak", "max_disagreement"} and rule["max_disagreement"] > 0
+    assert "fallback_nme" in metrics and 0 <= metrics["kept"] <= 1
+    assert TorchRefiner(tmp_path / "whole" / "last.pt").fallback.to_dict() == rule
     assert (tmp_path / "whole" / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     with open(tmp_path / "part" / "log.csv", newline="") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]

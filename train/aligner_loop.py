@@ -5,6 +5,8 @@
 
 The run folder gets ``last.pt`` (atomic, every ``optim.checkpoint_every`` steps and at each epoch's end;
 model, optimizer, step, RNG states, elapsed time), ``log.csv``, ``metrics.json`` and ``training_curve.png``.
+At the end the fallback rule (:class:`runtime.landmarks.FallbackRule`) is measured on the training faces
+(unless the config gives one) and stored in the final checkpoint's config, so the export carries it.
 The learning rate warms up linearly, then follows a cosine to zero over the schedule (the trainer's
 :class:`train.schedule.WarmupCosine`); the schedule position is the steps done or the ``optim.max_minutes``
 budget used, whichever is further, so a time-capped run still ends annealed.
@@ -22,10 +24,11 @@ import cv2
 import numpy as np
 import torch
 
+from evaluation.landmarks import fallback_rule
 from runtime.files import atomic_write_bytes
-from runtime.landmarks import AlignerGeometry
+from runtime.landmarks import AlignerGeometry, FallbackRule
 
-from .aligner_refiner import evaluate_model
+from .aligner_refiner import evaluate_model, predict_torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import expand_path
 from .hourglass import build_aligner
@@ -175,12 +178,23 @@ class AlignerRun:
                 self.checkpoint(metrics or None)
         bar.close()
         self.log.close()
-        metrics = evaluate_model(self.model, self.test_set, self.geometry)
-        metrics.update(train_minutes=self.elapsed / 60, steps=self.step)
+        if self.cfg["fallback"] is None and self.cfg["fallback_coverage"] > 0:
+            self.cfg = {**self.cfg, "fallback": self.measure_fallback().to_dict()}
+        metrics = evaluate_model(self.model, self.test_set, self.geometry, FallbackRule.from_metadata(self.cfg))
+        metrics.update(train_minutes=self.elapsed / 60, steps=self.step, fallback=self.cfg["fallback"])
         self.checkpoint(metrics)
         atomic_write_bytes(self.out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
         plot_log(self.out / "log.csv", self.out / "training_curve.png")
         return metrics
+
+
+    def measure_fallback(self) -> FallbackRule:
+        """The fallback rule measured on the training faces the detector found (``fallback_coverage``)."""
+        crops, mats = self.train_set.runtime_crops(self.geometry)
+        points, peaks = predict_torch(self.model, crops, mats, self.geometry)
+        found = self.train_set.detected
+        return fallback_rule(self.train_set.det_landmarks[found], points[found], peaks[found],
+                             self.cfg["fallback_coverage"])
 
 
 def train(cfg: dict[str, Any], out: Path, resume: bool = False, progress: bool = True) -> dict[str, float]:

@@ -154,6 +154,10 @@ ALIGNER_DEFAULTS: dict[str, Any] = {
     "channels": 64,
     "depth": 3,  # pooling levels per hourglass
     **AlignerGeometry().to_dict(),  # input_size, heatmap_size, sigma, crop_scale, center_shift, derotate, flip_test
+    # when the runtime returns the detector's points instead (runtime.landmarks.FallbackRule):
+    # {min_peak, max_disagreement}, or null: measured on the training faces at the end of training
+    "fallback": None,
+    "fallback_coverage": 0.99,  # the measured rule keeps the aligner on this fraction of training faces; 0: no rule
     "data": {
         "root": "$FACEKIT_DATA/landmarks_300w",
         "train": ["train", "afw"],  # folders under root with images + .pts5
@@ -373,6 +377,12 @@ def _validate_aligner(cfg: dict) -> None:
         raise ConfigError("optim.lr must be > 0")
     if o["checkpoint_every"] < 1 or o["eval_every"] < 1:
         raise ConfigError("optim.checkpoint_every and optim.eval_every must be ≥ 1")
+    if not 0 <= cfg["fallback_coverage"] < 1:
+        raise ConfigError(f"fallback_coverage must be in [0, 1), got {cfg['fallback_coverage']}")
+    rule = cfg["fallback"]
+    if rule is not None and (not isinstance(rule, dict) or set(rule) != {"min_peak", "max_disagreement"}
+                             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rule.values())):
+        raise ConfigError(f"fallback must be null or {{min_peak: number, max_disagreement: number}}, got {rule!r}")
 
 
 @dataclass(frozen=True)
@@ -388,7 +398,7 @@ class Schema:
 
 SCHEMAS = {
     "recognition": Schema(DEFAULTS, CHOICES, frozenset(FREE_FORM), _validate_semantics),
-    "landmarks": Schema(ALIGNER_DEFAULTS, ALIGNER_CHOICES, frozenset(), _validate_aligner),
+    "landmarks": Schema(ALIGNER_DEFAULTS, ALIGNER_CHOICES, frozenset({"fallback"}), _validate_aligner),
 }
 
 
