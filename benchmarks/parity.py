@@ -221,54 +221,66 @@ def find_checkpoint(model: Path, explicit: str | None = None) -> Path | None:
 
 def plan_backends(model: str | os.PathLike, checkpoint: str | None = None, siblings: bool = True) -> list[BackendPlan]:
     """Every backend this machine can run for ``model``: its fp32/fp16/INT8 ONNX siblings (``<stem>*.onnx``
-    in the same folder) on ONNX Runtime CPU and CUDA and on OpenVINO (f32, bf16, int8), TensorRT engines (``<stem>*.engine|.plan``) when
-    tensorrt is installed, and PyTorch fp32 (+ fp16 autocast on CUDA) from the checkpoint when torch is
-    installed. Unavailable ones are listed with the reason."""
-    from runtime.backends import available_backends
-
+    in the same folder) on ONNX Runtime CPU and CUDA and on OpenVINO (f32, bf16, int8), TensorRT engines
+    (``<stem>*.engine|.plan``) when tensorrt is installed, and PyTorch fp32 (+ fp16 autocast on CUDA) from the
+    checkpoint when torch is installed. Unavailable ones are listed with the reason."""
     model = Path(model)
-    plans: list[BackendPlan] = []
+    onnx_files, engines = _sibling_files(model) if siblings else ([model], [])
+    return _torch_plans(model, checkpoint) + _onnx_plans(onnx_files) + _engine_plans(model, engines)
+
+
+def _sibling_files(model: Path) -> tuple[list[Path], list[Path]]:
+    """``model`` and its recognition ONNX siblings; the TensorRT engines beside it."""
+    onnx_files, engines = [model], []
+    for p in sorted(model.parent.glob(f"{model.stem}*")):
+        if p == model or not p.is_file():
+            continue
+        if p.suffix == ".onnx" and _recognition_metadata(p) is not None:
+            onnx_files.append(p)
+        elif p.suffix in ENGINE_SUFFIXES:
+            engines.append(p)
+    return onnx_files, engines
+
+
+def _onnx_plans(onnx_files: list[Path]) -> list[BackendPlan]:
+    """ONNX Runtime CPU, then CUDA, then OpenVINO rows, each in fp32, fp16, int8 order."""
     try:
         from runtime.backends.onnxruntime import cuda_usable
 
         cuda = cuda_usable()
     except ImportError:
         cuda = False
-    onnx_files = [model]
-    engines: list[Path] = []
-    if siblings:
-        for p in sorted(model.parent.glob(f"{model.stem}*")):
-            if p == model or not p.is_file():
-                continue
-            if p.suffix == ".onnx" and _recognition_metadata(p) is not None:
-                onnx_files.append(p)
-            elif p.suffix in ENGINE_SUFFIXES:
-                engines.append(p)
     order = {"fp32": 0, "fp16": 1, "int8": 2}
     described = []
     for p in onnx_files:
-        meta = _recognition_metadata(p) or {}
-        described.append((order.get(str(meta.get("precision", _precision_from_name(str(p)))), 3), p,
-                          str(meta.get("precision") or _precision_from_name(str(p)))))
+        prec = str((_recognition_metadata(p) or {}).get("precision") or _precision_from_name(str(p)))
+        described.append((order.get(prec, 3), p, prec))
     described.sort(key=lambda t: (t[0], str(t[1])))
-    for _, p, prec in described:
-        plans.append(BackendPlan(f"onnxruntime-cpu {prec}", "onnx", str(p), "cpu"))
-    for _, p, prec in described:
-        plans.append(BackendPlan(f"onnxruntime-cuda {prec}", "onnx", str(p), "cuda",
-                                 skip_reason=None if cuda else "onnxruntime-gpu / CUDA not available"))
-    for v in openvino_variants([(str(p), prec) for _, p, prec in described]):
-        plans.append(BackendPlan(v.label, "openvino", v.path, "cpu", skip_reason=v.skip_reason, precision=v.precision))
-    trt = "tensorrt" in available_backends()
-    for e in engines:
-        plans.append(BackendPlan(f"tensorrt {_precision_from_name(str(e))} ({e.name})", "engine", str(e), "gpu",
-                                 skip_reason=None if trt else "tensorrt not installed"))
-    if not engines:
-        plans.append(BackendPlan("tensorrt", "engine", "", "gpu",
-                                 skip_reason="tensorrt not installed" if not trt else
-                                 f"no engine beside {model.name} (build one with export/to_trt.py)"))
-    try:
-        import importlib.util
+    plans = [BackendPlan(f"onnxruntime-cpu {prec}", "onnx", str(p), "cpu") for _, p, prec in described]
+    plans += [BackendPlan(f"onnxruntime-cuda {prec}", "onnx", str(p), "cuda",
+                          skip_reason=None if cuda else "onnxruntime-gpu / CUDA not available")
+              for _, p, prec in described]
+    plans += [BackendPlan(v.label, "openvino", v.path, "cpu", skip_reason=v.skip_reason, precision=v.precision)
+              for v in openvino_variants([(str(p), prec) for _, p, prec in described])]
+    return plans
 
+
+def _engine_plans(model: Path, engines: list[Path]) -> list[BackendPlan]:
+    from runtime.backends import available_backends
+
+    trt = "tensorrt" in available_backends()
+    if not engines:
+        return [BackendPlan("tensorrt", "engine", "", "gpu", skip_reason="tensorrt not installed" if not trt else
+                            f"no engine beside {model.name} (build one with export/to_trt.py)")]
+    return [BackendPlan(f"tensorrt {_precision_from_name(str(e))} ({e.name})", "engine", str(e), "gpu",
+                        skip_reason=None if trt else "tensorrt not installed") for e in engines]
+
+
+def _torch_plans(model: Path, checkpoint: str | None) -> list[BackendPlan]:
+    """PyTorch fp32 on the CPU and (fp32 and fp16 autocast) on CUDA, from the model's checkpoint."""
+    import importlib.util
+
+    try:
         has_torch = importlib.util.find_spec("torch") is not None
     except ValueError:
         has_torch = False
@@ -280,14 +292,12 @@ def plan_backends(model: str | os.PathLike, checkpoint: str | None = None, sibli
         torch_cuda = torch.cuda.is_available()
     no_torch = "torch not installed" if not has_torch else (
         None if ckpt is not None else "no PyTorch checkpoint for this model (pass --checkpoint)")
-    plans.insert(0, BackendPlan("pytorch-cpu fp32", "torch", str(ckpt or ""), "cpu", skip_reason=no_torch))
+    plans = [BackendPlan("pytorch-cpu fp32", "torch", str(ckpt or ""), "cpu", skip_reason=no_torch)]
     if torch_cuda:
-        plans.insert(1, BackendPlan("pytorch-cuda fp32", "torch", str(ckpt), "cuda"))
-        plans.insert(2, BackendPlan("pytorch-cuda fp16-autocast", "torch", str(ckpt), "cuda", fp16=True))
-    else:
-        plans.insert(1, BackendPlan("pytorch-cuda fp16-autocast", "torch", str(ckpt or ""), "cuda",
-                                    skip_reason=no_torch or "no CUDA GPU"))
-    return plans
+        return plans + [BackendPlan("pytorch-cuda fp32", "torch", str(ckpt), "cuda"),
+                        BackendPlan("pytorch-cuda fp16-autocast", "torch", str(ckpt), "cuda", fp16=True)]
+    return plans + [BackendPlan("pytorch-cuda fp16-autocast", "torch", str(ckpt or ""), "cuda",
+                                skip_reason=no_torch or "no CUDA GPU")]
 
 
 @dataclass

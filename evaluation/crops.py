@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from runtime.cpu import usable_cores
+from runtime.detector import DEFAULT_DETECTOR
 from runtime.files import atomic_write, cache_dir, sha256_file
 from runtime.geometry import ARCFACE_TEMPLATE_112, template_for_size
 from runtime.image_io import load_image
@@ -89,12 +90,7 @@ class FaceAligner:
         code = ("runtime.geometry", "runtime.detector", "runtime.subject") + (
             ("runtime.landmarks",) if landmarks == "aligner" else ())
         parts = {"align_version": ALIGN_VERSION, "landmarks": landmarks, "code": _source_hash(code)}
-        if detector_model is None:
-            from retinaface.weights import WEIGHTS
-
-            parts["detector"] = hashlib.sha256(WEIGHTS).hexdigest()
-        else:
-            parts["detector"] = sha256_file(detector_model)
+        parts["detector"] = sha256_file(detector_model or DEFAULT_DETECTOR)
         if aligner_path is not None:
             parts["aligner"] = sha256_file(aligner_path)
         self.fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from runtime.geometry import LANDMARK_NAMES
-from runtime.landmarks import FallbackRule, disagreement
+from runtime.landmark_fallback import FallbackRule, disagreement
 
 #: A prediction whose NME exceeds this counts as a failure.
 FAILURE_THRESHOLD = 0.10

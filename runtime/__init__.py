@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 from .geometry import ARCFACE_TEMPLATE_112, LANDMARK_NAMES, estimate_similarity, warp_face  # noqa: E402
 from .preprocess import RECOGNIZER_SPEC, PreprocessSpec, l2_normalize, to_model_input  # noqa: E402
-from .pipeline import Face, FacePipeline  # noqa: E402
+from .faces import Face  # noqa: E402
+from .pipeline import FacePipeline  # noqa: E402
 from .gallery import Gallery  # noqa: E402
 
 __all__ = [

@@ -95,7 +95,7 @@ def cmd_detect(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .pipeline import NoFaceError
+    from .faces import NoFaceError
 
     pipe = _pipeline(args, need_recognizer=True)
     try:
@@ -112,7 +112,7 @@ def cmd_compare(args) -> int:
 
 def cmd_matrix(args) -> int:
     from .photo_lists import iter_images
-    from .pipeline import NoFaceError
+    from .faces import NoFaceError
 
     photos = iter_images(args.folder)
     if not photos:

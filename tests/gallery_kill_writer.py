@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -89,6 +90,22 @@ def _index_writer(path: str, start: int, g: Gallery) -> None:
     while True:
         set_index_version(g, v).save(path)
         v += 1
+
+
+def kill_rounds(rounds: int, kill_one: Callable[[int], bool], loaded_version: Callable[[], int]) -> tuple[int, int]:
+    """``rounds`` times: ``kill_one(next_version)`` starts a writer and SIGKILLs it (True when the kill left a
+    temporary file, i.e. struck mid-write), then ``loaded_version()`` must load one complete version, never
+    an older one than before. Returns (the last version seen, kills that struck mid-write); fails when no
+    save ever completed or no kill struck mid-write (the rounds would then have tested nothing)."""
+    last, mid_write = 0, 0
+    for round_ in range(rounds):
+        mid_write += bool(kill_one(last + 1))
+        v = loaded_version()
+        assert v == 0 or v >= last, f"round {round_}: went back from version {last} to {v}"
+        last = max(last, v)
+    assert last > 0, "no writer ever completed a save: the test did not exercise replacing"
+    assert mid_write > 0, "no kill landed during a write: the test did not exercise anything"
+    return last, mid_write
 
 
 class Zygote:

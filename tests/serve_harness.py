@@ -16,6 +16,16 @@ import numpy as np
 
 from conftest import ROOT
 
+def require_serve_extra():
+    """Skip the calling test module unless the serve extra and httpx are installed; returns httpx."""
+    import pytest
+
+    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("multipart", "python-multipart"),
+                            ("prometheus_client", "prometheus-client")):
+        pytest.importorskip(module, reason=f"the service needs the serve extra ({package})")
+    return pytest.importorskip("httpx", reason="the tests talk to the server with httpx")
+
+
 READY = re.compile(r"facekit serve: listening on (http://127\.0\.0\.1:\d+)")
 MOBILEFACENET = str(ROOT / "runtime" / "models" / "mobilefacenet.onnx")
 

@@ -270,9 +270,10 @@ def test_detection_to_dict_is_json_friendly(facekit_data, detector):
 
 def test_user_retinaface_file_with_a_fixed_input_size(facekit_data, detector, tmp_path):
     import onnx
-    from retinaface.weights import WEIGHTS
 
-    model = onnx.load_from_string(WEIGHTS)
+    from runtime.detector import DEFAULT_DETECTOR
+
+    model = onnx.load(str(DEFAULT_DETECTOR))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     for d, v in zip(dims, (1, 3, 320, 320)):
         d.ClearField("dim_param")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from evaluation.landmarks import evaluate_landmarks, fallback_rule, format_table
-from runtime.landmarks import FallbackRule, LandmarkRefiner, disagreement
+from runtime.landmark_fallback import FallbackRule, disagreement
+from runtime.landmarks import LandmarkRefiner
 from tests.conftest import ROOT, link_faces, need
 
 SHIPPED = ROOT / "runtime" / "models" / "aligner.onnx"

@@ -28,7 +28,7 @@ def _small_data(facekit_data: Path, root: Path) -> Path:
 @pytest.mark.skipif(not (SHIPPED_RECOGNIZER.is_file() and SHIPPED_ALIGNER.is_file()), reason="shipped models absent")
 def test_both_sources_side_by_side_with_nme(facekit_data, tmp_path):
     from benchmarks.landmark_sources import compare_landmark_sources, markdown
-    from benchmarks.run import make_embedder
+    from benchmarks.harness import make_embedder
     from evaluation.pairs import load_lfw
 
     data = _small_data(facekit_data, tmp_path / "data")

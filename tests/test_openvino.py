@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,13 @@ import pytest
 ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs the 'openvino' extra")
 
 from conftest import ROOT, need  # noqa: E402
+from threads import run_threads  # noqa: E402
 from runtime.backends import load_model, load_model_bytes  # noqa: E402
 from runtime.backends.base import ModelLoadError  # noqa: E402
 from runtime.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from runtime.backends.openvino import (BF16_MIN_COSINE, OpenVinoBackend, bf16_verdict, min_row_cosine,  # noqa: E402
                                        native_bf16, verdict_file)
+from runtime.detector import DEFAULT_DETECTOR  # noqa: E402
 from runtime.metadata import ModelMetadataError, preprocess_spec, read_onnx_metadata  # noqa: E402
 from runtime.pipeline import DEFAULT_ALIGNER, DEFAULT_RECOGNIZER, FacePipeline  # noqa: E402
 from runtime.preprocess import to_model_input  # noqa: E402
@@ -57,13 +58,11 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_onnx_metadata_is_read_without_onnx_as_onnxruntime_reads_it(tmp_path):
-    from retinaface.weights import WEIGHTS
-
     for path in sorted(MODELS.glob("*.onnx")):
         ort_props = dict(OnnxRuntimeBackend(str(path), device="cpu").session.get_modelmeta().custom_metadata_map)
         assert read_onnx_metadata(path) == ort_props, path.name
         assert read_onnx_metadata(path.read_bytes()) == ort_props
-    assert read_onnx_metadata(WEIGHTS) == {}
+    assert read_onnx_metadata(DEFAULT_DETECTOR.read_bytes()) == {}
     truncated = tmp_path / "cut.onnx"
     truncated.write_bytes(need(DEFAULT_ALIGNER).read_bytes()[:5000])
     for bad in (b"", b"not an onnx model at all", truncated):
@@ -87,13 +86,11 @@ def test_f32_recognizer_equals_onnxruntime(recognizer, crops_input, cache):
 
 
 def test_f32_detector_from_bytes_and_aligner_equal_onnxruntime(cache):
-    from retinaface.weights import WEIGHTS
-
     from runtime.detector import sample_inputs as detector_inputs
     from runtime.landmarks import sample_inputs as aligner_inputs
 
-    det = load_model_bytes(WEIGHTS, backend="openvino", label="retinaface")
-    det_ref = OnnxRuntimeBackend(data=WEIGHTS, device="cpu")
+    det = load_model_bytes(DEFAULT_DETECTOR.read_bytes(), backend="openvino", label="retinaface")
+    det_ref = OnnxRuntimeBackend(str(DEFAULT_DETECTOR), device="cpu")
     assert det.device == "OpenVINO CPU f32" and det.path == "retinaface"
     assert [s[-1] for s in det.output_shapes] == [4, 2, 10]
     for x in detector_inputs(det):
@@ -209,25 +206,16 @@ def test_eight_threads_share_one_backend(recognizer, crops_input, cache):
     batches = [crops_input[i:i + 1 + i % 3] for i in range(12)]
     reference = [b.run(x)[0] for x in batches]
     results: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
 
     def work(k: int) -> None:
-        try:
-            for j in range(len(batches)):
-                i = (j + k) % len(batches)
-                out = b.run(batches[i])[0]
-                if k == 0:
-                    results[i] = out
-                np.testing.assert_array_equal(out, reference[i])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for j in range(len(batches)):
+            i = (j + k) % len(batches)
+            out = b.run(batches[i])[0]
+            if k == 0:
+                results[i] = out
+            np.testing.assert_array_equal(out, reference[i])
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors[0]
+    run_threads(work, 8, timeout=120)
     assert len(results) == len(batches)
     assert b._pool._created <= max(1, b.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
 
@@ -240,23 +228,13 @@ def test_four_threads_share_one_openvino_pipeline(facekit_data, cache):
     pipe = FacePipeline(backend="openvino", landmarks="aligner", max_side=320)
     assert all(v.startswith("OpenVINO CPU") for v in pipe.providers.values())
     reference = [np.stack([f.embedding for f in pipe.embed(p)]) for p in photos]
-    errors: list[BaseException] = []
 
     def work(k: int) -> None:
-        try:
-            for j in range(2 * len(photos)):
-                i = (j + k) % len(photos)
-                np.testing.assert_array_equal(np.stack([f.embedding for f in pipe.embed(photos[i])]), reference[i])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for j in range(2 * len(photos)):
+            i = (j + k) % len(photos)
+            np.testing.assert_array_equal(np.stack([f.embedding for f in pipe.embed(photos[i])]), reference[i])
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors[0]
-    assert not any(t.is_alive() for t in threads)
+    run_threads(work, 4)
 
 
 # ------------------------------------------------------------------------------- without onnxruntime

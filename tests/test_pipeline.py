@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import ROOT, need
+from threads import run_threads
 from runtime.backends.base import ModelLoadError
 from runtime.geometry import ARCFACE_TEMPLATE_112
 from runtime.image_io import ImageError
@@ -282,23 +283,14 @@ def test_four_threads_sharing_one_pipeline_give_identical_embeddings(tiny_recogn
     images = [cv2.imread(str(p)) for p in paths]
     reference = [np.stack([f.embedding for f in pipe.embed(im)]) for im in images]
     results: dict[tuple[int, int], np.ndarray] = {}
-    errors: list[BaseException] = []
 
     def work(tid: int) -> None:
-        try:
-            for rep in range(3):
-                for i in range(len(images)):
-                    j = (i + tid) % len(images)
-                    results[(tid, rep * 10 + j)] = np.stack([f.embedding for f in pipe.embed(images[j])])
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for rep in range(3):
+            for i in range(len(images)):
+                j = (i + tid) % len(images)
+                results[(tid, rep * 10 + j)] = np.stack([f.embedding for f in pipe.embed(images[j])])
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_threads(work, 4)
     assert len(results) == 4 * 3 * len(images)
     for (_, key), emb in results.items():
         np.testing.assert_array_equal(emb, reference[key % 10])

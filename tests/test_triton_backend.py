@@ -25,7 +25,8 @@ def test_urls_parse_or_fail_with_the_expected_form():
 
 def test_urls_route_to_the_triton_backend_and_files_still_must_exist(tmp_path):
     base._discover()
-    assert "triton" in base._NON_FILE and base._REGISTRY["triton"][2]("triton://h:1/m")
+    entry = base._REGISTRY["triton"]
+    assert not entry.files and entry.accepts("triton://h:1/m")
     with pytest.raises(ModelLoadError, match="model file not found"):
         load_model(str(tmp_path / "missing.onnx"))
     with pytest.raises(ModelLoadError, match="model file not found"):

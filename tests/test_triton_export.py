@@ -20,20 +20,12 @@ from export.trt_build import BuildOptions, wanted_build  # noqa: E402
 from export.triton_repository import (PYTHON_MODEL_SOURCE, ServingOptions, TritonExportError,  # noqa: E402
                                       config_message, parse_pbtxt, plan_repository, write_repository)
 from runtime.backends.tensorrt import make_sidecar, sidecar_path  # noqa: E402
+from runtime.detector import DEFAULT_DETECTOR  # noqa: E402
 from runtime.metadata import encode_metadata  # noqa: E402
 from runtime.pipeline import DEFAULT_RECOGNIZER  # noqa: E402
 
 ORT_TYPES = {"tensor(float)": model_config_pb2.TYPE_FP32, "tensor(float16)": model_config_pb2.TYPE_FP16,
              "tensor(int64)": model_config_pb2.TYPE_INT64, "tensor(uint8)": model_config_pb2.TYPE_UINT8}
-
-
-@pytest.fixture(scope="module")
-def detector_onnx(tmp_path_factory) -> Path:
-    from retinaface.weights import WEIGHTS
-
-    path = tmp_path_factory.mktemp("det") / "retinaface.onnx"
-    path.write_bytes(WEIGHTS)
-    return path
 
 
 def _fixed_batch_onnx(path: Path) -> Path:
@@ -75,9 +67,9 @@ def _read(repo: Path, name: str):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "python"])
-def test_configs_parse_with_triton_schema_and_match_onnx(tmp_path, detector_onnx, backend):
+def test_configs_parse_with_triton_schema_and_match_onnx(tmp_path, backend):
     repo = tmp_path / "repo"
-    assert to_triton.main(["--recognizer", str(DEFAULT_RECOGNIZER), "--detector", str(detector_onnx),
+    assert to_triton.main(["--recognizer", str(DEFAULT_RECOGNIZER), "--detector", str(DEFAULT_DETECTOR),
                            "--out", str(repo), "--backend", backend, "--max-batch", "16"]) == 0
     assert sorted(p.name for p in repo.iterdir()) == ["detector", "face_pipeline", "recognizer"]
     for name in ("recognizer", "detector"):
@@ -103,7 +95,7 @@ def test_configs_parse_with_triton_schema_and_match_onnx(tmp_path, detector_onnx
     bls = json.loads(pipe.parameters["recognizer"].string_value)
     assert bls == {"model": "recognizer", "input": "input", "data_type": "TYPE_FP32", "dims": [-1, 3, 150, 150],
                    "outputs": ["embedding"], "output_dims": [[-1, 128]], "max_batch_size": 16}
-    assert (repo / "face_pipeline" / "1" / "detector.onnx").read_bytes() == detector_onnx.read_bytes()
+    assert (repo / "face_pipeline" / "1" / "detector.onnx").read_bytes() == DEFAULT_DETECTOR.read_bytes()
 
 
 def test_fixed_batch_model_is_not_batched(tmp_path):

@@ -22,6 +22,7 @@ from export.triton_repository import ServingOptions, plan_repository, write_repo
 from export.triton_server import (LocalTritonServer, TritonServerMissing, executed_batches,  # noqa: E402
                                   find_tritonserver, free_port)
 from runtime.backends.base import ModelLoadError, load_model  # noqa: E402
+from runtime.detector import DEFAULT_DETECTOR  # noqa: E402
 from runtime.pipeline import DEFAULT_RECOGNIZER, FacePipeline  # noqa: E402
 from runtime.preprocess import to_model_input  # noqa: E402
 
@@ -37,23 +38,14 @@ def photos(facekit_data) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def detector_onnx(tmp_path_factory) -> Path:
-    from retinaface.weights import WEIGHTS
-
-    path = tmp_path_factory.mktemp("det") / "retinaface.onnx"
-    path.write_bytes(WEIGHTS)
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, detector_onnx, photos):
+def server(tmp_path_factory, photos):
     try:
         install = find_tritonserver()
     except TritonServerMissing as e:
         pytest.skip(str(e))
     opts = ServingOptions(max_batch=16, queue_delay_us=5000, instances=1, pipeline_instances=2)
     repo = write_repository(tmp_path_factory.mktemp("triton") / "repo",
-                            plan_repository(DEFAULT_RECOGNIZER, detector_onnx, opts=opts, backend="python"))
+                            plan_repository(DEFAULT_RECOGNIZER, DEFAULT_DETECTOR, opts=opts, backend="python"))
     srv = LocalTritonServer(repo, install, startup_timeout=240)
     try:
         srv.start()

@@ -141,9 +141,9 @@ def test_read_sidecar_errors_are_clear(tmp_path):
 
 def test_backend_is_registered_above_onnxruntime(tmp_path):
     base._discover()
-    prio_trt, _, accepts, _ = base._REGISTRY["tensorrt"]
-    assert prio_trt > base._REGISTRY["onnxruntime"][0]
-    assert accepts("a/model.engine") and accepts("m.PLAN") and not accepts("m.onnx")
+    trt, ort = base._REGISTRY["tensorrt"], base._REGISTRY["onnxruntime"]
+    assert trt.rank() > ort.rank()
+    assert trt.accepts("a/model.engine") and trt.accepts("m.PLAN") and not trt.accepts("m.onnx")
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"e")
     if not HAS_TRT:

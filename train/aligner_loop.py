@@ -26,7 +26,8 @@ import torch
 
 from evaluation.landmarks import fallback_rule
 from runtime.files import atomic_write_bytes
-from runtime.landmarks import AlignerGeometry, FallbackRule
+from runtime.landmark_fallback import FallbackRule
+from runtime.landmarks import AlignerGeometry
 
 from .aligner_refiner import evaluate_model, predict_torch
 from .checkpoint import load_checkpoint, save_checkpoint

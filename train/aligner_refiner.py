@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from evaluation.landmarks import failure_rate, nme
-from runtime.landmarks import (AlignerGeometry, FallbackRule, LandmarkRefiner, Refined, apply_fallback, face_crops,
-                               predict_with_peaks)
+from runtime.landmark_fallback import FallbackRule, Refined, apply_fallback
+from runtime.landmarks import AlignerGeometry, LandmarkRefiner, face_crops, predict_with_peaks
 
 from .checkpoint import CHECKPOINT_SUFFIXES, build_model_from_checkpoint
 from .hourglass import full_config

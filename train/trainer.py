@@ -335,6 +335,13 @@ class Trainer(RunStateMixin):
     def _done(self) -> bool:
         return self.position.samples_seen >= self.total_samples
 
+    def _final_eval(self, log: CSVLog | None) -> None:
+        """The evaluation at the end of training (on every rank: it is a barrier), logged by the main one."""
+        ev = self._eval_main()
+        if ev and log:
+            log.write({"step": self.step, "epoch": self.epoch, **eval_columns(ev)})
+        self.last_row.update(eval_columns(ev))
+
     def _loop(self) -> dict:
         cfg, t = self.cfg, self.cfg["train"]
         self.part_names = list(self.criterion.parts)
@@ -378,11 +385,8 @@ class Trainer(RunStateMixin):
                         cb(self)
                     if self._done() or self.stop.should_stop(self.step, t, at_row, self.distributed, self.device):
                         break
-            if self._done() and cfg["eval"]["format"] != "none" and last_eval != self.step:  # every rank: a barrier
-                ev = self._eval_main()
-                if ev and log:
-                    log.write({"step": self.step, "epoch": self.epoch, **eval_columns(ev)})
-                self.last_row.update(eval_columns(ev))
+            if self._done() and cfg["eval"]["format"] != "none" and last_eval != self.step:
+                self._final_eval(log)
             if self._done():
                 dd.broadcast_buffers(self.backbone)
             self.save()

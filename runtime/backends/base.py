@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..metadata import METADATA_KEY, ModelMetadataError, decode_metadata
+
 
 class ModelLoadError(RuntimeError):
     """A model file could not be loaded (missing, truncated, foreign, or built for another machine)."""
@@ -32,10 +34,23 @@ class Backend(abc.ABC):
         #: every metadata entry the model file carries, key → string (facekit's and foreign ones)
         self.raw_metadata: dict[str, str] = {}
 
+    def _keep_metadata(self, raw: dict[str, str]) -> None:
+        """Keep the model's metadata entries and decode facekit's, when present (invalid: ModelLoadError)."""
+        self.raw_metadata = dict(raw)
+        if METADATA_KEY in self.raw_metadata:
+            try:
+                self.metadata = decode_metadata(self.raw_metadata, source=self.path)
+            except ModelMetadataError as e:
+                raise ModelLoadError(str(e)) from None
+
+    #: set by subclasses: what runs the model (:attr:`device`) and the output names (:attr:`output_names`)
+    _device: str = ""
+    _outputs: list[str] = []
+
     @property
-    @abc.abstractmethod
     def device(self) -> str:
         """What really runs the model, e.g. ``"CPUExecutionProvider"`` or ``"TensorRT 10.x on NVIDIA H100"``."""
+        return self._device
 
     @property
     @abc.abstractmethod
@@ -47,8 +62,8 @@ class Backend(abc.ABC):
         """The input's dimensions: an int for a fixed axis, a name (str) or None for a dynamic one."""
 
     @property
-    @abc.abstractmethod
-    def output_names(self) -> list[str]: ...
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
 
     @property
     @abc.abstractmethod

@@ -16,7 +16,6 @@ import threading
 
 import numpy as np
 
-from ..metadata import METADATA_KEY, ModelMetadataError, decode_metadata
 from .base import Backend, ModelLoadError, is_onnx_path, register
 
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -71,21 +70,11 @@ class OnnxRuntimeBackend(Backend):
         if requested == "cuda" and active[0] != "CUDAExecutionProvider":
             raise ModelLoadError(f"{self.path}: CUDA was requested but ONNX Runtime runs on {active[0]}")
         self._device = active[0]
-        props = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.raw_metadata = props
-        if METADATA_KEY in props:
-            try:
-                self.metadata = decode_metadata(props, source=self.path)
-            except ModelMetadataError as e:
-                raise ModelLoadError(str(e)) from None
+        self._keep_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
         self._input = self.session.get_inputs()[0]
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._fp16_input = "float16" in self._input.type
         self._lock = threading.Lock() if self._device == "CUDAExecutionProvider" else None
-
-    @property
-    def device(self) -> str:
-        return self._device
 
     @property
     def input_name(self) -> str:
@@ -94,10 +83,6 @@ class OnnxRuntimeBackend(Backend):
     @property
     def input_shape(self) -> list:
         return list(self._input.shape)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
 
     @property
     def output_shapes(self) -> list[list]:

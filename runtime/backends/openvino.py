@@ -28,7 +28,7 @@ import numpy as np
 
 from ..cpu import cpu_flags, cpu_model
 from ..files import atomic_write_bytes, cache_dir as facekit_cache_dir, sha256_file
-from ..metadata import METADATA_KEY, ModelMetadataError, decode_metadata, preprocess_spec, read_onnx_metadata
+from ..metadata import ModelMetadataError, preprocess_spec, read_onnx_metadata
 from .base import Backend, ModelLoadError, is_onnx_path, register
 
 PRECISIONS = ("auto", "f32", "bf16", "int8")
@@ -132,14 +132,10 @@ class OpenVinoBackend(Backend):
 
     def _read_metadata(self) -> None:
         try:
-            self.raw_metadata = read_onnx_metadata(self._source)
+            raw = read_onnx_metadata(self._source)
         except ModelMetadataError as e:
             raise ModelLoadError(f"{self.path}: not a loadable ONNX model ({str(e).split(': ', 1)[-1]})") from None
-        if METADATA_KEY in self.raw_metadata:
-            try:
-                self.metadata = decode_metadata(self.raw_metadata, source=self.path)
-            except ModelMetadataError as e:
-                raise ModelLoadError(str(e)) from None
+        self._keep_metadata(raw)
 
     def _ov_model(self):
         if self._model is None:
@@ -259,10 +255,6 @@ class OpenVinoBackend(Backend):
     @property
     def input_shape(self) -> list:
         return _dims(self._inputs[0].get_partial_shape())
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
 
     @property
     def output_shapes(self) -> list[list]:

@@ -238,20 +238,12 @@ class TensorRTBackend(Backend):
         self._device = f"TensorRT {build['tensorrt_version']} on {build['gpu_name']} ({build['precision']})"
 
     @property
-    def device(self) -> str:
-        return self._device
-
-    @property
     def input_name(self) -> str:
         return self._input
 
     @property
     def input_shape(self) -> list:
         return list(self._input_shape)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
 
     @property
     def output_shapes(self) -> list[list]:

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from ..metadata import METADATA_KEY, ModelMetadataError, decode_metadata
 from .base import Backend, ModelLoadError, register
 
 SCHEME = "triton://"
@@ -146,12 +145,7 @@ class TritonBackend(Backend):
 
     def _read_config(self, config) -> None:
         self.served = ServedModel.from_config(config, self.path)
-        self.raw_metadata = {k: v.string_value for k, v in config.parameters.items()}
-        if METADATA_KEY in self.raw_metadata:
-            try:
-                self.metadata = decode_metadata(self.raw_metadata, source=self.path)
-            except ModelMetadataError as e:
-                raise ModelLoadError(str(e)) from None
+        self._keep_metadata({k: v.string_value for k, v in config.parameters.items()})
 
     # ---------------------------------------------------------------------------------- interface
 
