@@ -43,6 +43,7 @@ from .files import pid_temp_prefix
 from .gallery_file import GalleryError, digest, read_gallery, write_gallery
 from .gallery_index import GalleryIndexError, IndexKeeper, IndexSpec, IndexView, exact_search
 from .gallery_index_file import index_path, load_saved_index, remove_other_indexes, saved_spec, write_index
+from .preprocess import l2_normalize
 
 UNKNOWN = None
 #: Loads of galleries with at least this many rows are logged at INFO with their timings.
@@ -424,12 +425,12 @@ def _normalise(x: np.ndarray, what: str) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] == 0:
         raise GalleryError(f"{what}: expected a vector or N×D array, got shape {x.shape}")
-    if not np.isfinite(x).all():
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # NaN or infinity anywhere in a row reaches its norm
+    if not np.isfinite(norms).all():
         raise GalleryError(f"{what}: embedding contains NaN or infinity")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms < 1e-12).any():
         raise GalleryError(f"{what}: zero-length embedding")
-    return (x / norms).astype(np.float32, copy=False)
+    return l2_normalize(x)
 
 
 def _label(image: Any) -> str:

@@ -242,6 +242,9 @@ def _faiss_threads(n: int) -> Iterator[None]:
     """faiss's OpenMP threads for work started by the calling thread (the setting is per thread)."""
     faiss = require_faiss()
     before = faiss.omp_get_max_threads()
+    if before == n:
+        yield
+        return
     faiss.omp_set_num_threads(n)
     try:
         yield

@@ -22,6 +22,15 @@ def project_modules() -> dict[str, Path]:
     return {_module_name(p): p for top in LAYERS for p in sorted((ROOT / top).rglob("*.py"))}
 
 
+def _absolute(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module name of a ``from … import`` inside ``package`` (relative imports resolved)."""
+    base = node.module or ""
+    if not node.level:
+        return base
+    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+    return ".".join(anchor + ([base] if base else []))
+
+
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """Project modules ``name`` imports anywhere in its file (module level or inside functions), plus the
     packages Python runs on the way to them (``a.b`` for ``a.b.c``, outside ``name``'s own packages)."""
@@ -32,10 +41,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+            base = _absolute(node, package)
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue
@@ -111,11 +117,7 @@ def missing_imports(modules: dict[str, Path]) -> list[str]:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(anchor + ([base] if base else []))
-                wanted = [base]
+                wanted = [_absolute(node, package)]
             elif isinstance(node, ast.Import):
                 wanted = [alias.name for alias in node.names]
             else:

@@ -94,6 +94,7 @@ class TritonBackend(Backend):
         except ModelLoadError:
             self.close()
             raise
+        # e.g. "Triton 2.51.0 at 127.0.0.1:8001 (model recognizer, version 1)"
         self._device = (f"Triton {server_version} at {self.url.address} "
                         f"(model {self.url.model}, version {self.version})")
 
@@ -148,11 +149,6 @@ class TritonBackend(Backend):
         self._keep_metadata({k: v.string_value for k, v in config.parameters.items()})
 
     # ---------------------------------------------------------------------------------- interface
-
-    @property
-    def device(self) -> str:
-        """E.g. ``"Triton 2.51.0 at 127.0.0.1:8001 (model recognizer, version 1)"``."""
-        return self._device
 
     @property
     def output_shapes(self) -> list[list]:
