@@ -26,7 +26,7 @@ def openvino_installed() -> bool:
 def openvino_variants(files: list[tuple[str, str]]) -> list[OpenVinoVariant]:
     """OpenVINO rows for ``(path, precision)`` ONNX files (precision as facekit's metadata names it)."""
     if not openvino_installed():
-        return [OpenVinoVariant("openvino-cpu", "", "f32", "openvino not installed (pip install '.[openvino]')")]
+        return [OpenVinoVariant("openvino-cpu", "", "f32", "openvino not installed (pip install openvino)")]
     from runtime.backends.openvino import native_bf16
     from runtime.cpu import cpu_model
 

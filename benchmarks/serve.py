@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from benchmarks.latency import CLIENT_TIMEOUT_S, time_level
+from runtime.serve.ready import wait_until_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16)
@@ -41,7 +41,6 @@ ROUNDS = 4
 LEVEL_SECONDS = 24.0
 #: images per FacePipeline.embed_many call (one call per round, at the highest concurrency)
 MANY_IMAGES = 64
-READY = re.compile(r"listening on (http://[\d.]+:\d+)")
 NOTES = (
     "Closed loop: each client (a thread) sends its next request when the previous answer arrives; one photo "
     "(640 px JPEG, one face) per request; JPEG decoding included on both sides. Per concurrency, the in-process "
@@ -169,17 +168,11 @@ class ServerProcess:
         self.url = self._wait_ready()
 
     def _wait_ready(self, timeout: float = 120.0) -> str:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            text = self.log_path.read_text("utf-8", "replace")
-            m = READY.search(text)
-            if m:
-                return m.group(1)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {text[-2000:]}")
-            time.sleep(0.05)
-        self.close()
-        raise RuntimeError(f"the server was not ready within {timeout:.0f} s")
+        try:
+            return wait_until_listening(self.proc, self.log_path, timeout)
+        except RuntimeError:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self.proc.poll() is None:

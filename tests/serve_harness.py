@@ -4,17 +4,16 @@ request images made from ``$FACEKIT_DATA/photos``."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from conftest import ROOT
+from runtime.serve.ready import wait_until_listening
 
 def require_serve_extra():
     """Skip the calling test module unless the serve extra and httpx are installed; returns httpx."""
@@ -26,7 +25,6 @@ def require_serve_extra():
     return pytest.importorskip("httpx", reason="the tests talk to the server with httpx")
 
 
-READY = re.compile(r"facekit serve: listening on (http://127\.0\.0\.1:\d+)")
 MOBILEFACENET = str(ROOT / "runtime" / "models" / "mobilefacenet.onnx")
 
 
@@ -51,18 +49,12 @@ class Server:
         """Spawn and wait for the "listening on" line (AssertionError with the log if it exits first)."""
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.spawn()
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            text = self.log_path.read_bytes()[start:].decode("utf-8", "replace")
-            m = READY.search(text)
-            if m:
-                self.url = m.group(1)
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{text[-3000:]}")
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"server not ready within {timeout} s:\n{self.log_text()[-3000:]}")
+        try:
+            self.url = wait_until_listening(self.proc, self.log_path, timeout, start)
+        except RuntimeError as e:
+            self.kill()
+            raise AssertionError(str(e)) from None
+        return self
 
     @property
     def pid(self) -> int:

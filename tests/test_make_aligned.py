@@ -28,9 +28,9 @@ N_CELEBA = 6  # a handful of CelebA in-the-wild photos (the first ones the list 
 @pytest.fixture(scope="module")
 def detector():
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.detector import _default_weights, load_detector
+    from runtime.detector import DEFAULT_DETECTOR, load_detector
 
-    return load_detector(OnnxRuntimeBackend(data=_default_weights(), device="cpu", threads=1))
+    return load_detector(OnnxRuntimeBackend(str(DEFAULT_DETECTOR), device="cpu", threads=1))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs the 'openvino' extra")
+ov = pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (a core requirement of facekit)")
 
 from conftest import ROOT, need  # noqa: E402
 from threads import run_threads  # noqa: E402

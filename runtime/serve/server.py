@@ -23,6 +23,7 @@ import numpy as np
 from ..image_io import silence_native_decoder_messages
 from .config import ServeConfig, ServeError, check_packages, config_from_args
 from .galleries import FolderLock, GalleryStore
+from .ready import READY_PREFIX
 
 log = logging.getLogger("facekit.serve")
 
@@ -94,7 +95,7 @@ def run(config: ServeConfig, make_pipeline: Callable[[dict], Any]) -> int:
 
         def ready() -> None:
             models = ", ".join(f"{k} on {v}" for k, v in pipeline.providers.items())
-            print(f"facekit serve: listening on http://{host}:{port} ({models}; {len(store.names)} galleries in "
+            print(f"{READY_PREFIX}http://{host}:{port} ({models}; {len(store.names)} galleries in "
                   f"{store.folder}; ready in {time.perf_counter() - t0:.1f} s)", flush=True)
 
         gate = Gate(create_app(service, ready), metrics, api_keys=config.api_keys,
