@@ -30,6 +30,7 @@ it), saved beside the gallery (``<file>.index-<checksum>``, :mod:`runtime.galler
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -272,7 +273,7 @@ class Gallery:
         pipe = pipeline or self.pipeline
         thr = self._resolve_threshold(threshold, pipe)
         if _is_embedding(image_or_embedding):
-            q = _normalise(np.asarray(image_or_embedding, np.float32).reshape(1, -1), "query")[0]
+            q = _unit_query(image_or_embedding)
         else:
             faces = self._subject_faces([image_or_embedding], pipe, allow_missing=True)
             if not faces:
@@ -299,8 +300,8 @@ class Gallery:
         else:
             sims, rows = exact_search(s.embeddings, q, k)
         best: dict[int, float] = {}
-        for sim, row in zip(sims.tolist(), rows.tolist()):
-            best.setdefault(int(s.owner[row]), sim)  # sorted: the first row of a person is its best
+        for sim, owner in zip(sims.tolist(), s.owner[rows].tolist()):
+            best.setdefault(owner, sim)  # sorted: the first row of a person is its best
             if len(best) == top_k:
                 break
         return best
@@ -419,6 +420,21 @@ def _is_embedding(x: Any) -> bool:
     if isinstance(x, (list, tuple)) and x and all(isinstance(v, (float, np.floating)) for v in x):
         return True
     return False
+
+
+def _unit_query(x: Any) -> np.ndarray:
+    """One query embedding (any shape holding one vector) as a float32 unit vector; GalleryError when it is
+    empty, holds NaN or infinity, or has zero length. The per-query form of :func:`_normalise` (a fraction
+    of its numpy calls: this runs once per identify)."""
+    q = np.asarray(x, np.float32).reshape(-1)
+    if q.size == 0:
+        raise GalleryError(f"query: expected a vector or N×D array, got shape {np.shape(x)}")
+    norm = math.sqrt(float(np.dot(q, q)))
+    if not math.isfinite(norm):
+        raise GalleryError("query: embedding contains NaN or infinity")
+    if norm < 1e-12:
+        raise GalleryError("query: zero-length embedding")
+    return q / np.float32(norm)
 
 
 def _normalise(x: np.ndarray, what: str) -> np.ndarray:

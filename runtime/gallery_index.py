@@ -174,19 +174,25 @@ class RWLock:
         self._writing = False
         self._writers_waiting = 0
 
-    @contextmanager
-    def reading(self) -> Iterator[None]:
+    def acquire_read(self) -> None:
         with self._cond:
             while self._writing or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.release_read()
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -435,15 +441,22 @@ class IndexView:
         """Up to ``max(k, candidates)`` rows proposed by the index, re-ranked exactly: ``(similarities, rows)``."""
         want = max(k, self.spec.candidates)
         params = self._params(want)
-        with self.ann.lock.reading(), _faiss_threads(1):  # nothing to share among threads in one query
-            _, labels = self.ann.index.search(q.reshape(1, -1), want, params=params)
+        lock = self.ann.lock
+        lock.acquire_read()  # a plain call: context managers cost more than the rest of a query's Python
+        try:
+            if require_faiss().omp_get_max_threads() == 1:
+                _, labels = self.ann.index.search(q.reshape(1, -1), want, params=params)
+            else:
+                with _faiss_threads(1):  # nothing to share among threads in one query
+                    _, labels = self.ann.index.search(q.reshape(1, -1), want, params=params)
+        finally:
+            lock.release_read()
         labels = labels[0]
-        labels = labels[(labels >= 0) & (labels < len(self.ids))]
-        rows = self.ids[labels]
-        rows = rows[rows >= 0]
+        rows = self.ids[labels[(labels >= 0) & (labels < len(self.ids))]]
+        rows = rows[rows >= 0].astype(np.int64)
         sims = embeddings[rows] @ q
         order = np.argsort(-sims, kind="stable")[:k]
-        return sims[order], rows[order].astype(np.int64)
+        return sims[order], rows[order]
 
 
 __all__ = ["AUTO_ANN_MIN_ROWS", "AnnIndex", "GalleryIndexError", "IndexKeeper", "IndexSpec", "IndexView", "KINDS",
