@@ -103,16 +103,10 @@ def throughput(plans: list[BackendPlan], opts: Options, batches=(1, 32)) -> list
 
 def lfw_and_cfp(opts: Options, spec) -> dict[str, tuple]:
     """LFW and CFP-FP pair sets with their aligned crops (cached), those present in ``$FACEKIT_DATA``."""
-    root = data_root()
-    out = {}
-    aligner = None
-    for name, path, load in (("LFW", root / "lfw", ep.load_lfw), ("CFP-FP", root / "cfp", lambda p: ep.load_cfp(p, "FP"))):
-        if not path.is_dir() or (name != "LFW" and not opts.accuracy):
-            continue
-        pairset = load(path)
-        aligner = aligner or ec.FaceAligner()
-        out[name] = (pairset, ec.aligned_crops(pairset, aligner, progress=not opts.quiet, spec=spec))
-    return out
+    sets, _ = ep.standard_pair_sets(data_root(), ["LFW", "CFP-FP"] if opts.accuracy else ["LFW"])
+    aligner = ec.FaceAligner() if sets else None
+    return {name: (pairset, ec.aligned_crops(pairset, aligner, progress=not opts.quiet, spec=spec))
+            for name, pairset in sets.items()}
 
 
 def accuracy_and_parity(plans: list[BackendPlan], sets: dict[str, tuple], opts: Options) -> list[dict]:
@@ -147,11 +141,8 @@ def accuracy_and_parity(plans: list[BackendPlan], sets: dict[str, tuple], opts: 
 
 def lfw_images(count: int) -> list[str]:
     """The first ``count`` images of LFW's pairs.txt, in file order."""
-    root = data_root() / "lfw"
-    if not (root / "pairs.txt").is_file():
-        return []
-    pairset = ep.load_lfw(root)
-    return [str(p) for p in pairset.images[:count]]
+    sets, _ = ep.standard_pair_sets(data_root(), ["LFW"])
+    return [str(p) for p in sets["LFW"].images[:count]] if sets else []
 
 
 def worker_main(label: str) -> None:

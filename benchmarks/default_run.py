@@ -33,6 +33,14 @@ REPORT_NOTES = (
 )
 
 
+#: Report notes for a missing data set (``folder``: where it was looked for).
+MISSING_DATA_NOTES = {
+    "LFW": "LFW not found at {folder} (needs pairs.txt and images/); set $FACEKIT_DATA to the folder holding lfw/ "
+           "and cfp/ to get LFW accuracy",
+    "CFP-FP": "CFP not found at {folder} (needs Protocol/ and Data/); set $FACEKIT_DATA to get CFP-FP accuracy",
+}
+
+
 class Clock:
     """Wall and CPU (all threads of this process) seconds per stage."""
 
@@ -109,12 +117,9 @@ class DefaultRun:
         from benchmarks import plots
         from evaluation.identification import evaluate_identification
 
-        lfw_dir = self.data / "lfw"
-        if not (lfw_dir / "pairs.txt").is_file():
-            self.report["notes"].append(f"LFW not found at {lfw_dir} (needs pairs.txt and images/); set "
-                                        "$FACEKIT_DATA to the folder holding lfw/ and cfp/ to get LFW accuracy")
+        self.lfw_set = self._pair_set("LFW")
+        if self.lfw_set is None:
             return
-        self.lfw_set = ep.load_lfw(lfw_dir)
         self.lfw_crops, fused = self.verification("LFW", self.lfw_set, "lfw")
         self.clock.start()
         ident = evaluate_identification(fused, self.lfw_set.identities, min_images=self.args.min_images)
@@ -128,12 +133,16 @@ class DefaultRun:
         self.clock.stop("identification + t-SNE")
 
     def cfp_fp(self) -> None:
-        cfp_dir = self.data / "cfp"
-        if not (cfp_dir / "Protocol").is_dir():
-            self.report["notes"].append(f"CFP not found at {cfp_dir} (needs Protocol/ and Data/); set $FACEKIT_DATA "
-                                        "to get CFP-FP accuracy")
-            return
-        self.verification("CFP-FP", ep.load_cfp(cfp_dir, "FP"), "cfp-fp")
+        cfp = self._pair_set("CFP-FP")
+        if cfp is not None:
+            self.verification("CFP-FP", cfp, "cfp-fp")
+
+    def _pair_set(self, name: str) -> ep.PairSet | None:
+        """The standard pair set ``name`` under the data root, or None with a note saying what is missing."""
+        found, missing = ep.standard_pair_sets(self.data, [name])
+        if name in missing:
+            self.report["notes"].append(MISSING_DATA_NOTES[name].format(folder=missing[name]))
+        return found.get(name)
 
     def landmark_sources(self) -> None:
         from benchmarks import landmark_sources

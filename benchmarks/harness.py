@@ -21,7 +21,7 @@ from runtime.files import atomic_write
 ROOT = Path(__file__).resolve().parents[1]
 VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
 #: Where each data set lives under $FACEKIT_DATA (the default run's layout).
-DEFAULT_DATA = {"lfw": "lfw", "cfp-fp": "cfp", "cfp-ff": "cfp"}
+DEFAULT_DATA = {name.lower(): folder for name, (folder, _) in ep.STANDARD_SETS.items()}
 #: Parity subset of the default run: this many same and different pairs from each LFW fold.
 DEFAULT_PARITY_PER_FOLD = 30
 

@@ -26,16 +26,12 @@ SOURCES = ("detector", "aligner")
 
 def _pair_sets(data: Path) -> tuple[dict[str, ep.PairSet], list[str]]:
     """The LFW / CFP-FP / CFP-FF pair sets under ``data`` and notes for the missing ones."""
-    sets, notes = {}, []
-    if (data / "lfw" / "pairs.txt").is_file():
-        sets["LFW"] = ep.load_lfw(data / "lfw")
-    else:
-        notes.append(f"landmark sources: LFW not found at {data / 'lfw'}")
-    if (data / "cfp" / "Protocol").is_dir():
-        sets["CFP-FP"] = ep.load_cfp(data / "cfp", "FP")
-        sets["CFP-FF"] = ep.load_cfp(data / "cfp", "FF")
-    else:
-        notes.append(f"landmark sources: CFP not found at {data / 'cfp'}")
+    sets, missing = ep.standard_pair_sets(data, ["LFW", "CFP-FP", "CFP-FF"])
+    notes: list[str] = []
+    for name, folder in missing.items():  # CFP-FP and CFP-FF share one folder: one note for both
+        note = f"landmark sources: {name.split('-')[0]} not found at {folder}"
+        if note not in notes:
+            notes.append(note)
     return sets, notes
 
 

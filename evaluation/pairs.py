@@ -19,6 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from .bin_format import load_bin_pickle
 from .errors import BinFormatError, DatasetError
 
 __all__ = ["PairSet", "DatasetError", "BinFormatError", "load_lfw", "load_cfp", "load_bin", "load_pairset",
-           "subset_pairs", "restrict", "PAIR_SET_KINDS"]
+           "STANDARD_SETS", "standard_pair_sets", "subset_pairs", "restrict", "PAIR_SET_KINDS"]
 
 #: The kinds :func:`load_pairset` reads.
 PAIR_SET_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
@@ -249,6 +250,26 @@ def load_pairset(kind: str, data: str | os.PathLike, pairs_file: str | os.PathLi
 
 
 # ------------------------------------------------------------------------------------------------ subsets
+
+
+#: The standard verification sets under a data root: name → (folder, the entry that shows the set is there).
+STANDARD_SETS = {"LFW": ("lfw", "pairs.txt"), "CFP-FP": ("cfp", "Protocol"), "CFP-FF": ("cfp", "Protocol")}
+
+
+def standard_pair_sets(root: str | os.PathLike, names: Sequence[str]) -> tuple[dict[str, PairSet], dict[str, Path]]:
+    """The sets ``names`` (keys of :data:`STANDARD_SETS`) found under ``root``, loaded, and for each missing
+    one the folder it was looked for in."""
+    found, missing = {}, {}
+    for name in names:
+        folder, marker = STANDARD_SETS[name]
+        path = Path(root) / folder
+        if not (path / marker).exists():
+            missing[name] = path
+        elif name == "LFW":
+            found[name] = load_lfw(path)
+        else:
+            found[name] = load_cfp(path, name.split("-")[1])
+    return found, missing
 
 
 def subset_pairs(pairs: np.ndarray, issame: np.ndarray, per_fold: int, n_folds: int = 10) -> np.ndarray:

@@ -45,7 +45,7 @@ class Backend(abc.ABC):
 
     #: set by subclasses: what runs the model (:attr:`device`) and the output names (:attr:`output_names`)
     _device: str = ""
-    _outputs: list[str] = []
+    _outputs: tuple[str, ...] | list[str] = ()
 
     @property
     def device(self) -> str:
