@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from benchmarks.memory import status_mib
 from runtime.cpu import usable_cores
 from runtime.files import atomic_write, sha256_file
 from runtime.gallery import Gallery
@@ -201,12 +202,7 @@ def loaded_memory(path: Path, spec: IndexSpec) -> dict:
 
 
 def _rss_mb() -> dict:
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = round(int(value.split()[0]) / 1024, 1)
-    return fields
+    return {key: round(status_mib(key), 1) for key in ("VmRSS", "VmHWM")}
 
 
 def measure_load_main(path: str, spec_json: str) -> None:

@@ -117,6 +117,7 @@ def measure_decoding(path: Path, repeats: int) -> dict:
 # Peak RSS is the child's VmHWM: ru_maxrss would carry over the parent's peak through fork/vfork + exec.
 _PIPELINE_CHILD = r"""
 import json, statistics, sys, time
+from benchmarks.memory import status_mib
 from runtime import FacePipeline
 from runtime.image_io import load_image_scaled
 path, warmup, repeats, full = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "full"
@@ -131,8 +132,7 @@ for _ in range(repeats):
 print(json.dumps({"ms": round(statistics.median(times) * 1e3, 1), "cpu_ms": round(statistics.median(cpu) * 1e3, 1),
                   "faces": len(faces),
                   "boxes": [[round(float(v), 1) for v in f.box] for f in faces],
-                  "peak_rss_mib": round(next(int(line.split()[1]) for line in open("/proc/self/status")
-                                             if line.startswith("VmHWM:")) / 1024, 1)}))
+                  "peak_rss_mib": round(status_mib("VmHWM"), 1)}))
 """
 
 

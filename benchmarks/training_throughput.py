@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.files import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 MS1MV2_IMAGES, MS1MV2_IDENTITIES = 5_822_653, 85_742
 #: Spacing of the generated image records (≈ MS1MV2's mean JPEG record); the .rec is sparse, nothing is written.
@@ -133,8 +135,7 @@ def write_ms1m_shaped(folder: Path, images: int = MS1MV2_IMAGES, identities: int
     offsets[1:first_id] = 4096 + RECORD_BYTES * np.arange(images, dtype=np.int64)
     id_start = 4096 + RECORD_BYTES * images
     offsets[first_id:] = id_start + 40 * np.arange(identities, dtype=np.int64)
-    tmp = folder / ".train.rec.tmp"
-    with open(tmp, "wb") as f:
+    def write_rec(f) -> None:
         _write_one(f, pack_record(IRHeader(2, np.array([first_id, end], np.float32), 0, 0), b""))
         for k in range(1, 9):  # a few real images at the front (the dataset decodes the first one)
             f.seek(int(offsets[k]))
@@ -144,13 +145,15 @@ def write_ms1m_shaped(folder: Path, images: int = MS1MV2_IMAGES, identities: int
         f.seek(id_start)
         for i in range(identities):
             _write_one(f, pack_record(IRHeader(2, np.array([bounds[i], bounds[i + 1]], np.float32), 0, 0), b""))
-    keys = np.arange(end, dtype=np.int64)
-    with open(folder / ".train.idx.tmp", "w") as f:
+
+    def write_idx(f) -> None:
+        keys = np.arange(end, dtype=np.int64)
         for a in range(0, end, 1 << 20):
             b = min(end, a + (1 << 20))
-            f.write("".join(f"{k}\t{o}\n" for k, o in zip(keys[a:b].tolist(), offsets[a:b].tolist())))
-    os.replace(folder / ".train.idx.tmp", idx)
-    os.replace(tmp, rec)
+            f.write("".join(f"{k}\t{o}\n" for k, o in zip(keys[a:b].tolist(), offsets[a:b].tolist())).encode())
+
+    atomic_write(rec, write_rec)
+    atomic_write(idx, write_idx)
     return rec
 
 
@@ -165,11 +168,7 @@ else:
     from train.datasets import FaceDataset, RecordSource
     import train.samplers as sm
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from benchmarks.memory import status_mib as status
 
 try:  # reset the peak-RSS counter (Linux): VmHWM then measures this open only
     open("/proc/self/clear_refs", "w").write("5")

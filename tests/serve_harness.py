@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks.memory import status_mib
 from conftest import ROOT
 from runtime.serve.ready import wait_until_listening
 
@@ -65,10 +66,9 @@ class Server:
 
     def rss_mb(self) -> float:
         """Resident memory of the server process (MiB)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
+        rss = status_mib("VmRSS", self.pid)
+        assert rss == rss, "no VmRSS"  # NaN: no such process or field
+        return rss
 
     def kill(self) -> None:
         """SIGKILL the whole process group and reap it (no-op once it is gone)."""

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks.memory import status_mib
 from conftest import ROOT, need
 from runtime.batching import ordered_batches
 from runtime.pipeline import FacePipeline, ImageFaces
@@ -173,9 +174,8 @@ def test_embed_many_on_an_endless_generator_has_bounded_memory(pipe, lfw_files):
             taken.append(path)
             yield path
 
-    def rss_kb() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    def rss_kb() -> float:
+        return status_mib("VmRSS") * 1024
 
     window = 12
     gen = pipe.embed_many(endless(), batch_size=6, workers=2, window=window)

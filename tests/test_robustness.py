@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, need
+from benchmarks.memory import status_mib
 from image_corpus import BAD_INPUTS, GOOD_INPUTS, corrupt_but_well_framed, write_corpus
 from runtime.backends.base import ModelLoadError
 from runtime.cli import main
@@ -187,11 +188,7 @@ def test_bad_recognizer_files_give_clear_errors(bad_models, name, capfd, corpus)
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_mib("VmRSS")
 
 
 def _stress_image(sources: list[np.ndarray], i: int) -> np.ndarray:
