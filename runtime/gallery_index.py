@@ -7,7 +7,7 @@ Kinds (``Gallery(index=...)``):
 * ``"hnsw"`` — a faiss HNSW graph over compressed copies of the rows (``storage`` SQ8 by default: one byte per
   dimension, plus about 8·``m`` bytes of graph links per row). Low latency at any size.
 * ``"ivf"`` — faiss inverted lists (k-means cells, :data:`IVF_PROBE_FRACTION` of them visited per query) over
-  4-bit PQ codes scanned with SIMD lookups (``pq4``, default: ``dim/4`` bytes per row plus an 8-byte id),
+  4-bit PQ codes of the rows scanned with SIMD lookups (``pq4``, default: ``dim/4`` bytes per row plus an 8-byte id),
   8-bit PQ, SQ8 or fp16 codes: the least memory per row.
 * ``"auto"`` — exact below :data:`AUTO_ANN_MIN_ROWS` rows (where it is also the faster one), then
   :data:`AUTO_ANN_KIND`; exact when faiss is missing.
@@ -50,6 +50,9 @@ AUTO_ANN_KIND = "ivf"
 #: (recall@1 ≥ 0.99 against exact search at 10⁴–10⁶ rows in `benchmarks/run.py gallery`).
 IVF_PROBE_FRACTION = 0.14
 IVF_MIN_PROBES = 48
+#: IVF ``pq4`` codes encode the rows themselves, not their offsets from the cell centre: one distance table per
+#: query instead of one per visited cell, ≈ 25 % faster at the same recall@1 on 10⁶ rows (faiss ``by_residual``).
+IVF_PQ4_BY_RESIDUAL = False
 #: k-means iterations for IVF cells (faiss's default is 10; more gives cells that need fewer probes).
 IVF_KMEANS_ITERATIONS = 20
 #: ``auto`` uses :data:`AUTO_ANN_KIND` from this many rows on: where it is ≥ 10 % faster than exact search (p50,
@@ -297,6 +300,8 @@ class AnnIndex:
             index.hnsw.efConstruction = spec.ef_construction
         else:
             index.cp.niter = IVF_KMEANS_ITERATIONS
+            if spec.storage == "pq4":
+                index.by_residual = IVF_PQ4_BY_RESIDUAL
         if not index.is_trained:
             sample = embeddings
             if n > TRAIN_SAMPLE:

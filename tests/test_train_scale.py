@@ -20,7 +20,7 @@ from train.datasets import DataError, FaceDataset, RecordSource, SyntheticSource
 from train.device_input import DeviceNormalizer
 from train.losses import build_loss
 from train.optim import build_optimizer, step_unless
-from train.recordio import RecordIOReader, write_image_dataset, write_recordio
+from train.recordio import IRHeader, RecordIOReader, pack_record, write_image_dataset, write_recordio
 from train.samplers import PKBatchSampler, ShuffleBatchSampler
 from train.sharded_head import init_class_rows, shard_range, sharded_builder
 from train.synthetic import identity_sample
@@ -110,7 +110,7 @@ def test_recordio_index_is_numpy_and_parsed_once(tmp_path):
     src = RecordSource(rec)
     assert src.labels.tolist() == [0, 0, 1, 1, 2, 2] and src.class_names == ["0", "1", "2"]
     assert src.keys[1] == "2" and len(src.keys) == 6 and src.encoded_bytes() > 6 * 1000
-    assert len(list(tmp_path.glob(".train.idx.labels.*"))) == 1
+    assert not list(tmp_path.glob(".train.idx.labels.*"))  # identity records give the labels: nothing to cache
     again = RecordIOReader(rec)
     assert isinstance(again.index.offsets, np.memmap) and again.read_image(3)[1] == first.read_image(3)[1]
     # an index with keys out of order (and without header records) still works; duplicates are refused
@@ -127,6 +127,32 @@ def test_recordio_index_is_numpy_and_parsed_once(tmp_path):
         RecordIOReader(tmp_path / "dup.rec")
 
 
+def test_recordio_labels_from_image_headers_are_cached(tmp_path):
+    """Without insightface identity records each image header is read once; later opens use the sidecar."""
+    records = [(k, pack_record(IRHeader(0, float(k % 3), k, 0), b"img")) for k in (4, 7, 9, 12)]
+    write_recordio(tmp_path / "h.rec", tmp_path / "h.idx", records)
+    keys, labels = RecordIOReader(tmp_path / "h.rec").image_keys_and_labels()
+    assert keys.tolist() == [4, 7, 9, 12] and labels.tolist() == [1, 1, 0, 0]
+    assert len(list(tmp_path.glob(".h.idx.labels.*"))) == 1
+    again = RecordIOReader(tmp_path / "h.rec").image_keys_and_labels()
+    assert isinstance(again[1], np.memmap) and again[1].tolist() == [1, 1, 0, 0]
+
+
+def test_recordio_index_accepts_any_whitespace_and_names_bad_lines(tmp_path):
+    write_recordio(tmp_path / "s.rec", tmp_path / "s.idx", [(0, b"zero"), (1, b"one")])
+    lines = (tmp_path / "s.idx").read_text().split()
+    (tmp_path / "s.idx").write_text(f"{lines[0]}  {lines[1]}\n{lines[2]} {lines[3]}\n")
+    r = RecordIOReader(tmp_path / "s.rec")
+    assert r.index.sequential and r.read(1) == b"one"
+    for bad in ("0\t0\n1\tx\n", "0\t0\t3\n"):
+        (tmp_path / "b.rec").write_bytes(b"")
+        (tmp_path / "b.idx").write_text(bad)
+        for old in tmp_path.glob(".b.idx.*"):
+            old.unlink()
+        with pytest.raises(ValueError, match="b.idx: expected 'key offset' lines"):
+            RecordIOReader(tmp_path / "b.rec")
+
+
 def test_recordio_sidecars_go_to_the_cache_when_the_dataset_folder_is_read_only(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -137,7 +163,7 @@ def test_recordio_sidecars_go_to_the_cache_when_the_dataset_folder_is_read_only(
         if os.access(ro, os.W_OK):
             pytest.skip("running as a user who can write into read-only folders")
         RecordSource(ro / "train.rec")
-        assert len(list((tmp_path / "cache" / "recordio").glob("*.facekit.npy"))) == 2
+        assert len(list((tmp_path / "cache" / "recordio").glob("*.facekit.npy"))) == 1  # the index
     finally:
         os.chmod(ro, 0o755)
 

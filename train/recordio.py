@@ -202,34 +202,43 @@ class RecordIOReader:
         return unpack_record(self.read(key))
 
     def image_keys_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Image keys and integer labels (insightface header and identity records when present, else each
-        image's own header), cached in a sidecar next to the index."""
-        table = cached_array("labels", self.idx_path, self.rec_path, self._keys_and_labels)
-        return table[0], table[1]
-
-    def _keys_and_labels(self) -> np.ndarray:
+        """Image keys and integer labels: from the insightface header and identity records when they cover
+        every image (one read of the identity block), else each image's own header (cached in a sidecar)."""
         if not len(self.index):
             raise RecordIOError(f"{self.idx_path}: no records")
-        header, _ = self.read_image(int(self.keys[0]))
-        if int(self.keys[0]) == 0 and header.flag > 0:
-            first_id, end = int(header.label[0]), int(header.label[1])
-            table = np.empty((2, max(0, first_id - 1)), np.int64)  # [image keys, labels], filled in place
-            keys, labels = table[0], table[1]
-            keys[:] = np.arange(1, first_id, dtype=np.int64)
-            spans = self._identity_spans(first_id, end)
+        first_id, spans = self._insightface_spans()
+        if spans is not None:
             lengths = spans[:, 1] - spans[:, 0]
-            if len(spans) and spans[0, 0] == 1 and spans[-1, 1] == first_id and (spans[1:, 0] == spans[:-1, 1]).all() \
-                    and (lengths > 0).all():
-                labels[:] = np.repeat(np.arange(len(spans), dtype=np.int64), lengths)
-            else:
-                labels[:] = -1
-                for ident, (a, b) in enumerate(spans):
-                    labels[a - 1:b - 1] = ident
-            if (labels < 0).any():  # identity records incomplete: read each image header instead
-                labels[:] = [self._label_of(int(k)) for k in keys]
-            return table
-        keys = np.asarray(self.keys, dtype=np.int64)
-        return np.stack([keys, np.array([self._label_of(int(k)) for k in keys], dtype=np.int64)])
+            if len(spans) and spans[0, 0] == 1 and spans[-1, 1] == first_id \
+                    and (spans[1:, 0] == spans[:-1, 1]).all() and (lengths > 0).all():
+                keys = np.arange(1, first_id, dtype=np.int64)
+                return keys, np.repeat(np.arange(len(spans), dtype=np.int64), lengths)
+        table = cached_array("labels", self.idx_path, self.rec_path, lambda: self._labels_from_headers(first_id, spans))
+        return table[0], table[1]
+
+    def _insightface_spans(self) -> tuple[int, np.ndarray | None]:
+        """``(first identity key, the identity records' (first, end) image keys)`` when record 0 is an
+        insightface header, else ``(0, None)``."""
+        if self.index.first_key != 0:
+            return 0, None
+        header, _ = self.read_image(0)
+        if header.flag <= 0:
+            return 0, None
+        first_id = int(header.label[0])
+        return first_id, self._identity_spans(first_id, int(header.label[1]))
+
+    def _labels_from_headers(self, first_id: int, spans: np.ndarray | None) -> np.ndarray:
+        """``[image keys, labels]``: identity spans where they cover a key, else the image's own header."""
+        if spans is None:
+            keys = np.asarray(self.keys, dtype=np.int64)
+            return np.stack([keys, np.array([self._label_of(int(k)) for k in keys], dtype=np.int64)])
+        keys = np.arange(1, first_id, dtype=np.int64)
+        labels = np.full(len(keys), -1, np.int64)
+        for ident, (a, b) in enumerate(spans):
+            labels[a - 1:b - 1] = ident
+        if (labels < 0).any():  # identity records incomplete: read each image header instead
+            labels[:] = [self._label_of(int(k)) for k in keys]
+        return np.stack([keys, labels])
 
     def _identity_spans(self, first_id: int, end: int) -> np.ndarray:
         """``(first, end)`` image keys of each identity record ``first_id .. end-1`` (K×2 int64).
