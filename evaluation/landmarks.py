@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from runtime.files import existing_folder
 from runtime.geometry import LANDMARK_NAMES
 from runtime.landmark_fallback import FallbackRule, disagreement
 
@@ -69,9 +70,7 @@ def read_points(path: str | os.PathLike) -> np.ndarray:
 
 def landmark_files(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
     """(image, .pts5) pairs under ``data_dir`` (recursively), sorted by path."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"landmark folder {root} not found")
+    root = existing_folder(data_dir, what="a landmark folder")
     pairs = []
     for pts in sorted(root.rglob("*.pts5")):
         for ext in (".jpg", ".jpeg", ".png"):

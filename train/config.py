@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from evaluation.data import data_root
-from runtime.files import atomic_write_bytes
+from runtime.files import atomic_write_bytes, existing_file
 from runtime.landmarks import AlignerGeometry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -426,9 +426,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     The ``task`` (of the overrides, else of the file, else ``recognition``) picks the schema."""
     loaded: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = existing_file(path, ConfigError, "config file")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
