@@ -24,6 +24,7 @@ from runtime.backends.tensorrt import read_sidecar, sidecar_problems
 from runtime.detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE
 from runtime.files import existing_file, sha256_file
 from runtime.metadata import METADATA_KEY
+from runtime.optional_imports import require_module
 
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent / "triton_python_model.py"
 INSTALL_HINT = "export for Triton needs tritonclient: pip install 'facekit[triton]'"
@@ -44,11 +45,7 @@ class TritonExportError(ValueError):
 
 def model_config_pb2():
     """Triton's model-config protobuf module (from tritonclient), or :class:`TritonExportError`."""
-    try:
-        from tritonclient.grpc import model_config_pb2 as pb
-    except ImportError:
-        raise TritonExportError(INSTALL_HINT) from None
-    return pb
+    return require_module("tritonclient.grpc.model_config_pb2", TritonExportError, INSTALL_HINT)
 
 
 # ------------------------------------------------------------------------------------------- signatures
