@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import cv2
@@ -300,11 +299,7 @@ def test_lazy_default_loading_is_thread_safe(tiny_recognizer):
     pipe = FacePipeline(recognizer=str(tiny_recognizer))
     pipe._recognizer = None  # as if the default were to be loaded on first use
     seen = []
-    threads = [threading.Thread(target=lambda: seen.append(pipe.recognizer)) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(lambda _: seen.append(pipe.recognizer), 4)
     assert len({id(m) for m in seen}) == 1
 
 

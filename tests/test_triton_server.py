@@ -8,13 +8,13 @@ One server per module (started once, stopped in the fixture's finalizer, also wh
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import need
+from threads import run_threads
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (the triton extra) is not installed")
 
@@ -136,12 +136,7 @@ def test_concurrent_clients_get_correct_answers_and_requests_are_batched(server,
             client.close()
             backend.close()
 
-    threads = [threading.Thread(target=client_thread, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a client hung"
+    run_threads(client_thread, 8, timeout=300)  # fails when a client hangs
     assert not failures, failures
     after = executed_batches(server.grpc_address, "recognizer")
     formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
