@@ -5,8 +5,6 @@ its preprocessing metadata can be set at will); tests of the shipped recognizer 
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import ROOT, need
+from conftest import need, run_python
 from threads import run_threads
 from runtime.backends.base import ModelLoadError
 from runtime.geometry import ARCFACE_TEMPLATE_112
@@ -310,7 +308,7 @@ def test_import_runtime_does_not_import_torch():
     code = ("import sys, runtime, runtime.pipeline, runtime.detector, runtime.cli; "
             "from runtime import FacePipeline, Face; "
             "print('torch' in sys.modules, 'torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False False"
 
