@@ -339,18 +339,15 @@ def _num(v, fmt: str = ".0f") -> str:
 
 def to_markdown(report: dict) -> str:
     """The report as markdown: machine, table, ratios, notes."""
-    from benchmarks.report import machine_line, table
+    from benchmarks.report import report_head, table
 
-    m = report["machine"]
-    lines = [f"# facekit service benchmark — {report['date']}", "",
-             f"Machine: {machine_line(m)}; load average at start {m.get('load_average_at_start')}, at the end "
-             f"{report.get('load_average_at_end')}.", "", f"Command: `{report['command']}`", "",
-             table(["mode", "concurrency", "requests", "throughput /s", "p50 ms", "p99 ms", "CPU ms/req",
-                    "client CPU ms/req", "faces / recognizer call"],
-                   [[r["mode"], r["concurrency"], r["requests"], f"{r['throughput_per_s']:.2f}", _num(r["p50_ms"]),
-                     _num(r["p99_ms"]), _num(r["cpu_ms_per_request"], ".1f"),
-                     _num(r["client_cpu_ms_per_request"], ".2f"), _num(r.get("faces_per_recognizer_call"), ".2f")]
-                    for r in report["rows"]]), ""]
+    lines = report_head("facekit service benchmark", report)
+    lines += [table(["mode", "concurrency", "requests", "throughput /s", "p50 ms", "p99 ms", "CPU ms/req",
+                     "client CPU ms/req", "faces / recognizer call"],
+                    [[r["mode"], r["concurrency"], r["requests"], f"{r['throughput_per_s']:.2f}", _num(r["p50_ms"]),
+                      _num(r["p99_ms"]), _num(r["cpu_ms_per_request"], ".1f"),
+                      _num(r["client_cpu_ms_per_request"], ".2f"), _num(r.get("faces_per_recognizer_call"), ".2f")]
+                     for r in report["rows"]]), ""]
     s = report["summary"]
     lines.append("Service / best in-process throughput at the same concurrency: "
                  + ", ".join(f"c={c}: {v:.2f}" for c, v in s["vs_best_in_process_same_concurrency"].items()) + ".")
@@ -390,7 +387,7 @@ def serve_report(model: Path, landmarks: str, concurrency: str, seconds: float |
     levels = tuple(int(c) for c in concurrency.split(","))
     shown = os.path.relpath(model, ROOT) if Path(model).resolve().is_relative_to(ROOT) else str(model)
     report = {"date": _dt.date.today().isoformat(), "machine": rp.machine_info(), "model": shown,
-              "command": "python benchmarks/run.py " + " ".join(sys.argv[1:])}
+              "command": rp.run_command()}
     server = ServerProcess(["--recognizer", str(model), "--landmarks", landmarks])
     try:
         report.update(run_benchmark(pipes, encode_photos(photos), server, levels, seconds=seconds or LEVEL_SECONDS,

@@ -168,16 +168,12 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def to_markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# facekit through Triton vs in-process — {result['date']}", "",
-             f"Machine: **{rp.machine_line(m)}** ({m.get('os', '')}); load average at start "
-             f"{m.get('load_average_at_start')}, at end {m.get('load_average_at_end')}.", "",
-             f"Command: `{result.get('command', 'python benchmarks/run.py triton')}`", "",
-             f"- server: {result['server']['device']}; {result['server']['repository']}; "
-             f"options {result['server']['options']}",
-             f"- recognizer: {result['models']['recognizer']}",
-             f"- parity (in-process vs Triton): {result['parity']}",
-             f"- {result['seconds_per_level']} s per level; N client threads send requests back to back", ""]
+    lines = rp.report_head("facekit through Triton vs in-process", result, f" ({result['machine'].get('os', '')})")
+    lines += [f"- server: {result['server']['device']}; {result['server']['repository']}; "
+              f"options {result['server']['options']}",
+              f"- recognizer: {result['models']['recognizer']}",
+              f"- parity (in-process vs Triton): {result['parity']}",
+              f"- {result['seconds_per_level']} s per level; N client threads send requests back to back", ""]
     for workload in sorted({r["workload"] for r in result["rows"]}, key=WORKLOADS.index):
         by = {(r["mode"], r["concurrency"]): r for r in result["rows"] if r["workload"] == workload}
         body = []
