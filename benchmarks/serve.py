@@ -308,8 +308,7 @@ def summarize(rows: list[dict], top: int) -> dict:
 
 def plot(report: dict, path: Path) -> str:
     """Throughput and p99 latency against concurrency, one line per mode."""
-    from benchmarks import report as rp
-    from benchmarks.plots import _plt, _save
+    from benchmarks.plots import _plt, clients_axis, save_with_machine
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -321,16 +320,10 @@ def plot(report: dict, path: Path) -> str:
         axes[1].plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], style, label=mode)
     for ax, title in zip(axes, ("photos/s (POST /v1/embed vs FacePipeline.embed)", "p99 latency (ms)")):
         ax.set_title(title, fontsize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent clients")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
+        clients_axis(ax, levels)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{rp.machine_line(report['machine'])}; load average at start "
-                 f"{report['machine'].get('load_average_at_start')}", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save_with_machine(fig, report["machine"], path)
 
 
 def _num(v, fmt: str = ".0f") -> str:
