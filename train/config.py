@@ -13,6 +13,7 @@ Paths may use ``$FACEKIT_DATA`` (default ``../shared/data`` next to the reposito
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import os
@@ -418,6 +419,12 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
         key, value = item.split("=", 1)
         out.append((key.strip(), parse_value(value)))
     return out
+
+
+def add_override_option(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable; collected in ``args.sets``): overrides for :func:`load_config`."""
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted), repeatable")
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
