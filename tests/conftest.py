@@ -35,8 +35,11 @@ def pipe():
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -c code`` in a fresh interpreter at the project root, output captured as text."""
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    """``python -c code`` in a fresh interpreter at the project root, output captured as text; fails the
+    calling test (showing the output) unless it exits 0."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def need(path: Path) -> Path:

@@ -308,9 +308,7 @@ def test_import_runtime_does_not_import_torch():
     code = ("import sys, runtime, runtime.pipeline, runtime.detector, runtime.cli; "
             "from runtime import FacePipeline, Face; "
             "print('torch' in sys.modules, 'torchvision' in sys.modules)")
-    out = run_python(code)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False False"
+    assert run_python(code).stdout.strip() == "False False"
 
 
 # ------------------------------------------------------------------------------------ shipped models
