@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +132,7 @@ def cmd_triton(args) -> dict:
                                 args.seconds, log)
     except (TritonServerMissing, TritonExportError) as e:
         raise UsageError(str(e)) from None
-    result["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    result["command"] = rp.run_command()
     if not args.no_write:
         for path in triton.write(result, Path(args.results) if args.results else rp.RESULTS_DIR):
             log(f"wrote {path}")
@@ -159,7 +158,7 @@ def cmd_throughput(args) -> dict:
                         aligner=args.aligner, backend=args.backend)
     files = pt.lfw_images(Path(args.data), args.images)
     log(f"throughput: {len(files)} LFW photos, embed vs embed_many")
-    out = {"date": _dt.date.today().isoformat(), "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+    out = {"date": _dt.date.today().isoformat(), "command": rp.run_command(),
            "machine": info, "embed": pt.embed_throughput(pipe, files, args.rounds, batch_size=args.batch_size,
                                                          workers=args.workers)}
     if args.indexer_images:
@@ -210,8 +209,7 @@ def cmd_cpu(args) -> dict:
 
     opts = cpu_backends.Options(model=resolve_model(args.model), images=args.images, rounds=args.rounds,
                                 seconds=args.seconds, accuracy=not args.no_accuracy, quiet=args.quiet)
-    report = cpu_backends.run(opts, None if args.no_write else rp.RESULTS_DIR,
-                              "python benchmarks/run.py " + " ".join(sys.argv[1:]))
+    report = cpu_backends.run(opts, None if args.no_write else rp.RESULTS_DIR, rp.run_command())
     print_result(report, args, cpu_backends.to_markdown(report))
     return report
 
@@ -237,7 +235,7 @@ def cmd_gallery(args) -> dict:
     out = bg.run(emb, pairset.identities, sizes=[int(v) for v in args.sizes.split(",")],
                  kinds=args.indexes.split(","), exact_queries=args.exact_queries,
                  with_crossover=not args.no_crossover, log=log)
-    out.update(model=str(model), command="python benchmarks/run.py " + " ".join(sys.argv[1:]))
+    out.update(model=str(model), command=rp.run_command())
     if not getattr(args, "no_write", False):
         md, _ = gallery_report.write(out, Path(getattr(args, "results", None) or rp.RESULTS_DIR))
         log(f"wrote {md}")

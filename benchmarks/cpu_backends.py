@@ -310,15 +310,13 @@ def targets(report: dict) -> list[dict]:
 
 def to_markdown(report: dict) -> str:
     """The report as markdown: machine, recognizer throughput, parity / accuracy, pipeline, targets."""
-    m = report["machine"]
-    lines = [f"# CPU backends — {report['date']}", "",
-             f"Machine: **{rp.machine_line(m)}**; OpenVINO {m.get('versions', {}).get('openvino', '–')}, "
-             f"ONNX Runtime {m.get('versions', {}).get('onnxruntime', '–')}. Load average at start "
-             f"{m.get('load_average_at_start')}, at end {m.get('load_average_at_end')}.", "",
-             f"Command: `{report['command']}`", "", "## Recognizer calls (random crops, preprocessing included)", "",
-             rp.table(["backend", "device", "batch", "median ms", "faces/s", "× ORT fp32"],
-                      [[r["backend"], r["device"], str(r["batch"]), f"{r['median_ms']:.2f}", f"{r['faces_per_s']:.0f}",
-                        f"{r['speedup_vs_ort_fp32']:.2f}"] for r in report.get("throughput", [])]), ""]
+    versions = report["machine"].get("versions", {})
+    lines = rp.report_head("CPU backends", report, f" (OpenVINO {versions.get('openvino', '–')}, "
+                                                   f"ONNX Runtime {versions.get('onnxruntime', '–')})")
+    lines += ["## Recognizer calls (random crops, preprocessing included)", "",
+              rp.table(["backend", "device", "batch", "median ms", "faces/s", "× ORT fp32"],
+                       [[r["backend"], r["device"], str(r["batch"]), f"{r['median_ms']:.2f}", f"{r['faces_per_s']:.0f}",
+                         f"{r['speedup_vs_ort_fp32']:.2f}"] for r in report.get("throughput", [])]), ""]
     if report.get("accuracy_parity"):
         rows = [[r["backend"], rp._fmt(r.get("parity_min_cos"), 7), rp._fmt(r.get("parity_mean_cos"), 7)]
                 + [f"{rp._pct(r.get(f'{n}_accuracy'))} ± {rp._pct(r.get(f'{n}_accuracy_std'))}" for n in ("LFW", "CFP-FP")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -73,8 +72,7 @@ class DefaultRun:
         self.results_dir = Path(args.results) if args.results else rp.RESULTS_DIR
         self.plots_dir = None if args.no_write else self.results_dir / rp.report_stem(self.info, date)
         self.report: dict = {"date": date, "machine": self.info, "models": {}, "verification": {}, "plots": {},
-                             "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
-                             "notes": list(REPORT_NOTES)}
+                             "command": rp.run_command(), "notes": list(REPORT_NOTES)}
         log(f"machine: {rp.machine_line(self.info)}")
         self.main = make_embedder(self.model, "onnxruntime", "cpu")
         meta = self.main.metadata

@@ -21,9 +21,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -157,11 +157,8 @@ def run_queries(gallery: Gallery, queries: np.ndarray, row_of: dict[str, int], t
     if threads == 1:
         work(range(len(queries)))
     else:
-        pool = [threading.Thread(target=work, args=(range(t, len(queries), threads),)) for t in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, [range(t, len(queries), threads) for t in range(threads)]))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"rows": rows, "sims": sims, **_percentiles(lat), "qps": round(len(queries) / wall, 1),
             "cpu_ms_per_query": round(cpu / len(queries) * 1e3, 4), "queries": len(queries)}

@@ -51,15 +51,13 @@ def sweep_table(r: dict) -> str:
 
 def to_markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# Gallery search benchmark — {report['date']}", "",
-             f"Machine: **{rp.machine_line(m)}** ({m.get('os', '')}; faiss {report.get('faiss', '?')}, numpy "
-             f"{m.get('versions', {}).get('numpy', '?')})", "",
-             f"Load average (1/5/15 min) at start: {m.get('load_average_at_start')}, at end: "
-             f"{m.get('load_average_at_end')} — the machine is shared; wall-clock timings are as it was "
-             "(CPU ms/query is less sensitive to other processes).", "",
-             f"Command: `{report.get('command', '')}`", "",
-             f"Probes: {report['probes']['identities']} enrolled identities, {report['probes']['queries']} queries. "
-             f"Distractors: {report['distractor_model']}.", ""]
+    lines = rp.report_head("Gallery search benchmark", report,
+                           f" ({m.get('os', '')}; faiss {report.get('faiss', '?')}, "
+                           f"numpy {m.get('versions', {}).get('numpy', '?')})")
+    lines += ["The machine is shared: wall-clock timings are as it was (CPU ms/query is less sensitive to other "
+              "processes).", "",
+              f"Probes: {report['probes']['identities']} enrolled identities, {report['probes']['queries']} queries. "
+              f"Distractors: {report['distractor_model']}.", ""]
     for entry in report["sizes"]:
         lines += [f"## {entry['rows']:,} rows ({entry['distractors']:,} distractors; threshold at FPR 1e-3: cos "
                   f"{entry['threshold_cosine']})", "", size_table(entry), ""]

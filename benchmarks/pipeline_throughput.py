@@ -118,19 +118,16 @@ def instruction_sets() -> str:
 def to_markdown(result: dict) -> str:
     """The throughput report as markdown."""
     m, e = result["machine"], result["embed"]
-    lines = [f"# facekit pipeline throughput — {result['date']}", "",
-             f"Machine: **{rp.machine_line(m)}** ({m.get('instruction_sets', '')}); load average at start "
-             f"{m.get('load_average_at_start')}, "
-             f"at end {m.get('load_average_at_end')}.", "", f"Command: `{result['command']}`", "",
-             f"## embed_many vs embed, one photo at a time ({e['photos']} LFW photos, {e['faces']} faces, same "
-             f"pipeline, decoding included, {e['rounds']} interleaved rounds)", "",
-             rp.table(["path", "seconds", "photos/s", "faces/s"],
-                      [["embed, one photo at a time", f"{e['one_at_a_time']['seconds']:.1f}",
-                        f"{e['one_at_a_time']['photos_per_s']:.2f}", f"{e['one_at_a_time']['faces_per_s']:.2f}"],
-                       [f"embed_many {e['embed_many']['options']}", f"{e['embed_many']['seconds']:.1f}",
-                        f"{e['embed_many']['photos_per_s']:.2f}", f"{e['embed_many']['faces_per_s']:.2f}"]]),
-             "", f"Speed-up: **{e['speedup']:.2f}×**; lowest cosine between the two paths' embeddings of a face: "
-                 f"**{e['min_cosine']}**; photos whose face count differs: {e['face_count_mismatches']}.", ""]
+    lines = rp.report_head("facekit pipeline throughput", result, f" ({m.get('instruction_sets', '')})")
+    lines += [f"## embed_many vs embed, one photo at a time ({e['photos']} LFW photos, {e['faces']} faces, same "
+              f"pipeline, decoding included, {e['rounds']} interleaved rounds)", "",
+              rp.table(["path", "seconds", "photos/s", "faces/s"],
+                       [["embed, one photo at a time", f"{e['one_at_a_time']['seconds']:.1f}",
+                         f"{e['one_at_a_time']['photos_per_s']:.2f}", f"{e['one_at_a_time']['faces_per_s']:.2f}"],
+                        [f"embed_many {e['embed_many']['options']}", f"{e['embed_many']['seconds']:.1f}",
+                         f"{e['embed_many']['photos_per_s']:.2f}", f"{e['embed_many']['faces_per_s']:.2f}"]]),
+              "", f"Speed-up: **{e['speedup']:.2f}×**; lowest cosine between the two paths' embeddings of a face: "
+                  f"**{e['min_cosine']}**; photos whose face count differs: {e['face_count_mismatches']}.", ""]
     if result.get("indexer"):
         lines += ["## Indexer on celeba/wild (wall clock, start-up included)", "",
                   rp.table(["mode", "images", "enrolled", "seconds", "photos/s"],

@@ -26,6 +26,24 @@ def _save(fig, path: str | os.PathLike) -> str:
     return str(path)
 
 
+def clients_axis(ax, clients: list[int]) -> None:
+    """A log-2 x axis ticked at the client counts, y from 0, a light grid (results against concurrency)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(clients, [str(c) for c in clients])
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+
+def save_with_machine(fig, machine: dict, path: str | os.PathLike) -> str:
+    """Title ``fig`` with the machine and its load average at start, lay it out and write it (:func:`_save`)."""
+    from benchmarks.report import machine_line
+
+    fig.suptitle(f"{machine_line(machine)}; load average at start {machine.get('load_average_at_start')}",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path, title: str = "ROC") -> str:
     """ROC curves (TPR vs FAR, log FAR axis); ``curves``: label → (fpr, tpr)."""
     plt = _plt()

@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from runtime.cpu import cpu_model, usable_cores
@@ -72,6 +73,24 @@ def machine_line(info: dict) -> str:
     gpu = ", ".join(info.get("gpus") or []) or "no GPU"
     isa = f" ({info['isa']})" if info.get("isa") else ""
     return f"{info['cpu']}{isa}, {info['cores']} cores, {gpu}"
+
+
+def run_command() -> str:
+    """The command line of this benchmark run, as ``python benchmarks/run.py …`` (recorded in reports)."""
+    return "python benchmarks/run.py " + " ".join(sys.argv[1:])
+
+
+def report_head(title: str, report: dict, machine_details: str = "") -> list[str]:
+    """The opening markdown lines of a benchmark report: ``# <title> — <date>``; the machine
+    (:func:`machine_line`, then ``machine_details``) with the load averages at start and end; the command."""
+    m = report["machine"]
+    end = m.get("load_average_at_end", report.get("load_average_at_end"))
+    lines = [f"# {title} — {report['date']}", "",
+             f"Machine: **{machine_line(m)}**{machine_details}; load average (1/5/15 min) at start "
+             f"{m.get('load_average_at_start')}, at end {end}.", ""]
+    if report.get("command"):
+        lines += [f"Command: `{report['command']}`", ""]
+    return lines
 
 
 def _fmt(v, digits: int = 4) -> str:

@@ -308,8 +308,7 @@ def summarize(rows: list[dict], top: int) -> dict:
 
 def plot(report: dict, path: Path) -> str:
     """Throughput and p99 latency against concurrency, one line per mode."""
-    from benchmarks import report as rp
-    from benchmarks.plots import _plt, _save
+    from benchmarks.plots import _plt, clients_axis, save_with_machine
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -321,16 +320,10 @@ def plot(report: dict, path: Path) -> str:
         axes[1].plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], style, label=mode)
     for ax, title in zip(axes, ("photos/s (POST /v1/embed vs FacePipeline.embed)", "p99 latency (ms)")):
         ax.set_title(title, fontsize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent clients")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
+        clients_axis(ax, levels)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{rp.machine_line(report['machine'])}; load average at start "
-                 f"{report['machine'].get('load_average_at_start')}", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save_with_machine(fig, report["machine"], path)
 
 
 def _num(v, fmt: str = ".0f") -> str:
@@ -339,18 +332,15 @@ def _num(v, fmt: str = ".0f") -> str:
 
 def to_markdown(report: dict) -> str:
     """The report as markdown: machine, table, ratios, notes."""
-    from benchmarks.report import machine_line, table
+    from benchmarks.report import report_head, table
 
-    m = report["machine"]
-    lines = [f"# facekit service benchmark — {report['date']}", "",
-             f"Machine: {machine_line(m)}; load average at start {m.get('load_average_at_start')}, at the end "
-             f"{report.get('load_average_at_end')}.", "", f"Command: `{report['command']}`", "",
-             table(["mode", "concurrency", "requests", "throughput /s", "p50 ms", "p99 ms", "CPU ms/req",
-                    "client CPU ms/req", "faces / recognizer call"],
-                   [[r["mode"], r["concurrency"], r["requests"], f"{r['throughput_per_s']:.2f}", _num(r["p50_ms"]),
-                     _num(r["p99_ms"]), _num(r["cpu_ms_per_request"], ".1f"),
-                     _num(r["client_cpu_ms_per_request"], ".2f"), _num(r.get("faces_per_recognizer_call"), ".2f")]
-                    for r in report["rows"]]), ""]
+    lines = report_head("facekit service benchmark", report)
+    lines += [table(["mode", "concurrency", "requests", "throughput /s", "p50 ms", "p99 ms", "CPU ms/req",
+                     "client CPU ms/req", "faces / recognizer call"],
+                    [[r["mode"], r["concurrency"], r["requests"], f"{r['throughput_per_s']:.2f}", _num(r["p50_ms"]),
+                      _num(r["p99_ms"]), _num(r["cpu_ms_per_request"], ".1f"),
+                      _num(r["client_cpu_ms_per_request"], ".2f"), _num(r.get("faces_per_recognizer_call"), ".2f")]
+                     for r in report["rows"]]), ""]
     s = report["summary"]
     lines.append("Service / best in-process throughput at the same concurrency: "
                  + ", ".join(f"c={c}: {v:.2f}" for c, v in s["vs_best_in_process_same_concurrency"].items()) + ".")
@@ -390,7 +380,7 @@ def serve_report(model: Path, landmarks: str, concurrency: str, seconds: float |
     levels = tuple(int(c) for c in concurrency.split(","))
     shown = os.path.relpath(model, ROOT) if Path(model).resolve().is_relative_to(ROOT) else str(model)
     report = {"date": _dt.date.today().isoformat(), "machine": rp.machine_info(), "model": shown,
-              "command": "python benchmarks/run.py " + " ".join(sys.argv[1:])}
+              "command": rp.run_command()}
     server = ServerProcess(["--recognizer", str(model), "--landmarks", landmarks])
     try:
         report.update(run_benchmark(pipes, encode_photos(photos), server, levels, seconds=seconds or LEVEL_SECONDS,

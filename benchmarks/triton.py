@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks import report as rp
 from benchmarks.latency import CLIENT_TIMEOUT_S, SINGLE_PORTRAITS, time_level
-from benchmarks.plots import _plt, _save
+from benchmarks.plots import _plt, clients_axis, save_with_machine
 from export.triton_repository import ServingOptions, plan_repository, write_repository
 from export.triton_server import LocalTritonServer, executed_batches
 from runtime.backends.base import load_model
@@ -168,16 +168,12 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def to_markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# facekit through Triton vs in-process — {result['date']}", "",
-             f"Machine: **{rp.machine_line(m)}** ({m.get('os', '')}); load average at start "
-             f"{m.get('load_average_at_start')}, at end {m.get('load_average_at_end')}.", "",
-             f"Command: `{result.get('command', 'python benchmarks/run.py triton')}`", "",
-             f"- server: {result['server']['device']}; {result['server']['repository']}; "
-             f"options {result['server']['options']}",
-             f"- recognizer: {result['models']['recognizer']}",
-             f"- parity (in-process vs Triton): {result['parity']}",
-             f"- {result['seconds_per_level']} s per level; N client threads send requests back to back", ""]
+    lines = rp.report_head("facekit through Triton vs in-process", result, f" ({result['machine'].get('os', '')})")
+    lines += [f"- server: {result['server']['device']}; {result['server']['repository']}; "
+              f"options {result['server']['options']}",
+              f"- recognizer: {result['models']['recognizer']}",
+              f"- parity (in-process vs Triton): {result['parity']}",
+              f"- {result['seconds_per_level']} s per level; N client threads send requests back to back", ""]
     for workload in sorted({r["workload"] for r in result["rows"]}, key=WORKLOADS.index):
         by = {(r["mode"], r["concurrency"]): r for r in result["rows"] if r["workload"] == workload}
         body = []
@@ -217,15 +213,9 @@ def plot(result: dict, path: Path) -> str:
         axes[1][col].set_xlabel("concurrent clients")
         clients = sorted({r["concurrency"] for r in result["rows"]})
         for ax in (axes[0][col], axes[1][col]):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(clients, [str(c) for c in clients])
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
+            clients_axis(ax, clients)
             ax.legend()
-    fig.suptitle(f"{rp.machine_line(result['machine'])}; load average at start "
-                 f"{result['machine'].get('load_average_at_start')}", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save_with_machine(fig, result["machine"], path)
 
 
 def write(result: dict, results_dir: Path) -> tuple[Path, Path]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
+
+from runtime.files import existing_file
 
 from .errors import BinFormatError, DatasetError
 
@@ -145,9 +146,7 @@ def load_bin_pickle(path: str | os.PathLike) -> tuple[list[bytes], list[bool]]:
     Only lists, tuples, bytes, bools (and insightface's 1-D uint8 numpy buffers, rebuilt by local
     stand-ins, never by numpy) are accepted; any other global, class or call raises :class:`BinFormatError`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: .bin file not found")
+    path = existing_file(path, DatasetError, ".bin file")
     raw = path.read_bytes()
     try:
         obj = _DataOnlyUnpickler(io.BytesIO(raw), str(path)).load()

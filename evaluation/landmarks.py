@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import cv2
 import numpy as np
 
+from runtime.files import existing_folder
 from runtime.geometry import LANDMARK_NAMES
 from runtime.landmark_fallback import FallbackRule, disagreement
 
@@ -69,9 +70,7 @@ def read_points(path: str | os.PathLike) -> np.ndarray:
 
 def landmark_files(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
     """(image, .pts5) pairs under ``data_dir`` (recursively), sorted by path."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"landmark folder {root} not found")
+    root = existing_folder(data_dir, what="a landmark folder")
     pairs = []
     for pts in sorted(root.rglob("*.pts5")):
         for ext in (".jpg", ".jpeg", ".png"):
@@ -89,6 +88,26 @@ def match_detection(detections: list, gt: np.ndarray):
     c = np.asarray(gt, np.float64).reshape(-1, 2).mean(0)
     inside = [d for d in detections if d.box[0] <= c[0] <= d.box[2] and d.box[1] <= c[1] <= d.box[3]]
     return max(inside, key=lambda d: d.score) if inside else None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """A landmark folder's image as BGR uint8; :class:`ValueError` when it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: unreadable image")
+    return image
+
+
+def annotated_faces(pairs: list[tuple[Path, Path]], detector: Any, desc: str,
+                    progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
+    """For each (image, ``.pts5``) pair: the image (BGR), its ground-truth points and the detection of that
+    face (:func:`match_detection`; None when the detector missed it), with a progress bar."""
+    from tqdm import tqdm
+
+    for img_path, pts_path in tqdm(pairs, desc=desc, disable=not progress):
+        image = read_image(img_path)
+        gt = read_points(pts_path)[: len(LANDMARK_NAMES)]
+        yield image, gt, match_detection(detector.detect(image), gt)
 
 
 def per_landmark_nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -119,8 +138,6 @@ def evaluate_landmarks(data_dir: str | os.PathLike, refiner: Refiner | dict[str,
     "median_nme", "per_landmark", "ms_per_face"}, "detector": {...}, "images": N, "missed": M,
     "data": str, "aligner_model": str}`` (one entry per refiner name).
     """
-    from tqdm import tqdm
-
     from runtime.detector import load_detector
 
     refiners = refiner if isinstance(refiner, dict) else {"aligner": refiner}
@@ -130,12 +147,7 @@ def evaluate_landmarks(data_dir: str | os.PathLike, refiner: Refiner | dict[str,
     found: dict[str, list] = {name: [] for name in refiners}
     seconds = dict.fromkeys(refiners, 0.0)
     missed = 0
-    for img_path, pts_path in tqdm(pairs, desc="landmarks", disable=not progress):
-        image = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"{img_path}: unreadable image")
-        gt = read_points(pts_path)[: len(LANDMARK_NAMES)]
-        d = match_detection(det.detect(image), gt)
+    for image, gt, d in annotated_faces(pairs, det, "landmarks", progress):
         if d is None:
             missed += 1
             continue
@@ -179,18 +191,12 @@ def aligner_agreement(data_dirs: list[str | os.PathLike], refiner: Any, detector
     """(detector points (N, 5, 2), the aligner's own points (N, 5, 2), their peaks (N, 5)) of the annotated
     faces the detector finds in ``data_dirs``; ``refiner`` needs ``refine_details`` (the runtime's
     :class:`~runtime.landmarks.LandmarkRefiner` or ``train``'s ``TorchRefiner``)."""
-    from tqdm import tqdm
-
     from runtime.detector import load_detector
 
     det = detector if detector is not None else load_detector()
     det_pts, ali_pts, peaks = [], [], []
     pairs = [pair for folder in data_dirs for pair in landmark_files(folder)]
-    for img_path, pts_path in tqdm(pairs, desc="aligner vs detector", disable=not progress):
-        image = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"{img_path}: unreadable image")
-        d = match_detection(det.detect(image), read_points(pts_path)[: len(LANDMARK_NAMES)])
+    for image, _, d in annotated_faces(pairs, det, "aligner vs detector", progress):
         if d is None:
             continue
         r = refiner.refine_details(image, [d.box], [d.landmarks])

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from runtime.files import existing_file
+
 from .bin_format import load_bin_pickle
 from .errors import BinFormatError, DatasetError
 
@@ -162,8 +164,7 @@ def load_lfw(root: str | os.PathLike, pairs_file: str | os.PathLike | None = Non
 
 
 def _read_pair_list(path: Path) -> dict[int, Path]:
-    if not path.is_file():
-        raise DatasetError(f"{path}: CFP image list not found")
+    existing_file(path, DatasetError, "CFP image list")
     out = {}
     for k, ln in enumerate(path.read_text().splitlines()):
         if not ln.strip():

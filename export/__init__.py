@@ -9,6 +9,7 @@ Modules:
 - :mod:`export.fp16` — fp16 graphs with fp32 inputs/outputs;
 - :mod:`export.calibration` — folders of aligned crops, the INT8 calibration reader;
 - :mod:`export.quantize` — INT8 Q/DQ quantization and its accuracy guard;
+- :mod:`export.cli` — what the command lines share: the parser built from a tool's docstring;
 - :mod:`export.trt_build` — ONNX → TensorRT engine with a JSON sidecar and an engine cache;
 - :mod:`export.triton_repository` — a Triton model repository (configs derived from the models), written by
   ``python export/to_triton.py``; :mod:`export.triton_python_model` — its Python-backend ``model.py``

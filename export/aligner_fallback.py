@@ -14,7 +14,6 @@ without one, or to measure it again.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -42,8 +41,9 @@ def measure_and_store(model: Path, data: list[Path], coverage: float, out: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from export.cli import doc_parser
+
+    p = doc_parser(__doc__)
     p.add_argument("model", type=Path, help="aligner ONNX file")
     p.add_argument("--data", type=Path, action="append", required=True,
                    help="landmark folder the aligner was trained on (images + .pts5); repeatable")

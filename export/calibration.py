@@ -11,15 +11,14 @@ from typing import Iterator
 
 import numpy as np
 
+from runtime.files import existing_folder
 from runtime.photo_lists import IMAGE_EXTENSIONS, is_image_file
 from runtime.preprocess import PreprocessSpec, to_model_input
 
 
 def list_images(folder: str | os.PathLike, limit: int | None = None) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted); at most ``limit``, spread evenly over the list."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder of aligned face crops")
+    root = existing_folder(folder, what="a folder of aligned face crops")
     files = sorted(p for p in root.rglob("*") if is_image_file(p.name) and p.is_file())
     if not files:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")

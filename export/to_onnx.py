@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.cli import doc_parser
 from runtime.files import publish, sha256_file, temp_beside
 
 ALIGNER_ARCHS = ("hourglass",)
@@ -51,8 +52,7 @@ def _batches(values: list[str]) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arch", help="random-init backbone (mobilefacenet, iresnet50, …, or 'hourglass' for the aligner)")
     src.add_argument("--checkpoint", type=Path, help="training checkpoint: a recognizer's (train/arcface.py) or an "

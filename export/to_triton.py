@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.cli import doc_parser
+
 DEFAULT_RECOGNIZER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "recognizer.onnx"
 
 
@@ -32,8 +34,7 @@ def _batches(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(__doc__)
     p.add_argument("--recognizer", type=Path, default=DEFAULT_RECOGNIZER,
                    help="recognizer ONNX with facekit metadata (default: runtime/models/recognizer.onnx)")
     p.add_argument("--detector", type=Path, help="detector ONNX (RetinaFace/SCRFD); also used by face_pipeline "

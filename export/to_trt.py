@@ -16,14 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.cli import doc_parser
+
 #: Minimum cosine of the engine against ONNX Runtime on the same graph, by precision (fp32 allows TF32).
 CHECK_MIN_COS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
 EXIT_NO_TENSORRT = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(__doc__)
     p.add_argument("onnx", type=Path, help="source ONNX model (from export/to_onnx.py)")
     p.add_argument("--out", type=Path, help="engine file (default: the ONNX path with .engine)")
     p.add_argument("--min-batch", type=int, default=1)

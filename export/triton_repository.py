@@ -22,8 +22,9 @@ from typing import Any
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.backends.tensorrt import read_sidecar, sidecar_problems
 from runtime.detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE
-from runtime.files import sha256_file
+from runtime.files import existing_file, sha256_file
 from runtime.metadata import METADATA_KEY
+from runtime.optional_imports import require_module
 
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent / "triton_python_model.py"
 INSTALL_HINT = "export for Triton needs tritonclient: pip install 'facekit[triton]'"
@@ -44,11 +45,7 @@ class TritonExportError(ValueError):
 
 def model_config_pb2():
     """Triton's model-config protobuf module (from tritonclient), or :class:`TritonExportError`."""
-    try:
-        from tritonclient.grpc import model_config_pb2 as pb
-    except ImportError:
-        raise TritonExportError(INSTALL_HINT) from None
-    return pb
+    return require_module("tritonclient.grpc.model_config_pb2", TritonExportError, INSTALL_HINT)
 
 
 # ------------------------------------------------------------------------------------------- signatures
@@ -198,9 +195,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Engine":
         """Read and check an engine's sidecar (format, key, engine hash); :class:`TritonExportError` if bad."""
-        path = Path(path)
-        if not path.is_file():
-            raise TritonExportError(f"{path}: engine file not found")
+        path = existing_file(path, TritonExportError, "engine file")
         try:
             side = read_sidecar(path)
         except RuntimeError as e:
@@ -334,8 +329,7 @@ def plan_repository(recognizer: str | os.PathLike, detector: str | os.PathLike |
     if detector is not None:
         sources["detector"] = Path(detector)
     for path in sources.values():
-        if not path.is_file():
-            raise TritonExportError(f"{path}: ONNX file not found")
+        existing_file(path, TritonExportError, "ONNX file")
     grouped = _engines_by_source([Engine.load(e) for e in engines], sources)
     models = []
     for name, path in sources.items():

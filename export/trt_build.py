@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from runtime.backends.tensorrt import (INSTALL_HINT, build_differences, engine_key, make_sidecar, read_sidecar,
+from runtime.backends.tensorrt import (build_differences, engine_key, import_tensorrt, make_sidecar, read_sidecar,
                                        sidecar_path, sidecar_problems)
 from runtime.files import atomic_write_bytes, sha256_file
 
@@ -25,7 +25,7 @@ from .onnx_utils import precision_of, read_metadata
 
 
 class TensorRTMissing(RuntimeError):
-    """``tensorrt`` cannot be imported; the message is :data:`INSTALL_HINT`."""
+    """``tensorrt`` cannot be imported; the message is :data:`runtime.backends.tensorrt.INSTALL_HINT`."""
 
 
 class StaleEngineError(RuntimeError):
@@ -56,11 +56,7 @@ class BuildOptions:
 
 def require_tensorrt():
     """Import ``tensorrt`` or raise :class:`TensorRTMissing` (one line: how to install it)."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise TensorRTMissing(INSTALL_HINT) from None
-    return tensorrt
+    return import_tensorrt(TensorRTMissing)
 
 
 def onnx_input(proto: onnx.ModelProto) -> tuple[str, list]:

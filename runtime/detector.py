@@ -209,6 +209,23 @@ class _OnnxDetector:
         """What really runs the detector (e.g. ``CPUExecutionProvider``, ``OpenVINO CPU f32``)."""
         return self.backend.device
 
+    def detect(self, image_bgr: np.ndarray, score_threshold: float = 0.5, nms_threshold: float = 0.4,
+               max_side: int | None = None, min_side: int | None = None) -> list[Detection]:
+        """Faces in a uint8 BGR image, best score first, in the image's own pixel coordinates.
+
+        The image is resized for detection only: longer side ≤ ``max_side``, shorter side ≥ ``min_side``
+        (None: the detector's defaults, 0: no limit); fixed-size models get a letterboxed input.
+        """
+        image = _as_bgr(image_bgr)
+        x, (ph, pw), scale = self.model_input(image, max_side, min_side)
+        boxes, scores, points = self._decode(self.backend.run(x), ph, pw)
+        return _select(boxes, scores, points, score_threshold, nms_threshold, scale, clip_to=image.shape[:2])
+
+    def _decode(self, outputs: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes (N, 4), scores (N,) and landmarks (N, 5, 2), in input pixels, from the model's outputs for an
+        input of ``height``×``width``."""
+        raise NotImplementedError
+
     def _prepare(self, image: np.ndarray, max_side, min_side):
         """Resize ``image`` for detection; returns (resized HxWx3 uint8, padded input (h, w), scale (sx, sy))."""
         h, w = image.shape[:2]
@@ -247,26 +264,15 @@ class RetinaFaceDetector(_OnnxDetector):
         super().__init__(model, backend, max_side, min_side)
         self._roles = _retinaface_roles(self.backend)
 
-    def detect(self, image_bgr: np.ndarray, score_threshold: float = 0.5, nms_threshold: float = 0.4,
-               max_side: int | None = None, min_side: int | None = None) -> list[Detection]:
-        """Faces in a uint8 BGR image, best score first, in the image's own pixel coordinates.
-
-        The image is resized for detection only: longer side ≤ ``max_side``, shorter side ≥ ``min_side``
-        (None: the detector's defaults, 0: no limit); fixed-size models get a letterboxed input.
-        """
-        image = _as_bgr(image_bgr)
-        x, (ph, pw), scale = self.model_input(image, max_side, min_side)
-        outs = self.backend.run(x)
-        loc, conf, landm = (np.asarray(outs[i])[0] for i in self._roles)
-        priors = prior_boxes(ph, pw)
+    def _decode(self, outputs: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        loc, conf, landm = (np.asarray(outputs[i])[0] for i in self._roles)
+        priors = prior_boxes(height, width)
         if len(loc) != len(priors):
             raise ModelLoadError(
-                f"{self.backend.path}: RetinaFace output has {len(loc)} boxes for a {pw}×{ph} input, expected "
+                f"{self.backend.path}: RetinaFace output has {len(loc)} boxes for a {width}×{height} input, expected "
                 f"{len(priors)} (strides {RETINAFACE_STEPS}, 2 anchors); not a compatible RetinaFace model"
             )
-        scores = _face_probability(conf)
-        return _select(decode_boxes(loc, priors), scores, decode_landmarks(landm, priors),
-                       score_threshold, nms_threshold, scale, clip_to=image.shape[:2])
+        return decode_boxes(loc, priors), _face_probability(conf), decode_landmarks(landm, priors)
 
     def model_input(self, image_bgr: np.ndarray, max_side: int | None = None, min_side: int | None = None):
         """The network input for a uint8 BGR image: (NCHW float32, padded (h, w), scale (sx, sy))."""
@@ -287,14 +293,8 @@ class SCRFDDetector(_OnnxDetector):
         super().__init__(model, backend, max_side, min_side)
         self._groups = _scrfd_groups(self.backend)
 
-    def detect(self, image_bgr: np.ndarray, score_threshold: float = 0.5, nms_threshold: float = 0.4,
-               max_side: int | None = None, min_side: int | None = None) -> list[Detection]:
-        """Faces in a uint8 BGR image, best score first, in the image's own pixel coordinates."""
-        image = _as_bgr(image_bgr)
-        x, (ph, pw), scale = self.model_input(image, max_side, min_side)
-        outs = self.backend.run(x)
-        boxes, scores, points = decode_scrfd(outs, self._groups, ph, pw)
-        return _select(boxes, scores, points, score_threshold, nms_threshold, scale, clip_to=image.shape[:2])
+    def _decode(self, outputs: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return decode_scrfd(outputs, self._groups, height, width)
 
     def model_input(self, image_bgr: np.ndarray, max_side: int | None = None, min_side: int | None = None):
         """The network input for a uint8 BGR image: (NCHW float32, padded (h, w), scale (sx, sy))."""

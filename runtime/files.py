@@ -1,5 +1,5 @@
-"""File helpers, defined once: atomic writes, cleanup after killed writers, file hashing and facekit's
-cache folder.
+"""File helpers, defined once: existence checks, atomic writes, cleanup after killed writers, file hashing
+and facekit's cache folder.
 
 Atomic writes: temp file in the same folder, flush, fsync, ``os.replace``, fsync the folder. A reader sees
 either the previous complete file or the new complete file, never a partial one, even when the writer is
@@ -12,6 +12,26 @@ import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+
+def existing_file(path: str | os.PathLike, error: Callable[[str], Exception] = FileNotFoundError,
+                  what: str = "file") -> Path:
+    """``path`` as a :class:`Path` when it is a file, else raise ``error("<path>: <what> not found")``."""
+    return _checked(path, Path.is_file, error, f"{what} not found")
+
+
+def existing_folder(path: str | os.PathLike, error: Callable[[str], Exception] = FileNotFoundError,
+                    what: str = "a folder") -> Path:
+    """``path`` as a :class:`Path` when it is a folder, else raise ``error("<path>: not <what>")``."""
+    return _checked(path, Path.is_dir, error, f"not {what}")
+
+
+def _checked(path: str | os.PathLike, test: Callable[[Path], bool], error: Callable[[str], Exception],
+             problem: str) -> Path:
+    path = Path(path)
+    if not test(path):
+        raise error(f"{path}: {problem}")
+    return path
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write, pid_temp_prefix, remove_stale_temporaries
+from .files import atomic_write, existing_file, pid_temp_prefix, remove_stale_temporaries
 
 FORMAT = "facekit-gallery"
 VERSION = 1
@@ -48,9 +48,7 @@ def write_gallery(path: str | os.PathLike, emb: np.ndarray, owner: np.ndarray, f
 
 def read_gallery(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(embeddings, owner, meta)`` of a gallery file; :class:`GalleryError` if missing, corrupt or foreign."""
-    path = Path(path)
-    if not path.is_file():
-        raise GalleryError(f"{path}: gallery file not found")
+    path = existing_file(path, GalleryError, "gallery file")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = {"embeddings", "owner", "meta"} - set(z.files)

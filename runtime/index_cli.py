@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from . import indexer
+from .files import existing_folder
 
 
 def _absolute(path: str | None) -> str | None:
@@ -28,8 +29,7 @@ def cmd_index(args) -> int:
         raise indexer.IndexingError("--processes and --ray exclude each other (Ray runs its own actors)")
     if args.batch_size < 1:
         raise indexer.IndexingError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not Path(args.root).is_dir():
-        raise indexer.IndexingError(f"{args.root}: not a folder")
+    existing_folder(args.root, indexer.IndexingError)
     entries = indexer.entries_from_list(args.list) if args.list else indexer.entries_from_tree(args.root)
     plan = indexer.IndexPlan(entries, job_from_args(args), shard_size=args.shard_size)
     if args.ray:

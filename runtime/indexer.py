@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .files import atomic_write, atomic_write_bytes, pid_temp_prefix, remove_stale_temporaries, sha256_file
+from .files import (atomic_write, atomic_write_bytes, existing_folder, pid_temp_prefix, remove_stale_temporaries,
+                    sha256_file)
 from .gallery import Gallery
 from .photo_lists import PhotoListError, photos_in_tree, read_photo_list
 from .pipeline import DEFAULT_ALIGNER, DEFAULT_RECOGNIZER, FacePipeline
@@ -122,9 +123,7 @@ class IndexPlan:
 def entries_from_tree(root: str | os.PathLike) -> list[Entry]:
     """One entry per image of each person folder ``root/<name>/…`` (:func:`runtime.photo_lists.photos_in_tree`;
     images directly in ``root`` belong to nobody and are not indexed)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise IndexingError(f"{root}: not a folder")
+    root = existing_folder(root, IndexingError)
     entries = [Entry(p.path, p.name) for p in photos_in_tree(root) if p.name is not None]
     if not entries:
         raise IndexingError(f"{root}: no person folders with images; for a flat folder pass --list FILE "

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import existing_folder
+
 #: The image files facekit reads from folders (by extension, case-insensitive).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -29,18 +31,14 @@ def is_image_file(name: str | os.PathLike) -> bool:
 
 def iter_images(folder: str | os.PathLike) -> list[Path]:
     """Image files directly in ``folder``, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
+    folder = existing_folder(folder)
     return sorted((p for p in folder.iterdir() if p.is_file() and is_image_file(p.name)), key=lambda p: p.name)
 
 
 def photos_in_tree(root: str | os.PathLike) -> list[LabelledPhoto]:
     """Every image below ``root`` in path order: ``root/<name>/…/<photo>`` belongs to ``name``; photos
     directly in ``root`` to nobody. Hidden folders are skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder")
+    root = existing_folder(root)
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

@@ -1,6 +1,8 @@
 """Shared fixtures: the research data folder ($FACEKIT_DATA) and small helpers."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,22 @@ def facekit_data() -> Path:
     if not d.is_dir():
         pytest.skip(f"FACEKIT_DATA not found at {d}; set $FACEKIT_DATA to the shared data folder")
     return d
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """A :class:`runtime.pipeline.FacePipeline` with the shipped models, shared by one test module."""
+    from runtime.pipeline import FacePipeline
+
+    return FacePipeline()
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter at the project root, output captured as text; fails the
+    calling test (showing the output) unless it exits 0."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def need(path: Path) -> Path:

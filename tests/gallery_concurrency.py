@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from runtime.gallery import Gallery
+from threads import run_threads
 
 
 def enrol_while_identifying(g: Gallery, vecs: np.ndarray, churn: Callable[[int], None] | None = None,
@@ -52,9 +53,5 @@ def enrol_while_identifying(g: Gallery, vecs: np.ndarray, churn: Callable[[int],
             errors.append(e)
             stop.set()
 
-    threads = [threading.Thread(target=enroller)] + [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    run_threads(lambda k: enroller() if k == 0 else reader(k - 1), readers + 1, timeout=120)
     assert not errors, errors[0]

@@ -16,6 +16,7 @@ the process that forks.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -45,13 +46,6 @@ def make_version(v: int, base: np.ndarray) -> Gallery:
     for i, block in enumerate(np.array_split(rows[: ROWS - (v % 7)], people)):
         g.enroll(f"person{i}-é✓", block)
     return g
-
-
-def _writer(path: str, start: int, base: np.ndarray) -> None:
-    v = start
-    while True:
-        make_version(v, base).save(path)
-        v += 1
 
 
 INDEX_ROWS, INDEX_DIM = 1500, 128
@@ -85,11 +79,10 @@ def set_index_version(g: Gallery, v: int) -> Gallery:
     return g
 
 
-def _index_writer(path: str, start: int, g: Gallery) -> None:
-    v = start
-    while True:
-        set_index_version(g, v).save(path)
-        v += 1
+def _save_versions(path: str, start: int, version: Callable[[int], Gallery]) -> None:
+    """Save ``version(start)``, ``version(start + 1)``, … to ``path`` until killed."""
+    for v in itertools.count(start):
+        version(v).save(path)
 
 
 def kill_rounds(rounds: int, kill_one: Callable[[int], bool], loaded_version: Callable[[], int]) -> tuple[int, int]:
@@ -153,9 +146,9 @@ def main() -> None:
             if pid == 0:
                 try:
                     if cmd[0] == "go":
-                        _writer(cmd[1], int(cmd[2]), base)
+                        _save_versions(cmd[1], int(cmd[2]), lambda v: make_version(v, base))
                     else:
-                        _index_writer(cmd[1], int(cmd[2]), indexed)
+                        _save_versions(cmd[1], int(cmd[2]), lambda v: set_index_version(indexed, v))
                 finally:
                     os._exit(1)
             print(pid, flush=True)

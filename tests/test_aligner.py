@@ -1,8 +1,6 @@
 """The hourglass aligner: heatmap coding, crop geometry, flip swap, NME, a training step, ONNX parity."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -22,7 +20,7 @@ from runtime.landmarks import (
     eye_angle,
     heatmap_to_crop,
 )
-from tests.conftest import ROOT, need
+from tests.conftest import ROOT, need, run_python
 from train.aligner_loop import heatmap_loss
 from train.hourglass import build_aligner
 from train.landmark_data import Augmenter, make_batch
@@ -194,7 +192,7 @@ def test_build_aligner_checks_its_config():
 @pytest.mark.parametrize("module", ["runtime.landmarks", "evaluation.landmarks"])
 def test_landmark_modules_do_not_import_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    run_python(code)
 
 
 @pytest.mark.parametrize("flip_test", [False, True])

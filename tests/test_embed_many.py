@@ -92,11 +92,6 @@ def _prepare_threads() -> list[threading.Thread]:
 
 
 @pytest.fixture(scope="module")
-def pipe() -> FacePipeline:
-    return FacePipeline()
-
-
-@pytest.fixture(scope="module")
 def lfw_files(facekit_data) -> list[str]:
     images = sorted((need(facekit_data / "lfw" / "images")).glob("*/*.jpg"))
     return [str(p) for p in images[:24]]

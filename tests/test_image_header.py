@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 
 import cv2
 import numpy as np
@@ -15,6 +14,7 @@ PIL = pytest.importorskip("PIL", reason="Pillow is the header reader under test"
 from PIL import Image  # noqa: E402
 
 from image_corpus import BAD_INPUTS, GOOD_INPUTS, corpus_bytes, png_header_only  # noqa: E402
+from threads import run_threads  # noqa: E402
 
 
 def test_pillow_global_pixel_limit_is_neither_relied_on_nor_changed(monkeypatch):
@@ -92,9 +92,5 @@ def test_eight_threads_probe_and_decode_like_one():
             for n in names[i % len(names):] + names[:i % len(names)]:
                 results[i][n] = outcome(n)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(work, 8)
     assert all(r == expected for r in results)

@@ -5,9 +5,6 @@ its preprocessing metadata can be set at will); tests of the shipped recognizer 
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import cv2
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import ROOT, need
+from conftest import need, run_python
 from threads import run_threads
 from runtime.backends.base import ModelLoadError
 from runtime.geometry import ARCFACE_TEMPLATE_112
@@ -300,11 +297,7 @@ def test_lazy_default_loading_is_thread_safe(tiny_recognizer):
     pipe = FacePipeline(recognizer=str(tiny_recognizer))
     pipe._recognizer = None  # as if the default were to be loaded on first use
     seen = []
-    threads = [threading.Thread(target=lambda: seen.append(pipe.recognizer)) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(lambda _: seen.append(pipe.recognizer), 4)
     assert len({id(m) for m in seen}) == 1
 
 
@@ -315,9 +308,7 @@ def test_import_runtime_does_not_import_torch():
     code = ("import sys, runtime, runtime.pipeline, runtime.detector, runtime.cli; "
             "from runtime import FacePipeline, Face; "
             "print('torch' in sys.modules, 'torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False False"
+    assert run_python(code).stdout.strip() == "False False"
 
 
 # ------------------------------------------------------------------------------------ shipped models

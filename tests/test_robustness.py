@@ -27,6 +27,7 @@ from runtime.image_io import ImageError
 from runtime.metadata import ModelMetadataError
 from runtime.pipeline import FacePipeline, NoFaceError
 from test_pipeline import make_recognizer
+from threads import run_threads
 
 pytest.importorskip("PIL", reason="Pillow writes the CMYK, animated GIF and EXIF corpus files")
 
@@ -222,34 +223,24 @@ def test_eight_threads_share_one_pipeline(recognizer, facekit_data):
     assert sum(len(r) > 0 for r in reference) >= 0.9 * n, "most stress images should contain a face"
 
     results: list[np.ndarray | None] = [None] * n
-    errors: list[BaseException] = []
     next_index = iter(range(n))
     lock = threading.Lock()
 
-    def work() -> None:
-        try:
-            while True:
-                with lock:
-                    i = next(next_index, None)
-                if i is None:
-                    return
-                faces = pipe.embed(_stress_image(sources, i))
-                results[i] = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, 32), np.float32)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def work(_: int) -> None:
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            faces = pipe.embed(_stress_image(sources, i))
+            results[i] = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, 32), np.float32)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
+    run_threads(work, 8, timeout=600)  # re-raises a worker's exception; fails when a worker hangs
     t_threads = time.perf_counter() - t0
     rss_end = _rss_mib()
     print(f"\n{n} images: 1 thread {t_single:.1f} s, 8 threads {t_threads:.1f} s; RSS start {rss_start:.0f} MiB, "
           f"after the single-thread pass {rss_warm:.0f} MiB, end {rss_end:.0f} MiB")
-    assert not errors, errors[0]
-    assert not any(t.is_alive() for t in threads), "a worker hung"
     for i in range(n):
         assert results[i] is not None and results[i].shape == reference[i].shape, i
         np.testing.assert_array_equal(results[i], reference[i], err_msg=f"image {i}")

@@ -32,11 +32,6 @@ def photos(facekit_data) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def pipe() -> FacePipeline:
-    return FacePipeline()
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, photos):
     folder = tmp_path_factory.mktemp("serve")
     srv = Server(folder / "galleries", folder / "server.log")

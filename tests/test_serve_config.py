@@ -1,15 +1,13 @@
 """The service's options and its isolation from the core install (no web framework needed for these)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import run_python
 from runtime.cli import main
 from runtime.serve.batcher import MicroBatcher, QueueFull
 from runtime.serve.config import ServeConfig, ServeError, read_api_keys
@@ -19,8 +17,7 @@ def test_runtime_and_its_cli_never_import_the_web_framework():
     code = ("import sys, runtime, runtime.cli; runtime.cli.build_parser().parse_args(['detect', 'x.jpg']); "
             "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'multipart') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
+    run_python(code)
 
 
 def test_api_key_file_keeps_one_key_per_line(tmp_path):

@@ -2,12 +2,9 @@
 tritonclient imported only when such a URL is loaded (the runtime's core install stays small)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from conftest import ROOT
+from conftest import run_python
 from runtime.backends import base
 from runtime.backends.base import ModelLoadError, load_model
 from runtime.backends.triton import TritonURL
@@ -39,5 +36,4 @@ def test_tritonclient_is_imported_only_for_triton_urls():
             "assert 'tritonclient' not in sys.modules, 'tritonclient imported'; "
             "from runtime.pipeline import FacePipeline; FacePipeline().recognizer; "
             "assert 'tritonclient' not in sys.modules and 'grpc' not in sys.modules")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    run_python(code)

@@ -8,13 +8,13 @@ One server per module (started once, stopped in the fixture's finalizer, also wh
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import need
+from threads import run_threads
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (the triton extra) is not installed")
 
@@ -55,14 +55,9 @@ def server(tmp_path_factory, photos):
 
 
 @pytest.fixture(scope="module")
-def local() -> FacePipeline:
-    return FacePipeline()
-
-
-@pytest.fixture(scope="module")
-def expected(local, photos) -> dict[str, list]:
+def expected(pipe, photos) -> dict[str, list]:
     """In-process faces of each portrait (flip test on, as in face_pipeline)."""
-    out = {name: local.embed(str(path)) for name, path in photos.items()}
+    out = {name: pipe.embed(str(path)) for name, path in photos.items()}
     assert all(len(faces) == 1 for faces in out.values()), {k: len(v) for k, v in out.items()}
     return out
 
@@ -108,12 +103,12 @@ def test_face_pipeline_in_triton_equals_the_in_process_pipeline(server, photos, 
         client.close()
 
 
-def test_concurrent_clients_get_correct_answers_and_requests_are_batched(server, photos, expected, local):
+def test_concurrent_clients_get_correct_answers_and_requests_are_batched(server, photos, expected, pipe):
     """8 clients at once: face_pipeline answers each correctly; single-crop requests straight to the
     recognizer come back right, and the statistics show executions of batches > 1 (every request was 1)."""
     before = executed_batches(server.grpc_address, "recognizer")
-    crops = {name: _crop(local, photos[name]) for name in PORTRAITS}
-    reference = {n: local.recognizer.run(to_model_input(c[None], local.spec, "BGR"))[0][0] for n, c in crops.items()}
+    crops = {name: _crop(pipe, photos[name]) for name in PORTRAITS}
+    reference = {n: pipe.recognizer.run(to_model_input(c[None], pipe.spec, "BGR"))[0][0] for n, c in crops.items()}
     failures: list[str] = []
 
     def client_thread(k: int) -> None:
@@ -126,7 +121,7 @@ def test_concurrent_clients_get_correct_answers_and_requests_are_batched(server,
                     out = _infer_image(client, photos[name])
                     got, want = out["embeddings"][0], expected[name][0].embedding
                 else:
-                    got = backend.run(to_model_input(crops[name][None], local.spec, "BGR"))[0][0]
+                    got = backend.run(to_model_input(crops[name][None], pipe.spec, "BGR"))[0][0]
                     want = reference[name]
                 if _cos(got, want) < MIN_COS:
                     failures.append(f"client {k} request {i} ({name}): cos {_cos(got, want):.6f}")
@@ -136,12 +131,7 @@ def test_concurrent_clients_get_correct_answers_and_requests_are_batched(server,
             client.close()
             backend.close()
 
-    threads = [threading.Thread(target=client_thread, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a client hung"
+    run_threads(client_thread, 8, timeout=300)  # fails when a client hangs
     assert not failures, failures
     after = executed_batches(server.grpc_address, "recognizer")
     formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
@@ -162,22 +152,22 @@ def _crop(pipe: FacePipeline, path: Path) -> np.ndarray:
     return pipe.spec.warp(img, pipe.detector.detect(img)[0].landmarks)
 
 
-def test_triton_url_is_a_runtime_backend(server, photos, local):
+def test_triton_url_is_a_runtime_backend(server, photos, pipe):
     url = server.url("recognizer")
     remote = FacePipeline(recognizer=url)
     assert remote.recognizer.device.startswith("Triton 2.") and "(model recognizer, version 1)" in remote.recognizer.device
     assert f"at {server.grpc_address}" in remote.recognizer.device
     assert remote.recognizer.input_shape == ["batch", 3, 150, 150] and remote.recognizer.max_batch == 16
     assert remote.recognizer.fixed_batch is None and remote.recognizer.output_names == ["embedding"]
-    assert remote.metadata == local.metadata and remote.threshold == local.threshold
+    assert remote.metadata == pipe.metadata and remote.threshold == pipe.threshold
     a = remote.compare(photos["obama.jpg"], photos["obama2.jpg"])
-    b = local.compare(photos["obama.jpg"], photos["obama2.jpg"])
+    b = pipe.compare(photos["obama.jpg"], photos["obama2.jpg"])
     assert a.same == b.same and abs(a.similarity - b.similarity) <= 1e-5
     c = remote.compare(photos["obama.jpg"], photos["biden.jpg"])
-    assert c.same is False and abs(c.similarity - local.compare(photos["obama.jpg"], photos["biden.jpg"]).similarity) <= 1e-5
+    assert c.same is False and abs(c.similarity - pipe.compare(photos["obama.jpg"], photos["biden.jpg"]).similarity) <= 1e-5
     # 20 crops with a max_batch_size of 16: the backend splits them (16 + 4), Triton answers each piece
-    crops = np.stack([_crop(local, photos[n]) for n in PORTRAITS] * 5)
-    np.testing.assert_allclose(remote.embed_aligned(crops), local.embed_aligned(crops), atol=1e-5)
+    crops = np.stack([_crop(pipe, photos[n]) for n in PORTRAITS] * 5)
+    np.testing.assert_allclose(remote.embed_aligned(crops), pipe.embed_aligned(crops), atol=1e-5)
 
 
 def test_detector_served_by_triton_too(server, photos, expected):

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import run_python
 from export.trt_build import BuildOptions, engine_status, onnx_input, profile_shapes, wanted_build
 from runtime.backends import base
 from runtime.backends.base import ModelLoadError, load_model
@@ -156,8 +157,7 @@ def test_backend_is_registered_above_onnxruntime(tmp_path):
 
 def test_tensorrt_backend_module_is_torch_free():
     code = "import sys, runtime.backends.tensorrt, export.trt_build; assert 'torch' not in sys.modules, 'torch imported'"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    run_python(code)
 
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed; the missing-TensorRT message cannot be shown")

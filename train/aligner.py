@@ -25,13 +25,14 @@ EXPORT_HINT = "export an aligner checkpoint with: python export/to_onnx.py --che
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from train.config import add_override_option
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="aligner YAML (train/configs/aligner_300w.yaml)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: the config's output, else runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted), repeatable")
+    add_override_option(p)
     p.add_argument("--eval", metavar="MODEL", help="evaluate an aligner checkpoint (.pt) or ONNX file")
     p.add_argument("--data", type=Path, help="landmark folder for --eval (images + .pts5)")
     p.add_argument("--json", action="store_true", help="--eval: print one JSON line")

@@ -25,13 +25,14 @@ def describe(arch: str, embedding_size: int = 512) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from train.config import add_override_option
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, help="experiment YAML (train/configs/*.yaml)")
     ap.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                     help="continue the run in the config's output folder (or from CKPT / a run folder)")
     ap.add_argument("--overwrite", action="store_true", help="start again even if the output folder holds a run")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key (dotted), repeatable")
+    add_override_option(ap)
     ap.add_argument("--describe", metavar="ARCH", help="print params=<int> macs=<int> of a backbone and exit")
     ap.add_argument("--embedding-size", type=int, default=512, help="with --describe")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides, e.g. optim.lr=0.1")

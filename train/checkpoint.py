@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.files import atomic_write, pid_temp_prefix, remove_stale_temporaries, sha256_file
+from runtime.files import atomic_write, existing_file, pid_temp_prefix, remove_stale_temporaries, sha256_file
 
 from .hourglass import build_aligner
 
@@ -52,9 +52,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     checkpoints you trust. ``mmap=True`` maps the tensors from the file instead of reading them (a rank of a
     sharded run then reads only its rows of the head). Missing files raise ``FileNotFoundError``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = existing_file(path, FileNotFoundError, "checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as e:  # truncated zip, foreign pickle, ...

@@ -13,6 +13,7 @@ Paths may use ``$FACEKIT_DATA`` (default ``../shared/data`` next to the reposito
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import os
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from evaluation.data import data_root
-from runtime.files import atomic_write_bytes
+from runtime.files import atomic_write_bytes, existing_file
 from runtime.landmarks import AlignerGeometry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -420,15 +421,19 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def add_override_option(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable; collected in ``args.sets``): overrides for :func:`load_config`."""
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted), repeatable")
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
     """Defaults ← YAML file ← ``key=value`` overrides, validated. The name defaults to the file's stem.
 
     The ``task`` (of the overrides, else of the file, else ``recognition``) picks the schema."""
     loaded: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = existing_file(path, ConfigError, "config file")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

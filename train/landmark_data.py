@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from evaluation.landmarks import landmark_files, match_detection, read_points
+from evaluation.landmarks import annotated_faces, landmark_files, read_image, read_points
 from runtime.files import atomic_write
 from runtime.geometry import LANDMARK_NAMES, flip_landmarks, transform_points
 from runtime.landmarks import (AlignerGeometry, aligner_spec, crop_face, crop_matrix, crop_to_heatmap,
@@ -40,19 +40,13 @@ def detect_samples(samples: list[tuple[Path, Path]], cache: Path | None = None, 
         with np.load(cache) as z:
             if list(z["keys"]) == keys:
                 return {"keys": keys, "boxes": z["boxes"], "landmarks": z["landmarks"], "scores": z["scores"]}
-    from tqdm import tqdm
-
     from runtime.detector import load_detector
 
     det = load_detector(backend="onnxruntime", device="cpu", threads=1)  # one thread: training shares the machine
     boxes = np.full((len(samples), 4), np.nan, np.float32)
     points = np.full((len(samples), 5, 2), np.nan, np.float32)
     scores = np.zeros(len(samples), np.float32)
-    for i, (img, pts) in enumerate(tqdm(samples, desc="detecting", disable=not progress)):
-        image = cv2.imread(str(img), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"{img}: unreadable image")
-        d = match_detection(det.detect(image), read_points(pts))
+    for i, (_, _, d) in enumerate(annotated_faces(samples, det, "detecting", progress)):
         if d is not None:
             boxes[i], points[i], scores[i] = d.box, d.landmarks, d.score
     result = {"keys": keys, "boxes": boxes, "landmarks": points, "scores": scores}
@@ -82,12 +76,7 @@ class LandmarkData:
 
     def __init__(self, folders: list[Path], cache: Path | None = None, progress: bool = True):
         self.samples = [pair for folder in folders for pair in landmark_files(folder)]
-        self.images = []
-        for img, _ in self.samples:
-            image = cv2.imread(str(img), cv2.IMREAD_COLOR)
-            if image is None:
-                raise ValueError(f"{img}: unreadable image")
-            self.images.append(image)
+        self.images = [read_image(img) for img, _ in self.samples]
         self.points = np.stack([read_points(p)[:NUM_LANDMARKS] for _, p in self.samples]).astype(np.float64)
         det = detect_samples(self.samples, cache, progress)
         self.detected = np.isfinite(det["boxes"]).all(1)

@@ -16,11 +16,12 @@ import importlib.util
 import json
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..metadata import ModelMetadataError, decode_metadata, encode_metadata
+from ..optional_imports import require_module
 from .base import Backend, ModelLoadError, register
 
 ENGINE_EXTENSIONS = (".engine", ".plan")
@@ -128,13 +129,9 @@ def sidecar_problems(sidecar: dict[str, Any], environment: dict[str, Any] | None
 # ----------------------------------------------------------------------------------- TensorRT + CUDA
 
 
-def import_tensorrt():
-    """The ``tensorrt`` module, or :class:`ModelLoadError` with :data:`INSTALL_HINT`."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise ModelLoadError(INSTALL_HINT) from None
-    return tensorrt
+def import_tensorrt(error: Callable[[str], Exception] = ModelLoadError):
+    """The ``tensorrt`` module, or ``error`` (default :class:`ModelLoadError`) with :data:`INSTALL_HINT`."""
+    return require_module("tensorrt", error, INSTALL_HINT)
 
 
 def import_cudart():

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..optional_imports import require_module
 from .base import Backend, ModelLoadError, register
 
 SCHEME = "triton://"
@@ -50,11 +51,9 @@ class TritonURL:
 
 def _grpc():
     """``tritonclient.grpc`` and its exception type, or :class:`ModelLoadError` with :data:`INSTALL_HINT`."""
-    try:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
-    except ImportError:
-        raise ModelLoadError(INSTALL_HINT) from None
+    grpcclient = require_module("tritonclient.grpc", ModelLoadError, INSTALL_HINT)
+    from tritonclient.utils import InferenceServerException  # part of the package just imported
+
     return grpcclient, InferenceServerException
 
 

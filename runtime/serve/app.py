@@ -219,18 +219,23 @@ def _health_routes(app: FastAPI, s: Service) -> None:
         return Response(s.metrics.render(), media_type=s.metrics.content_type)
 
 
+async def _uploads(request: Request, max_images: int) -> list[Upload]:
+    """The images of ``request`` (at most ``max_images``), read within the request's time budget."""
+    return await within_budget(request.scope, read_images(request, max_images))
+
+
 def _face_routes(app: FastAPI, s: Service) -> None:
     @app.post("/v1/detect", tags=["faces"], openapi_extra=IMAGE_BODY,
               summary="Faces of one image: box, score, 5 landmarks")
     async def detect(request: Request):
-        upload = one_image(await within_budget(request.scope, read_images(request, 1)))
+        upload = one_image(await _uploads(request, 1))
         faces = await s.run(request, lambda: s.pipeline.detect(s.decode(upload)), feeds_batcher=False)
         return json_response({"faces": [f.to_dict() for f in faces]})
 
     @app.post("/v1/embed", tags=["faces"], openapi_extra=IMAGE_BODY,
               summary="Faces of one image with their L2-normalised embeddings")
     async def embed(request: Request):
-        upload = one_image(await within_budget(request.scope, read_images(request, 1)))
+        upload = one_image(await _uploads(request, 1))
         faces, crops, done = await s.run(request, s.faces_and_crops, upload)
         if faces:
             for f, e in zip(faces, await s.embed(request, crops, done)):
@@ -240,7 +245,7 @@ def _face_routes(app: FastAPI, s: Service) -> None:
     @app.post("/v1/compare", tags=["faces"], openapi_extra=PAIR_BODY,
               summary="Similarity of the subject faces of two images, and the verdict")
     async def compare(request: Request):
-        a, b = image_pair(await within_budget(request.scope, read_images(request, 2)))
+        a, b = image_pair(await _uploads(request, 2))
         fa, fb = await s.subjects(request, [a, b], required=True)
         sim = float(np.dot(fa.embedding, fb.embedding))
         thr = s.pipeline.threshold
@@ -277,7 +282,7 @@ def _gallery_routes(app: FastAPI, s: Service) -> None:
                      replace: bool = Query(False, description="replace the person's embeddings instead of adding")):
         check_gallery_name(gallery)
         check_person_name(name)
-        uploads = await within_budget(request.scope, read_images(request, s.config.max_images))
+        uploads = await _uploads(request, s.config.max_images)
         faces = await s.subjects(request, uploads, required=True)
         vectors = np.stack([f.embedding for f in faces])
         return json_response(await s.write(s.store.enroll, gallery, name, vectors, replace))
@@ -293,7 +298,7 @@ def _gallery_routes(app: FastAPI, s: Service) -> None:
     async def identify(request: Request, gallery: str,
                        top_k: int = Query(1, ge=1, le=s.config.max_top_k, description="matches to return")):
         g = s.store.get(gallery)
-        upload = one_image(await within_budget(request.scope, read_images(request, 1)))
+        upload = one_image(await _uploads(request, 1))
         (face,) = await s.subjects(request, [upload], required=False)
         if face is None:
             return json_response({"matches": [], "face": None, "threshold": s.store.threshold(g)})

@@ -80,27 +80,26 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", help="require one of the keys in this file (one per line) on /v1 and /metrics")
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / MB,
                    help=f"largest request body in MiB (default {d.max_upload_bytes // MB})")
-    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
-                   help=f"time budget of one request in seconds, else 503 (default {d.request_timeout_s:g})")
-    p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help=f"most faces in one recognizer call (default {d.max_batch})")
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
-                   help=f"longest wait for more faces before a recognizer call (default {d.batch_wait_ms:g})")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help=f"faces waiting for the recognizer before requests get 503 (default {d.max_queue})")
-    p.add_argument("--max-inflight", type=int, default=d.max_inflight,
-                   help=f"requests handled at once before others get 503 (default {d.max_inflight})")
+    _option(p, "--request-timeout", d.request_timeout_s, "time budget of one request in seconds, else 503")
+    _option(p, "--max-batch", d.max_batch, "most faces in one recognizer call")
+    _option(p, "--batch-wait-ms", d.batch_wait_ms, "longest wait for more faces before a recognizer call")
+    _option(p, "--max-queue", d.max_queue, "faces waiting for the recognizer before requests get 503")
+    _option(p, "--max-inflight", d.max_inflight, "requests handled at once before others get 503")
     p.add_argument("--workers", type=int, default=None,
                    help="threads decoding and detecting (default: usable CPU cores)")
-    p.add_argument("--model-threads", type=int, default=d.model_threads,
-                   help=f"threads inside each model call, 0 = the backend's default (default {d.model_threads}: "
-                        "requests run in parallel instead)")
-    p.add_argument("--max-images", type=int, default=d.max_images,
-                   help=f"most images in one enrolment (default {d.max_images})")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
-                   help=f"largest image (width × height) decoded (default {d.max_pixels})")
+    _option(p, "--model-threads", d.model_threads, "threads inside each model call, 0 = the backend's default",
+            "requests run in parallel instead")
+    _option(p, "--max-images", d.max_images, "most images in one enrolment")
+    _option(p, "--max-pixels", d.max_pixels, "largest image (width × height) decoded")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     p.add_argument("--log-level", default=d.log_level, choices=("critical", "error", "warning", "info", "debug"))
+
+
+def _option(p: argparse.ArgumentParser, flag: str, default: int | float, text: str, why: str = "") -> None:
+    """A numeric option of the type of its ``default``, whose help ends with that default (and ``why``)."""
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
+    p.add_argument(flag, type=type(default), default=default,
+                   help=f"{text} (default {shown}{': ' + why if why else ''})")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
