@@ -50,8 +50,8 @@ AUTO_ANN_KIND = "ivf"
 #: (recall@1 ≥ 0.99 against exact search at 10⁴–10⁶ rows in `benchmarks/run.py gallery`).
 IVF_PROBE_FRACTION = 0.14
 IVF_MIN_PROBES = 48
-#: IVF ``pq4`` codes encode the rows themselves, not their offsets from the cell centre: one distance table per
-#: query instead of one per visited cell, ≈ 25 % faster at the same recall@1 on 10⁶ rows (faiss ``by_residual``).
+#: IVF ``pq4`` codes encode the rows themselves, not their offsets from the cell centre (faiss ``by_residual``):
+#: one distance table per query instead of one per visited cell; the cells, hence recall@1, are the same.
 IVF_PQ4_BY_RESIDUAL = False
 #: k-means iterations for IVF cells (faiss's default is 10; more gives cells that need fewer probes).
 IVF_KMEANS_ITERATIONS = 20

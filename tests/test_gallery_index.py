@@ -180,8 +180,8 @@ def test_sigkill_during_save_leaves_gallery_and_index_loadable(tmp_path):
     base_names = base.names
     writer.set_index_version(base, 0).save(path)
     t0 = time.perf_counter()
-    for _ in range(3):  # how long one save takes here, now: kills land around it
-        base.save(tmp_path / "scratch" / "g.npz")
+    for v in range(1, 4):  # how long one of the writer's saves (a changed index) takes here, now: kills land around it
+        writer.set_index_version(base, v).save(tmp_path / "scratch" / "g.npz")
     save_s = (time.perf_counter() - t0) / 3
     rnd = random.Random(0)
     sources, rounds = {}, 20
