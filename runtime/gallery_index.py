@@ -40,6 +40,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .optional_imports import require_module
+
 KINDS = ("exact", "hnsw", "ivf", "auto")
 #: Codes an index keeps per row; the first is the default. ``pq4``: 4-bit product quantisation scanned with
 #: SIMD lookups (faiss fast-scan), ``pq``: 8-bit PQ, ``sq8`` / ``fp16``: one byte / half float per dimension.
@@ -81,12 +83,8 @@ class GalleryIndexError(ValueError):
 
 def require_faiss():
     """The faiss module, or an ImportError naming the ``faiss`` extra."""
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError("approximate gallery indexes (index='hnsw' / 'ivf') need faiss: "
-                          "pip install 'facekit[faiss]' (or faiss-cpu)") from None
-    return faiss
+    return require_module("faiss", ImportError, "approximate gallery indexes (index='hnsw' / 'ivf') need faiss: "
+                                                "pip install 'facekit[faiss]' (or faiss-cpu)")
 
 
 def faiss_available() -> bool:

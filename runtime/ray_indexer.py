@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .indexer import Compute, Entry, IndexingError, IndexJob, IndexPlan, compute_shard
+from .optional_imports import require_module
 
 
 class ShardEmbedder:
@@ -39,11 +40,10 @@ class ShardEmbedder:
 
 
 def _import_ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the Data library is a separate part of the ray package
-    except ImportError:
-        raise IndexingError("--ray needs Ray Data: pip install 'facekit[ray]' (or 'ray[data]')") from None
+    """The ray module with its Data library (a separate part of the ray package), or an IndexingError."""
+    require_module("ray.data", IndexingError, "--ray needs Ray Data: pip install 'facekit[ray]' (or 'ray[data]')")
+    import ray
+
     return ray
 
 

@@ -50,19 +50,17 @@ def cached_array(kind: str, idx_path: Path, rec_path: Path,
             pass  # unreadable sidecar: build it again
     built = build()
     parts = built if isinstance(built, list) else [built]
+    kept = None
     try:
         atomic_write(path, lambda f: _save_parts(f, parts))
         for old in path.parent.glob(f".{idx_path.name}.{kind}.*{SIDECAR_SUFFIX}"):
             if old != path:
                 old.unlink(missing_ok=True)
     except OSError:  # no place to keep it: parse again next time
-        arr = np.concatenate(parts) if isinstance(built, list) else np.ascontiguousarray(built)
-        built = parts = None
-        _release_parser_memory()
-        return arr
+        kept = np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
     built = parts = None  # the parse buffers go; the sidecar's pages are shared with every process that maps it
     _release_parser_memory()
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    return kept if kept is not None else np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _save_parts(f: BinaryIO, parts: list[np.ndarray]) -> None:
