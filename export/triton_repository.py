@@ -22,7 +22,7 @@ from typing import Any
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.backends.tensorrt import read_sidecar, sidecar_problems
 from runtime.detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE
-from runtime.files import existing_file, sha256_file
+from runtime.files import existing_file, publish_folder, sha256_file
 from runtime.metadata import METADATA_KEY
 from runtime.optional_imports import require_module
 
@@ -358,14 +358,14 @@ def plan_repository(recognizer: str | os.PathLike, detector: str | os.PathLike |
 
 
 def write_repository(out: str | os.PathLike, models: list[RepositoryModel], force: bool = False) -> Path:
-    """Write the repository into a temp folder beside ``out``, then put it in place in one rename: ``out``
-    is either the previous repository or the complete new one. An existing non-empty ``out`` needs ``force``."""
+    """Write the repository into a temp folder beside ``out``, then put it in place in one step
+    (:func:`runtime.files.publish_folder`): ``out`` is either the previous repository or the complete new one.
+    An existing non-empty ``out`` needs ``force``."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise TritonExportError(f"{out}: exists and is not empty; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    old = None
     try:
         for m in models:
             version = tmp / m.name / "1"
@@ -375,15 +375,6 @@ def write_repository(out: str | os.PathLike, models: list[RepositoryModel], forc
             (tmp / m.name / "config.pbtxt").write_text(text, encoding="utf-8")
             for file_name, src in m.files.items():
                 shutil.copyfile(src, version / file_name)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
+        return publish_folder(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out

@@ -7,8 +7,12 @@ killed. Used by the gallery, the CLI, checkpoints, ONNX export, ``make_aligned.p
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -95,6 +99,60 @@ def publish(candidate: str | os.PathLike, path: str | os.PathLike) -> Path:
     path = Path(path)
     os.replace(candidate, path)
     fsync_dir(path.parent if str(path.parent) else Path("."))
+    return path
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file and folder below ``folder`` (and ``folder`` itself) to disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    or the file system cannot, and the paths are then untouched."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if rename is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def publish_folder(candidate: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Durably put the finished folder ``candidate`` (in the same parent) at ``path``, replacing what is there.
+
+    Where the system swaps paths in one step (:func:`exchange_paths`), ``path`` is at every moment either the
+    previous folder or the complete new one, even if the process is killed; elsewhere there is a moment
+    between two renames when ``path`` is absent, and the previous folder is put back if the second fails.
+    """
+    candidate, path = Path(candidate), Path(path)
+    fsync_tree(candidate)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not path.exists():
+        os.replace(candidate, path)
+    elif exchange_paths(candidate, path):
+        shutil.rmtree(candidate, ignore_errors=True)
+    else:
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        try:
+            os.replace(candidate, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(parent)
     return path
 
 
