@@ -115,26 +115,8 @@ class BLSRecognizer(Backend):
         self.raw_metadata = dict(raw_metadata)
         self.metadata = decode_metadata(self.raw_metadata, source=self.path) if METADATA_KEY in raw_metadata else {}
         self.dtype = pb_utils.triton_string_to_numpy(spec["data_type"])
-
-    @property
-    def device(self) -> str:
-        return f"Triton model {self.spec['model']} (BLS)"
-
-    @property
-    def input_name(self) -> str:
-        return self.spec["input"]
-
-    @property
-    def input_shape(self) -> list:
-        return _shape(self.spec["dims"])
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.spec["outputs"])
-
-    @property
-    def output_shapes(self) -> list[list]:
-        return [_shape(dims) for dims in self.spec["output_dims"]]
+        self._device = f"Triton model {spec['model']} (BLS)"
+        self._set_io(spec["input"], _shape(spec["dims"]), spec["outputs"], [_shape(d) for d in spec["output_dims"]])
 
     @property
     def max_batch(self) -> int | None:

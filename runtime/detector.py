@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -191,6 +192,33 @@ def detection_scale(height: int, width: int, max_side: int | None, min_side: int
     return scale
 
 
+def _retinaface_roles(backend: Backend) -> tuple[int, int, int]:
+    """Output indices of (loc, conf, landmarks), found by their last dimension (4, 2, 10)."""
+    last = [s[-1] if s else None for s in backend.output_shapes]
+    try:
+        return last.index(4), last.index(2), last.index(10)
+    except ValueError:
+        raise ModelLoadError(
+            f"{backend.path}: not a RetinaFace detector (outputs end in {last}; expected 4, 2 and 10)"
+        ) from None
+
+
+def _scrfd_groups(backend: Backend) -> list[tuple[int, int, int, int | None]]:
+    """Pair SCRFD outputs per stride: (stride, score, box, kps) by last dim (1/4/10) and row count."""
+    shapes = backend.output_shapes
+    by_dim: dict[int, list[int]] = {1: [], 4: [], 10: []}
+    for i, s in enumerate(shapes):
+        if s and s[-1] in by_dim:
+            by_dim[s[-1]].append(i)
+    n = len(by_dim[1])
+    if n not in (3, 5) or len(by_dim[4]) != n or len(by_dim[10]) not in (0, n):
+        raise ModelLoadError(f"{backend.path}: not an SCRFD detector (output shapes {shapes})")
+    strides = (8, 16, 32) if n == 3 else (8, 16, 32, 64, 128)
+    # insightface exports list outputs stride by stride within each kind (scores, boxes, kps)
+    kps = by_dim[10] or [None] * n
+    return [(s, by_dim[1][k], by_dim[4][k], kps[k]) for k, s in enumerate(strides)]
+
+
 class _OnnxDetector:
     """Shared plumbing: load the model through a runtime backend, letterbox/rescale the image."""
 
@@ -203,6 +231,12 @@ class _OnnxDetector:
         self.min_side = min_side
         shape = list(self.backend.input_shape)
         self.fixed_size = tuple(shape[2:4]) if all(isinstance(v, int) and v > 0 for v in shape[2:4]) else None
+        self._layout = self._read_layout(self.backend)
+
+    @staticmethod
+    def _read_layout(backend: Backend) -> Any:
+        """Which model output is which, read once from the output shapes (ModelLoadError: not this kind)."""
+        raise NotImplementedError
 
     @property
     def device(self) -> str:
@@ -258,14 +292,10 @@ class RetinaFaceDetector(_OnnxDetector):
     """
 
     kind = "retinaface"
-
-    def __init__(self, model: str | bytes | Backend | None = None, backend: str = "auto",
-                 max_side: int | None = DEFAULT_MAX_SIDE, min_side: int | None = DEFAULT_MIN_SIDE):
-        super().__init__(model, backend, max_side, min_side)
-        self._roles = _retinaface_roles(self.backend)
+    _read_layout = staticmethod(_retinaface_roles)
 
     def _decode(self, outputs: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        loc, conf, landm = (np.asarray(outputs[i])[0] for i in self._roles)
+        loc, conf, landm = (np.asarray(outputs[i])[0] for i in self._layout)
         priors = prior_boxes(height, width)
         if len(loc) != len(priors):
             raise ModelLoadError(
@@ -287,14 +317,10 @@ class SCRFDDetector(_OnnxDetector):
     distance (N,10) outputs, strides 8/16/32 (or 8..128), anchor points with 1–2 anchors each."""
 
     kind = "scrfd"
-
-    def __init__(self, model: str | bytes | Backend, backend: str = "auto",
-                 max_side: int | None = DEFAULT_MAX_SIDE, min_side: int | None = DEFAULT_MIN_SIDE):
-        super().__init__(model, backend, max_side, min_side)
-        self._groups = _scrfd_groups(self.backend)
+    _read_layout = staticmethod(_scrfd_groups)
 
     def _decode(self, outputs: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return decode_scrfd(outputs, self._groups, height, width)
+        return decode_scrfd(outputs, self._layout, height, width)
 
     def model_input(self, image_bgr: np.ndarray, max_side: int | None = None, min_side: int | None = None):
         """The network input for a uint8 BGR image: (NCHW float32, padded (h, w), scale (sx, sy))."""
@@ -339,33 +365,6 @@ def _face_probability(conf: np.ndarray) -> np.ndarray:
         e = np.exp(conf - conf.max(1, keepdims=True))
         conf = e / e.sum(1, keepdims=True)
     return conf[:, 1]
-
-
-def _retinaface_roles(backend: Backend) -> tuple[int, int, int]:
-    """Output indices of (loc, conf, landmarks), found by their last dimension (4, 2, 10)."""
-    last = [s[-1] if s else None for s in backend.output_shapes]
-    try:
-        return last.index(4), last.index(2), last.index(10)
-    except ValueError:
-        raise ModelLoadError(
-            f"{backend.path}: not a RetinaFace detector (outputs end in {last}; expected 4, 2 and 10)"
-        ) from None
-
-
-def _scrfd_groups(backend: Backend) -> list[tuple[int, int, int, int | None]]:
-    """Pair SCRFD outputs per stride: (stride, score, box, kps) by last dim (1/4/10) and row count."""
-    shapes = backend.output_shapes
-    by_dim: dict[int, list[int]] = {1: [], 4: [], 10: []}
-    for i, s in enumerate(shapes):
-        if s and s[-1] in by_dim:
-            by_dim[s[-1]].append(i)
-    n = len(by_dim[1])
-    if n not in (3, 5) or len(by_dim[4]) != n or len(by_dim[10]) not in (0, n):
-        raise ModelLoadError(f"{backend.path}: not an SCRFD detector (output shapes {shapes})")
-    strides = (8, 16, 32) if n == 3 else (8, 16, 32, 64, 128)
-    # insightface exports list outputs stride by stride within each kind (scores, boxes, kps)
-    kps = by_dim[10] or [None] * n
-    return [(s, by_dim[1][k], by_dim[4][k], kps[k]) for k, s in enumerate(strides)]
 
 
 def _load_backend(model: str | bytes | Backend | None, backend: str, **options) -> Backend:

@@ -78,6 +78,13 @@ class _Snapshot:
         i = self.lookup.get(name)
         return i if i is not None and i < self.people else None
 
+    def enrolled(self, name: str) -> int:
+        """The person number of ``name``; KeyError if not enrolled."""
+        person = self.person(name)
+        if person is None:
+            raise KeyError(f"{name!r} is not enrolled")
+        return person
+
     def rows(self, person: int) -> np.ndarray:
         return self.embeddings[self.owner == person]
 
@@ -135,10 +142,7 @@ class Gallery:
     def embeddings(self, name: str) -> np.ndarray:
         """A copy of the L2-normalised embeddings enrolled for ``name``."""
         s = self._state
-        person = s.person(name)
-        if person is None:
-            raise KeyError(f"{name!r} is not enrolled")
-        return s.rows(person).copy()
+        return s.rows(s.enrolled(name)).copy()
 
     @property
     def num_embeddings(self) -> int:
@@ -228,9 +232,7 @@ class Gallery:
         """Forget ``name``; returns how many embeddings were removed. KeyError if not enrolled."""
         with self._lock:
             s = self._state
-            drop = s.person(name)
-            if drop is None:
-                raise KeyError(f"{name!r} is not enrolled")
+            drop = s.enrolled(name)
             keep = s.owner != drop
             owner = s.owner[keep]
             owner = owner - (owner > drop).astype(np.int32)  # renumber the people after ``drop``

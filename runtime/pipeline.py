@@ -10,7 +10,7 @@ import functools
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -96,55 +96,63 @@ class FacePipeline:
 
     # ------------------------------------------------------------------------------------------ models
 
-    def _load_recognizer(self) -> Backend:
+    def _loaded(self, attr: str, load: Callable[[], Any]) -> Any:
+        """``self.<attr>``, set to ``load()`` under the pipeline's lock the first time it is asked for."""
         with self._lock:
-            if self._recognizer is not None:
-                return self._recognizer
-            src = self._recognizer_src
-            if isinstance(src, Backend):
-                model = src
-            else:
-                path = str(DEFAULT_RECOGNIZER) if src is None else os.fspath(src)  # a str keeps URLs intact
-                if src is None and not os.path.isfile(path):
-                    raise ModelLoadError(
-                        f"the default recognizer {path} is missing; pass recognizer=PATH (CLI: --recognizer PATH)"
-                    )
-                model = load_model(path, backend=self.backend_name, **self._model_options)
-            meta = dict(model.metadata or {})
-            if self._preprocess_override is not None:
-                spec = self._preprocess_override
-            else:
-                if not meta:  # backends decode metadata when present; report its absence clearly
-                    meta = decode_metadata(model.raw_metadata, source=model.path)
-                if meta.get("task") != "recognition":
-                    raise ModelMetadataError(
-                        f"{model.path}: not a recognizer (metadata task is {meta.get('task')!r}, expected 'recognition')"
-                    )
-                spec = preprocess_spec(meta)
-            _check_template(spec, model.path)
-            self._meta, self._spec, self._recognizer = meta, spec, model
-            return model
+            value = getattr(self, attr)
+            if value is None:
+                value = load()
+                setattr(self, attr, value)
+            return value
+
+    def _load_recognizer(self) -> Backend:
+        return self._loaded("_recognizer", self._open_recognizer)
 
     def _load_aligner(self):
-        with self._lock:
-            if self._aligner is not None:
-                return self._aligner
-            src = self._aligner_src
-            path = DEFAULT_ALIGNER if src is None else src
-            if src is None and not DEFAULT_ALIGNER.is_file():
-                raise ModelLoadError(
-                    f"the default aligner {DEFAULT_ALIGNER} is missing; pass aligner=PATH (CLI: --aligner PATH) "
-                    "or use landmarks='detector'"
-                )
-            from .landmarks import LandmarkRefiner
+        return self._loaded("_aligner", self._open_aligner)
 
-            if isinstance(path, LandmarkRefiner):
-                self._aligner = path
-                return path
-            if isinstance(path, Backend):
-                path = path.path
-            self._aligner = LandmarkRefiner(str(path), backend=self.backend_name, **self._model_options)
-            return self._aligner
+    def _open_recognizer(self) -> Backend:
+        """Load the recognizer and read its preprocessing (``self._meta``, ``self._spec``)."""
+        src = self._recognizer_src
+        if isinstance(src, Backend):
+            model = src
+        else:
+            path = str(DEFAULT_RECOGNIZER) if src is None else os.fspath(src)  # a str keeps URLs intact
+            if src is None and not os.path.isfile(path):
+                raise ModelLoadError(
+                    f"the default recognizer {path} is missing; pass recognizer=PATH (CLI: --recognizer PATH)"
+                )
+            model = load_model(path, backend=self.backend_name, **self._model_options)
+        meta = dict(model.metadata or {})
+        if self._preprocess_override is not None:
+            spec = self._preprocess_override
+        else:
+            if not meta:  # backends decode metadata when present; report its absence clearly
+                meta = decode_metadata(model.raw_metadata, source=model.path)
+            if meta.get("task") != "recognition":
+                raise ModelMetadataError(
+                    f"{model.path}: not a recognizer (metadata task is {meta.get('task')!r}, expected 'recognition')"
+                )
+            spec = preprocess_spec(meta)
+        _check_template(spec, model.path)
+        self._meta, self._spec = meta, spec
+        return model
+
+    def _open_aligner(self):
+        src = self._aligner_src
+        path = DEFAULT_ALIGNER if src is None else src
+        if src is None and not DEFAULT_ALIGNER.is_file():
+            raise ModelLoadError(
+                f"the default aligner {DEFAULT_ALIGNER} is missing; pass aligner=PATH (CLI: --aligner PATH) "
+                "or use landmarks='detector'"
+            )
+        from .landmarks import LandmarkRefiner
+
+        if isinstance(path, LandmarkRefiner):
+            return path
+        if isinstance(path, Backend):
+            path = path.path
+        return LandmarkRefiner(str(path), backend=self.backend_name, **self._model_options)
 
     @property
     def recognizer(self) -> Backend:

@@ -76,22 +76,25 @@ def test_complexity_counts_a_hand_checked_model():
     assert macs_all == macs + 800 + 800  # BN and PReLU: one per output element
 
 
-def test_mobilefacenet_matches_the_paper():
-    # paper (Chen et al. 2018, table 1, 128-d): 0.99 M parameters, 221 M MAdds at 112×112
+#: published sizes at 112×112: backbone, embedding size, parameter range, MAC range
+PUBLISHED_SIZES = [
+    ("mobilefacenet", 128, (0.95e6, 1.05e6), (0.21e9, 0.23e9)),  # Chen et al. 2018, table 1: 0.99 M, 221 M MAdds
+    ("iresnet50", 512, (43.0e6, 44.2e6), (6.1e9, 6.5e9)),  # insightface arcface_torch r50: 43.6 M, 6.3 G FLOPs
+]
+
+
+@pytest.mark.parametrize("arch, dim, param_range, mac_range", PUBLISHED_SIZES, ids=[r[0] for r in PUBLISHED_SIZES])
+def test_backbone_size_matches_its_publication(arch, dim, param_range, mac_range):
+    params, macs = count_params_macs(build_backbone(arch, dim))
+    assert param_range[0] <= params <= param_range[1], params
+    assert mac_range[0] <= macs <= mac_range[1], macs
+
+
+def test_mobilefacenet_embedding_size_adds_only_the_last_linear_and_bn():
     params, macs = count_params_macs(build_backbone("mobilefacenet", 128))
-    assert 0.95e6 <= params <= 1.05e6, params
-    assert 0.21e9 <= macs <= 0.23e9, macs
-    # a bigger embedding adds exactly the 512→D Linear and the BN1d (weight, bias)
     params512, macs512 = count_params_macs(build_backbone("mobilefacenet", 512))
-    assert params512 - params == (512 - 128) * (512 + 2)
+    assert params512 - params == (512 - 128) * (512 + 2)  # the 512→D Linear and the BN1d (weight, bias)
     assert macs512 - macs == 512 * (512 - 128)
-
-
-def test_iresnet50_matches_insightface():
-    # insightface arcface_torch: r50 ≈ 43.6 M parameters, ≈ 6.3 G FLOPs (MACs) at 112×112, 512-d
-    params, macs = count_params_macs(build_backbone("iresnet50", 512))
-    assert 43.0e6 <= params <= 44.2e6, params
-    assert 6.1e9 <= macs <= 6.5e9, macs
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter is the contract (dynamo=False)

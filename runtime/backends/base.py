@@ -43,9 +43,20 @@ class Backend(abc.ABC):
             except ModelMetadataError as e:
                 raise ModelLoadError(str(e)) from None
 
-    #: set by subclasses: what runs the model (:attr:`device`) and the output names (:attr:`output_names`)
+    #: set by subclasses when the model is loaded: what runs it (:attr:`device`), and through :meth:`_set_io`
+    #: its one input and its outputs
     _device: str = ""
-    _outputs: tuple[str, ...] | list[str] = ()
+    _input_name: str = ""
+    _input_shape: list = []
+    _outputs: list[str] = []
+    _output_shapes: list[list] = []
+
+    def _set_io(self, input_name: str, input_shape: list, output_names: list[str], output_shapes: list[list]) -> None:
+        """Record the model's input and outputs as the interface reports them."""
+        self._input_name = input_name
+        self._input_shape = list(input_shape)
+        self._outputs = list(output_names)
+        self._output_shapes = [list(s) for s in output_shapes]
 
     @property
     def device(self) -> str:
@@ -53,22 +64,22 @@ class Backend(abc.ABC):
         return self._device
 
     @property
-    @abc.abstractmethod
-    def input_name(self) -> str: ...
+    def input_name(self) -> str:
+        return self._input_name
 
     @property
-    @abc.abstractmethod
     def input_shape(self) -> list:
         """The input's dimensions: an int for a fixed axis, a name (str) or None for a dynamic one."""
+        return list(self._input_shape)
 
     @property
     def output_names(self) -> list[str]:
         return list(self._outputs)
 
     @property
-    @abc.abstractmethod
     def output_shapes(self) -> list[list]:
         """Each output's dimensions, in ``output_names`` order (dynamic axes as in :attr:`input_shape`)."""
+        return [list(s) for s in self._output_shapes]
 
     @property
     def fixed_batch(self) -> int | None:

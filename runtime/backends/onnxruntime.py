@@ -72,21 +72,10 @@ class OnnxRuntimeBackend(Backend):
         self._device = active[0]
         self._keep_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
         self._input = self.session.get_inputs()[0]
-        self._outputs = [o.name for o in self.session.get_outputs()]
+        outputs = self.session.get_outputs()
+        self._set_io(self._input.name, self._input.shape, [o.name for o in outputs], [o.shape for o in outputs])
         self._fp16_input = "float16" in self._input.type
         self._lock = threading.Lock() if self._device == "CUDAExecutionProvider" else None
-
-    @property
-    def input_name(self) -> str:
-        return self._input.name
-
-    @property
-    def input_shape(self) -> list:
-        return list(self._input.shape)
-
-    @property
-    def output_shapes(self) -> list[list]:
-        return [list(o.shape) for o in self.session.get_outputs()]
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float16 if self._fp16_input else np.float32)

@@ -173,8 +173,8 @@ class OpenVinoBackend(Backend):
         if len(self._inputs) != 1:
             raise ModelLoadError(f"{self.path}: facekit runs models with one input; this one has {len(self._inputs)}")
         self._input_dtype = self._inputs[0].get_element_type().to_dtype()
-        self._outputs = [o.get_any_name() for o in compiled.outputs]
-        self._output_shapes = [_dims(o.get_partial_shape()) for o in compiled.outputs]
+        self._set_io(self._inputs[0].get_any_name(), _dims(self._inputs[0].get_partial_shape()),
+                     [o.get_any_name() for o in compiled.outputs], [_dims(o.get_partial_shape()) for o in compiled.outputs])
         self._pool = _RequestPool(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         runs = compiled.get_property("INFERENCE_PRECISION_HINT")
         self._runs_bf16 = "bf16" in str(runs).lower()
@@ -247,19 +247,6 @@ class OpenVinoBackend(Backend):
             isa = int8_isa()
             return f"OpenVINO CPU int8 ({isa})" if isa else "OpenVINO CPU int8"
         return "OpenVINO CPU f32"
-
-    @property
-    def input_name(self) -> str:
-        return self._inputs[0].get_any_name()
-
-    @property
-    def input_shape(self) -> list:
-        return _dims(self._inputs[0].get_partial_shape())
-
-    @property
-    def output_shapes(self) -> list[list]:
-        """The output shapes (ints for fixed axes, None for dynamic ones)."""
-        return self._output_shapes
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=self._input_dtype)

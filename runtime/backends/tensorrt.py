@@ -187,6 +187,11 @@ def _device_index(device: Any) -> int:
     raise ValueError(f"TensorRT runs on CUDA devices; device must be 'auto', 'cuda', 'cuda:N' or an int, got {device!r}")
 
 
+def _dims(shape) -> list:
+    """An engine tensor's dimensions as the Backend interface spells them ("batch" for a dynamic axis)."""
+    return ["batch" if d < 0 else int(d) for d in shape]
+
+
 class TensorRTBackend(Backend):
     """A TensorRT engine with its checked sidecar; ``run`` splits batches larger than the profile's max."""
 
@@ -223,28 +228,17 @@ class TensorRTBackend(Backend):
         if len(inputs) != 1:
             raise ModelLoadError(f"{path}: expected one input tensor, found {inputs}")
         self._input = inputs[0]
-        self._outputs = [n for n in names if n not in inputs]
+        outputs = [n for n in names if n not in inputs]
+        self._set_io(self._input, _dims(self.engine.get_tensor_shape(self._input)), outputs,
+                     [_dims(self.engine.get_tensor_shape(n)) for n in outputs])
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         profile = self.engine.get_tensor_profile_shape(self._input, 0)
         self._min_batch, self._max_batch = int(profile[0][0]), int(profile[2][0])
-        self._input_shape = ["batch" if d < 0 else int(d) for d in self.engine.get_tensor_shape(self._input)]
         self._stream = cuda_check(cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}  # name → (device pointer, bytes)
         self._lock = threading.Lock()
         build = self.sidecar["build"]
         self._device = f"TensorRT {build['tensorrt_version']} on {build['gpu_name']} ({build['precision']})"
-
-    @property
-    def input_name(self) -> str:
-        return self._input
-
-    @property
-    def input_shape(self) -> list:
-        return list(self._input_shape)
-
-    @property
-    def output_shapes(self) -> list[list]:
-        return [["batch" if d < 0 else int(d) for d in self.engine.get_tensor_shape(n)] for n in self._outputs]
 
     @property
     def max_batch(self) -> int | None:

@@ -144,28 +144,13 @@ class TritonBackend(Backend):
         return version
 
     def _read_config(self, config) -> None:
-        self.served = ServedModel.from_config(config, self.path)
+        served = self.served = ServedModel.from_config(config, self.path)
+        # the batch axis ("batch") comes first when the model batches (max_batch_size > 0)
         self._keep_metadata({k: v.string_value for k, v in config.parameters.items()})
+        self._set_io(served.input, served.batch_axis() + served.input_dims, [name for name, _ in served.outputs],
+                     [served.batch_axis() + dims for _, dims in served.outputs])
 
     # ---------------------------------------------------------------------------------- interface
-
-    @property
-    def output_shapes(self) -> list[list]:
-        """Every output's dimensions (the batch axis first when the model batches)."""
-        return [self.served.batch_axis() + dims for _, dims in self.served.outputs]
-
-    @property
-    def input_name(self) -> str:
-        return self.served.input
-
-    @property
-    def output_names(self) -> list[str]:
-        return [name for name, _ in self.served.outputs]
-
-    @property
-    def input_shape(self) -> list:
-        """``["batch", *dims]`` when the model batches (``max_batch_size`` > 0), else the config's dims."""
-        return self.served.batch_axis() + self.served.input_dims
 
     @property
     def fixed_batch(self) -> int | None:
