@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import shipped
 from runtime.files import atomic_write_bytes
 
 from evaluation import crops as ec
@@ -39,7 +40,6 @@ from .latency import time_calls
 from .parity import BackendPlan, row_cosines
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "runtime" / "models"
 REFERENCE = "onnxruntime-cpu fp32"
 #: pipeline configurations: label → (FacePipeline backend, extra environment)
 PIPELINES = {
@@ -52,7 +52,7 @@ PIPELINES = {
 
 @dataclass
 class Options:
-    model: Path = MODELS / "recognizer.onnx"
+    model: Path = shipped.RECOGNIZER
     images: int = 100
     rounds: int = 3
     seconds: float = 1.0

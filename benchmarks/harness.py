@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import report as rp
-from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, SHIPPED_RECOGNIZER, BackendEmbedder,
+from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, BackendEmbedder,
                                BackendPlan, TorchEmbedder)
 from evaluation import crops as ec
 from evaluation import pairs as ep
 from evaluation.verification import evaluate, flip_sum_embeddings
 from runtime.cpu import usable_cores
+from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
 from runtime.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from typing import Any
 
 from benchmarks.parity import CHECKPOINT_SUFFIXES
 from evaluation.landmarks import evaluate_landmarks
+from runtime.shipped import ALIGNER as SHIPPED_ALIGNER
 
-SHIPPED_ALIGNER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "aligner.onnx"
 
 
 def load_refiner(aligner: str | None = None, fallback: bool | None = None):

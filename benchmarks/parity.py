@@ -29,7 +29,6 @@ from runtime.preprocess import l2_normalize
 from .cpu_plans import concurrent_requests, openvino_options, openvino_variants
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_RECOGNIZER = ROOT / "runtime" / "models" / "recognizer.onnx"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from runtime import shipped
 from runtime.cpu import usable_cores
 from runtime.detector import DEFAULT_DETECTOR
 from runtime.files import atomic_write, cache_dir, sha256_file
@@ -43,7 +44,7 @@ HOW_NAMES = {HOW_DETECTED: "detected", HOW_LOW_THRESHOLD: "low_threshold", HOW_F
              HOW_PREALIGNED: "prealigned", HOW_UNREADABLE: "unreadable_black"}
 DETECT_THRESHOLD = 0.5
 LOW_THRESHOLD = 0.05
-SHIPPED_ALIGNER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "aligner.onnx"
+SHIPPED_ALIGNER = shipped.ALIGNER
 
 
 def read_image(src) -> np.ndarray:

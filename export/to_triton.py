@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from export.cli import doc_parser
+from runtime.shipped import RECOGNIZER as DEFAULT_RECOGNIZER
 
-DEFAULT_RECOGNIZER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "recognizer.onnx"
 
 
 def _batches(text: str) -> tuple[int, ...]:

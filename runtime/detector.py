@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from . import shipped
 from .backends.base import Backend, ModelLoadError, load_model, load_model_bytes
 from .sample_face import sample_image
 
@@ -31,7 +31,7 @@ SCRFD_MEAN, SCRFD_STD = 127.5, 128.0
 #: Detection image size limits: longer side at most ``DEFAULT_MAX_SIDE``; images whose shorter side is
 #: below ``DEFAULT_MIN_SIDE`` are upscaled (close-up crops such as LFW's 160×160 need context).
 #: The default detector: RetinaFace-MobileNet0.25 (``models/detector.md``).
-DEFAULT_DETECTOR = Path(__file__).resolve().parent / "models" / "detector.onnx"
+DEFAULT_DETECTOR = shipped.DETECTOR
 DEFAULT_MAX_SIDE = 640
 DEFAULT_MIN_SIDE = 320
 

@@ -22,11 +22,10 @@ from .faces import Comparison, Face, ImageFaces, NoFaceError, Subject
 from .image_io import ImageError, LoadedImage, load_image_scaled
 from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
 from .preprocess import PreprocessSpec, flip_sum, l2_normalize, to_model_input
+from .shipped import ALIGNER as DEFAULT_ALIGNER
+from .shipped import RECOGNIZER as DEFAULT_RECOGNIZER
 from .subject import choose_subject
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_RECOGNIZER = MODELS_DIR / "recognizer.onnx"
-DEFAULT_ALIGNER = MODELS_DIR / "aligner.onnx"
 LANDMARK_MODES = ("detector", "aligner")
 
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import functools
 import json
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
 
+from . import shipped
 from .geometry import transform_points
 from .preprocess import PreprocessSpec
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "models"
-SAMPLE_INFO = SAMPLE_DIR / "sample_face.json"
+SAMPLE_INFO = shipped.SAMPLE_FACE_INFO
+SAMPLE_DIR = SAMPLE_INFO.parent
 
 #: (rotation degrees, scale, gamma, grey) of each variant crop; each also runs mirrored
 _VARIANTS = ((0, 1.0, 1.0, False), (-8, 1.0, 1.0, False), (8, 1.0, 1.0, False), (0, 0.92, 1.0, False),

@@ -29,7 +29,7 @@ class RealFaces:
 
 def _from_cache(lfw: Path):
     from benchmarks import gallery as bg
-    from benchmarks.parity import SHIPPED_RECOGNIZER
+    from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
     from evaluation import crops as ec
     from evaluation import pairs as ep
 

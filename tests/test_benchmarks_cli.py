@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -110,7 +109,7 @@ def test_errors_are_one_line(facekit_data, recognizer, tmp_path):
 
 
 def test_default_run_without_shipped_model(tmp_path):
-    from benchmarks.parity import SHIPPED_RECOGNIZER
+    from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
 
     if SHIPPED_RECOGNIZER.is_file():
         pytest.skip("the shipped recognizer exists; the full default run is exercised by `python benchmarks/run.py`")

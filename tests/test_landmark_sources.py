@@ -6,10 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, link_faces, need
-
-SHIPPED_RECOGNIZER = ROOT / "runtime" / "models" / "recognizer.onnx"
-SHIPPED_ALIGNER = ROOT / "runtime" / "models" / "aligner.onnx"
+from runtime.shipped import ALIGNER as SHIPPED_ALIGNER
+from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
+from tests.conftest import link_faces, need
 
 
 def _small_data(facekit_data: Path, root: Path) -> Path:

@@ -5,13 +5,13 @@ import csv
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from runtime.geometry import ARCFACE_TEMPLATE_112, alignment_matrix, transform_points
+from runtime.shipped import ALIGNER as SHIPPED_ALIGNER
 from tests.conftest import need
 from train.make_aligned import (
     Options,
@@ -176,9 +176,6 @@ def test_several_faces_policy():
     assert choose_face([big_centre, twin], shape) == (None, "several faces")
     assert choose_face([doubtful, big_centre], shape) == (1, "")  # confident face outweighs a doubtful one
     assert choose_face([tiny, big_centre], shape) == (1, "")  # too-small faces do not compete
-
-
-SHIPPED_ALIGNER = Path(__file__).resolve().parents[1] / "runtime" / "models" / "aligner.onnx"
 
 
 @pytest.mark.skipif(not SHIPPED_ALIGNER.is_file(), reason="runtime/models/aligner.onnx is absent")

@@ -25,8 +25,8 @@ from runtime.metadata import ModelMetadataError, preprocess_spec, read_onnx_meta
 from runtime.pipeline import DEFAULT_ALIGNER, DEFAULT_RECOGNIZER, FacePipeline  # noqa: E402
 from runtime.preprocess import to_model_input  # noqa: E402
 from runtime.sample_face import sample_crops  # noqa: E402
+from runtime.shipped import MODELS_DIR, RECOGNIZER_INT8  # noqa: E402
 
-MODELS = ROOT / "runtime" / "models"
 NO_BF16 = f"this CPU has no native bf16 (AMX / AVX512-BF16); OpenVINO reports {native_bf16()!r}"
 
 
@@ -58,7 +58,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_onnx_metadata_is_read_without_onnx_as_onnxruntime_reads_it(tmp_path):
-    for path in sorted(MODELS.glob("*.onnx")):
+    for path in sorted(MODELS_DIR.glob("*.onnx")):
         ort_props = dict(OnnxRuntimeBackend(str(path), device="cpu").session.get_modelmeta().custom_metadata_map)
         assert read_onnx_metadata(path) == ort_props, path.name
         assert read_onnx_metadata(path.read_bytes()) == ort_props
@@ -118,7 +118,7 @@ def test_pipeline_on_openvino_equals_onnxruntime(facekit_data, cache):
 
 
 def test_int8_qdq_model_runs_int8_and_agrees_with_the_qdq_graph(crops_input, cache):
-    path = need(MODELS / "recognizer_int8.onnx")
+    path = need(RECOGNIZER_INT8)
     b = OpenVinoBackend(str(path))
     assert b.precision == "int8" and b.device.startswith("OpenVINO CPU int8") and "Q/DQ" in b.precision_reason
     exact = OnnxRuntimeBackend(str(path), device="cpu", optimize=False)  # the Q/DQ graph as written
@@ -267,7 +267,7 @@ from runtime.backends import available_backends
 from runtime.pipeline import FacePipeline
 out = {{"available": available_backends()}}
 for name, kw in (("default", {{}}), ("aligner", {{"landmarks": "aligner"}}),
-                 ("int8", {{"recognizer": {str(MODELS / "recognizer_int8.onnx")!r}}})):
+                 ("int8", {{"recognizer": {str(RECOGNIZER_INT8)!r}}})):
     pipe = FacePipeline(**kw)
     r = pipe.compare({str(obama)!r}, {str(obama2)!r})
     out[name] = {{"same": r.same, "similarity": r.similarity, "providers": pipe.providers}}

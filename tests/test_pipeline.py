@@ -20,6 +20,7 @@ from runtime.image_io import ImageError
 from runtime.metadata import ModelMetadataError, encode_metadata
 from runtime.pipeline import DEFAULT_RECOGNIZER, Face, FacePipeline, NoFaceError
 from runtime.preprocess import PreprocessSpec, l2_normalize, to_model_input
+from runtime.shipped import RECOGNIZER_INT8
 
 
 def make_recognizer(path: Path, spec: PreprocessSpec = PreprocessSpec(), dim: int = 32, seed: int = 0,
@@ -365,7 +366,7 @@ def test_shipped_models_identify_enrolled_portraits(shipped, facekit_data, tmp_p
 def test_shipped_int8_recognizer_matches_the_fp32_one(shipped, facekit_data):
     """recognizer_int8.onnx declares the same framing and threshold as the default and embeds the same faces
     alike (its export guard required cosine ≥ 0.98 on LFW)."""
-    int8 = DEFAULT_RECOGNIZER.with_name("recognizer_int8.onnx")
+    int8 = RECOGNIZER_INT8
     if not int8.is_file():
         pytest.skip("no shipped INT8 recognizer")
     quant = FacePipeline(recognizer=str(int8))

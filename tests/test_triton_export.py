@@ -20,6 +20,7 @@ from export.trt_build import BuildOptions, wanted_build  # noqa: E402
 from export.triton_repository import (PYTHON_MODEL_SOURCE, ServingOptions, TritonExportError,  # noqa: E402
                                       config_message, parse_pbtxt, plan_repository, write_repository)
 from runtime.backends.tensorrt import make_sidecar, sidecar_path  # noqa: E402
+from runtime import shipped  # noqa: E402
 from runtime.detector import DEFAULT_DETECTOR  # noqa: E402
 from runtime.metadata import encode_metadata  # noqa: E402
 from runtime.pipeline import DEFAULT_RECOGNIZER  # noqa: E402
@@ -174,7 +175,7 @@ def test_engines_become_tensorrt_plan_with_cc_model_filenames(tmp_path):
 
 
 def test_engine_problems_are_refused(tmp_path):
-    foreign = _engine(tmp_path / "int8", DEFAULT_RECOGNIZER.with_name("recognizer_int8.onnx"), "8.0")
+    foreign = _engine(tmp_path / "int8", shipped.RECOGNIZER_INT8, "8.0")
     with pytest.raises(TritonExportError, match="none of"):
         plan_repository(DEFAULT_RECOGNIZER, engines=[foreign])
     tampered = _engine(tmp_path, DEFAULT_RECOGNIZER, "8.9")

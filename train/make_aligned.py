@@ -49,6 +49,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from runtime import shipped
 from runtime.files import atomic_write_bytes
 from runtime.geometry import template_for_size
 from runtime.image_io import load_image
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no images found")
     aligner = a.aligner
     if a.landmarks == "aligner":
-        aligner = aligner or str(Path(__file__).resolve().parents[1] / "runtime" / "models" / "aligner.onnx")
+        aligner = aligner or str(shipped.ALIGNER)
         if not os.path.isfile(aligner):
             p.error(f"aligner model {aligner} not found (export one, or use --landmarks detector)")
     size, template = a.size, None
