@@ -207,8 +207,7 @@ def cmd_cpu(args) -> dict:
     """CPU backends against ONNX Runtime fp32 and the pipeline ratios (``benchmarks/cpu_backends.py``)."""
     from benchmarks import cpu_backends
 
-    opts = cpu_backends.Options(model=resolve_model(args.model), images=args.images, rounds=args.rounds,
-                                seconds=args.seconds, accuracy=not args.no_accuracy, quiet=args.quiet)
+    opts = cpu_backends.OPTIONS.build(args, model=resolve_model(args.model), seconds=args.seconds, quiet=args.quiet)
     report = cpu_backends.run(opts, None if args.no_write else rp.RESULTS_DIR, rp.run_command())
     print_result(report, args, cpu_backends.to_markdown(report))
     return report

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import shipped
+from runtime.field_options import FieldOptions
 from runtime.files import atomic_write_bytes
 
 from evaluation import crops as ec
@@ -58,6 +59,10 @@ class Options:
     seconds: float = 1.0
     accuracy: bool = True
     quiet: bool = False
+
+
+#: the ``run.py cpu`` options that set an :class:`Options` field
+OPTIONS = FieldOptions(Options)
 
 
 def recognizer_plans(opts: Options) -> list[BackendPlan]:

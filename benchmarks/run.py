@@ -36,6 +36,7 @@ import argparse
 import sys
 
 from benchmarks import commands as cm
+from benchmarks import cpu_backends
 from benchmarks import large_photos
 from benchmarks.default_run import cmd_default
 from benchmarks.harness import DEFAULT_DATA, DEFAULT_PARITY_PER_FOLD, VERIFICATION_KINDS, UsageError, log
@@ -128,9 +129,9 @@ def _add_speed_commands(sub, sub_common: argparse.ArgumentParser) -> None:
                    help="load generator: plain HTTP/1.1 on asyncio streams (default) or httpx")
     s = sub.add_parser("cpu", parents=[sub_common], help="OpenVINO f32/bf16/int8 vs ONNX Runtime fp32; "
                        "FacePipeline() vs backend='onnxruntime' (benchmarks/cpu_backends.py)")
-    s.add_argument("--images", type=int, default=100, help="LFW images per pipeline round")
-    s.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
-    s.add_argument("--no-accuracy", action="store_true", help="parity only: skip LFW / CFP-FP accuracy")
+    cpu_backends.OPTIONS.add(s, "images", "LFW images per pipeline round")
+    cpu_backends.OPTIONS.add(s, "rounds", "interleaved rounds per configuration")
+    cpu_backends.OPTIONS.add(s, "accuracy", "parity only: skip LFW / CFP-FP accuracy")
     s.add_argument("--no-write", action="store_true", help="print the report but write no files")
     large_photos.add_arguments(sub.add_parser("large-photos", help="50–200 MP JPEGs: full vs reduced decode, "
                                                                    "pipeline time, faces, peak RSS"))

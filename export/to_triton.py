@@ -19,8 +19,11 @@ import sys
 from pathlib import Path
 
 from export.cli import doc_parser
+from export.triton_repository import KINDS, ORT_TENSORRT, ServingOptions
+from runtime.field_options import FieldOptions
 from runtime.shipped import RECOGNIZER as DEFAULT_RECOGNIZER
 
+SERVING = FieldOptions(ServingOptions)
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -46,34 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("onnxruntime", "python"), default="onnxruntime",
                    help="how ONNX models are served: Triton's onnxruntime backend, or facekit's runtime in the "
                         "Python backend (CPU route)")
-    p.add_argument("--max-batch", type=int, default=32, help="max_batch_size of dynamic-batch ONNX models")
-    p.add_argument("--preferred-batch", type=_batches, help="dynamic batcher's preferred sizes, e.g. 8,16,32 "
-                                                            "(default: powers of two from 4, and the max)")
-    p.add_argument("--queue-delay-us", type=int, default=1000, help="dynamic batcher's max queue delay (µs)")
-    p.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
-    p.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="instance kind of onnxruntime models (engines: gpu; Python-backend models: cpu)")
-    p.add_argument("--ort-tensorrt", choices=("off", "fp32", "fp16"), default="off",
-                   help="ONNX models: let ONNX Runtime run them through TensorRT on the GPU "
-                        "(optimization.execution_accelerators)")
-    p.add_argument("--pipeline-instances", type=int, default=2, help="face_pipeline instances")
+    SERVING.add(p, "max_batch", "max_batch_size of dynamic-batch ONNX models")
+    SERVING.add(p, "preferred_batch", "dynamic batcher's preferred sizes, e.g. 8,16,32", type=_batches,
+                shown="powers of two from 4, and the max")
+    SERVING.add(p, "queue_delay_us", "dynamic batcher's max queue delay (µs)")
+    SERVING.add(p, "instances", "instances of each model (instance_group count)")
+    SERVING.add(p, "kind", "instance kind of onnxruntime models (engines: gpu; Python-backend models: cpu)",
+                choices=tuple(KINDS))
+    SERVING.add(p, "ort_tensorrt", "ONNX models: let ONNX Runtime run them through TensorRT on the GPU "
+                                   "(optimization.execution_accelerators)", choices=ORT_TENSORRT)
+    SERVING.add(p, "pipeline_instances", "face_pipeline instances")
     p.add_argument("--no-pipeline", action="store_true", help="do not write the face_pipeline model")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="face_pipeline: detector score threshold")
-    p.add_argument("--no-flip-test", action="store_true",
-                   help="face_pipeline: embed each face once (default: face + mirror image, summed)")
+    SERVING.add(p, "score_threshold", "face_pipeline: detector score threshold")
+    SERVING.add(p, "flip_test", "face_pipeline: embed each face once (default: face + mirror image, summed)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.triton_repository import ServingOptions, TritonExportError, plan_repository, write_repository
+    from export.triton_repository import TritonExportError, plan_repository, write_repository
     from runtime.backends.base import ModelLoadError
 
     try:
-        opts = ServingOptions(max_batch=args.max_batch, preferred_batch=args.preferred_batch,
-                              queue_delay_us=args.queue_delay_us, instances=args.instances, kind=args.kind,
-                              ort_tensorrt=args.ort_tensorrt, pipeline_instances=args.pipeline_instances,
-                              score_threshold=args.score_threshold, flip_test=not args.no_flip_test)
+        opts = SERVING.build(args)
         models = plan_repository(args.recognizer, args.detector, args.engine, opts, args.backend,
                                  pipeline=not args.no_pipeline)
         out = write_repository(args.out, models, force=args.force)

@@ -17,22 +17,25 @@ import sys
 from pathlib import Path
 
 from export.cli import doc_parser
+from export.trt_build import BuildOptions
+from runtime.field_options import FieldOptions
 
 #: Minimum cosine of the engine against ONNX Runtime on the same graph, by precision (fp32 allows TF32).
 CHECK_MIN_COS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
 EXIT_NO_TENSORRT = 3
+BUILD = FieldOptions(BuildOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = doc_parser(__doc__)
     p.add_argument("onnx", type=Path, help="source ONNX model (from export/to_onnx.py)")
     p.add_argument("--out", type=Path, help="engine file (default: the ONNX path with .engine)")
-    p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=32, help="batch TensorRT tunes for (default 32)")
-    p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--workspace-mib", type=int, default=4096)
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
-    p.add_argument("--no-tf32", action="store_true", help="fp32 layers in strict fp32 (no TF32)")
+    BUILD.add(p, "min_batch", "smallest batch of the optimization profile")
+    BUILD.add(p, "opt_batch", "batch TensorRT tunes for")
+    BUILD.add(p, "max_batch", "largest batch of the optimization profile")
+    BUILD.add(p, "workspace_mib", "builder workspace in MiB")
+    BUILD.add(p, "optimization_level", "builder optimization level 0-5", flag="--opt-level")
+    BUILD.add(p, "tf32", "fp32 layers in strict fp32 (no TF32)")
     p.add_argument("--timing-cache", type=Path, help="timing cache file (default: <engine stem>.timing.cache)")
     p.add_argument("--rebuild", choices=("auto", "always", "never"), default="auto",
                    help="stale/foreign engine: rebuild (auto), refuse (never); always: rebuild anyway")
@@ -74,7 +77,7 @@ def check_engine(engine: Path, onnx_path: Path, n: int, device: int, precision: 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.trt_build import BuildOptions, StaleEngineError, TensorRTMissing, ensure_engine, require_tensorrt
+    from export.trt_build import StaleEngineError, TensorRTMissing, ensure_engine, require_tensorrt
 
     try:
         require_tensorrt()
@@ -87,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.onnx.with_suffix(".engine")
     cache = args.timing_cache or out.with_suffix(".timing.cache")
     try:
-        opts = BuildOptions(args.min_batch, args.opt_batch, args.max_batch, args.workspace_mib, args.opt_level,
-                            not args.no_tf32)
+        opts = BUILD.build(args)
         side, status, reasons = ensure_engine(args.onnx, out, opts, args.rebuild, cache, args.device, args.verbose)
     except StaleEngineError as e:
         print(f"error: {e}", file=sys.stderr)

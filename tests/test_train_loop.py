@@ -20,7 +20,6 @@ import yaml
 from conftest import data_dir
 from train.checkpoint import load_checkpoint
 from train.config import load_config
-from train.datasets import FaceDataset, filter_identities, list_source
 from train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

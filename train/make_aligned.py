@@ -50,6 +50,7 @@ import cv2
 import numpy as np
 
 from runtime import shipped
+from runtime.field_options import FieldOptions
 from runtime.files import atomic_write_bytes
 from runtime.geometry import template_for_size
 from runtime.image_io import load_image
@@ -85,6 +86,10 @@ class Options:
     image_format: str = "png"
     debug: bool = False
     out: str = ""
+
+
+#: the command-line options that set an :class:`Options` field
+OPTIONS = FieldOptions(Options)
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -358,20 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--list", type=Path, help="list file of 'file identity' lines")
     p.add_argument("--root", type=Path, help="folder the list's files are relative to (default: the list's folder)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--landmarks", choices=("detector", "aligner"), default="detector",
-                   help="the detector's 5 points, or refined by the hourglass aligner")
-    p.add_argument("--aligner", default=None, help="aligner ONNX (default: runtime/models/aligner.onnx)")
-    p.add_argument("--size", type=int, default=112, help="crop side in pixels (default 112)")
+    OPTIONS.add(p, "landmarks", "the detector's 5 points, or refined by the hourglass aligner",
+                choices=("detector", "aligner"))
+    OPTIONS.add(p, "aligner", "aligner ONNX", shown="runtime/models/aligner.onnx")
+    OPTIONS.add(p, "size", "crop side in pixels")
     p.add_argument("--like", metavar="MODEL", help="crop in this recognizer's framing instead (its size and template, "
                                                    "from a checkpoint's config or an ONNX file's metadata)")
-    p.add_argument("--layout", choices=("tree", "flat"), default="tree")
-    p.add_argument("--format", dest="image_format", choices=("png", "jpg"), default="png")
-    p.add_argument("--score-threshold", type=float, default=0.5)
-    p.add_argument("--min-face", type=float, default=16.0, help="ignore faces whose box is smaller (px)")
-    p.add_argument("--dominance", type=float, default=2.0,
-                   help="several faces: take the heaviest only if it outweighs the next by this factor")
+    OPTIONS.add(p, "layout", "crops in OUT/<identity>/ (tree) or all in OUT/images/ (flat)", choices=("tree", "flat"))
+    OPTIONS.add(p, "image_format", "crop file format", flag="--format", choices=("png", "jpg"))
+    OPTIONS.add(p, "score_threshold", "detector score threshold")
+    OPTIONS.add(p, "min_face", "ignore faces whose box is smaller (px)")
+    OPTIONS.add(p, "dominance", "several faces: take the heaviest only if it outweighs the next by this factor")
     p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1))))
-    p.add_argument("--debug", action="store_true", help="write overlay pictures under OUT/debug/")
+    OPTIONS.add(p, "debug", "write overlay pictures under OUT/debug/")
     p.add_argument("--redo", action="store_true", help="ignore an existing manifest and start over")
     p.add_argument("--retry-failed", action="store_true", help="process the manifest's failed photos again")
     p.add_argument("--no-progress", action="store_true")
@@ -401,10 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         size, template = spec.input_size[0], tuple(map(tuple, spec.crop_template.tolist()))
         if spec.input_size[0] != spec.input_size[1]:
             p.error(f"{a.like}: crops are square here, the model takes {spec.input_size}")
-    opts = Options(size=size, template=template, landmarks=a.landmarks, aligner=aligner,
-                   score_threshold=a.score_threshold,
-                   min_face=a.min_face, dominance=a.dominance, layout=a.layout, image_format=a.image_format,
-                   debug=a.debug)
+    opts = OPTIONS.build(a, size=size, template=template, aligner=aligner)
     summary = make_aligned(sources, a.out, opts, workers=a.workers, redo=a.redo, conflicting=conflicting,
                            progress=not a.no_progress, retry_failed=a.retry_failed)
     print(json.dumps(summary))

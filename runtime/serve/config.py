@@ -5,9 +5,9 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..cpu import usable_cores
+from ..field_options import FieldOptions
 from ..image_io import DEFAULT_MAX_PIXELS
 
 MB = 1024 * 1024
@@ -71,48 +71,37 @@ def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
     return keys
 
 
+#: the ``serve`` options that set a :class:`ServeConfig` field directly
+OPTIONS = FieldOptions(ServeConfig)
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` command's own options (the model options come from the CLI's shared group)."""
-    d = ServeConfig(galleries=Path("."))
-    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
-    p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
+    OPTIONS.add(p, "host", "address to listen on")
+    OPTIONS.add(p, "port", "port", why="0 picks a free one")
     p.add_argument("--galleries", required=True, help="folder of gallery files (<name>.npz); created if absent")
     p.add_argument("--api-key-file", help="require one of the keys in this file (one per line) on /v1 and /metrics")
-    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / MB,
-                   help=f"largest request body in MiB (default {d.max_upload_bytes // MB})")
-    _option(p, "--request-timeout", d.request_timeout_s, "time budget of one request in seconds, else 503")
-    _option(p, "--max-batch", d.max_batch, "most faces in one recognizer call")
-    _option(p, "--batch-wait-ms", d.batch_wait_ms, "longest wait for more faces before a recognizer call")
-    _option(p, "--max-queue", d.max_queue, "faces waiting for the recognizer before requests get 503")
-    _option(p, "--max-inflight", d.max_inflight, "requests handled at once before others get 503")
-    p.add_argument("--workers", type=int, default=None,
-                   help="threads decoding and detecting (default: usable CPU cores)")
-    _option(p, "--model-threads", d.model_threads, "threads inside each model call, 0 = the backend's default",
-            "requests run in parallel instead")
-    _option(p, "--max-images", d.max_images, "most images in one enrolment")
-    _option(p, "--max-pixels", d.max_pixels, "largest image (width × height) decoded")
-    p.add_argument("--no-access-log", action="store_true", help="do not log every request")
-    p.add_argument("--log-level", default=d.log_level, choices=("critical", "error", "warning", "info", "debug"))
-
-
-def _option(p: argparse.ArgumentParser, flag: str, default: int | float, text: str, why: str = "") -> None:
-    """A numeric option of the type of its ``default``, whose help ends with that default (and ``why``)."""
-    shown = f"{default:g}" if isinstance(default, float) else str(default)
-    p.add_argument(flag, type=type(default), default=default,
-                   help=f"{text} (default {shown}{': ' + why if why else ''})")
+    upload = OPTIONS.default("max_upload_bytes")
+    p.add_argument("--max-upload-mb", type=float, default=upload / MB,
+                   help=f"largest request body in MiB (default {upload // MB})")
+    OPTIONS.add(p, "request_timeout_s", "time budget of one request in seconds, else 503", flag="--request-timeout")
+    OPTIONS.add(p, "max_batch", "most faces in one recognizer call")
+    OPTIONS.add(p, "batch_wait_ms", "longest wait for more faces before a recognizer call")
+    OPTIONS.add(p, "max_queue", "faces waiting for the recognizer before requests get 503")
+    OPTIONS.add(p, "max_inflight", "requests handled at once before others get 503")
+    OPTIONS.add(p, "workers", "threads decoding and detecting", shown="usable CPU cores")
+    OPTIONS.add(p, "model_threads", "threads inside each model call, 0 = the backend's default",
+                why="requests run in parallel instead")
+    OPTIONS.add(p, "max_images", "most images in one enrolment")
+    OPTIONS.add(p, "max_pixels", "largest image (width × height) decoded")
+    OPTIONS.add(p, "access_log", "do not log every request")
+    OPTIONS.add(p, "log_level", "log level", choices=("critical", "error", "warning", "info", "debug"))
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """A :class:`ServeConfig` from parsed ``serve`` arguments."""
-    extra: dict[str, Any] = {} if args.workers is None else {"workers": args.workers}
-    return ServeConfig(
-        galleries=Path(args.galleries), host=args.host, port=args.port,
-        api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
-        max_upload_bytes=int(args.max_upload_mb * MB), request_timeout_s=args.request_timeout,
-        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-        max_inflight=args.max_inflight, max_images=args.max_images, max_pixels=args.max_pixels,
-        model_threads=args.model_threads,
-        access_log=not args.no_access_log, log_level=args.log_level, **extra)
+    return OPTIONS.build(args, galleries=Path(args.galleries), max_upload_bytes=int(args.max_upload_mb * MB),
+                         api_keys=read_api_keys(args.api_key_file) if args.api_key_file else ())
 
 
 def check_packages() -> None:
