@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 try:
     from runtime.backends.base import Backend, load_model
+    from runtime.detector import DEFAULT_SCORE_THRESHOLD
     from runtime.metadata import METADATA_KEY, decode_metadata
     from runtime.pipeline import FacePipeline
 except ImportError as error:
@@ -149,7 +150,7 @@ class FacePipelineModel:
         recognizer = BLSRecognizer(json.loads(params["recognizer"]), meta)
         self.embedding_size = int(next(o for o in config["output"] if o["name"] == "embeddings")["dims"][-1])
         self.pipeline = FacePipeline(recognizer=recognizer, detector=detector,
-                                     score_threshold=float(params.get("score_threshold", 0.5)),
+                                     score_threshold=float(params.get("score_threshold", DEFAULT_SCORE_THRESHOLD)),
                                      max_side=int(params["max_side"]), min_side=int(params["min_side"]),
                                      flip_test=params.get("flip_test", "true") == "true")
 

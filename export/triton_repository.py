@@ -21,7 +21,7 @@ from typing import Any
 
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.backends.tensorrt import read_sidecar, sidecar_problems
-from runtime.detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE
+from runtime.detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, DEFAULT_SCORE_THRESHOLD
 from runtime.files import existing_file, publish_folder, sha256_file
 from runtime.metadata import METADATA_KEY
 from runtime.optional_imports import require_module
@@ -108,7 +108,7 @@ class ServingOptions:
     kind: str = "auto"
     ort_tensorrt: str = "off"
     pipeline_instances: int = 2
-    score_threshold: float = 0.5
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
     flip_test: bool = True
 
     def __post_init__(self):

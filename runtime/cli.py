@@ -244,6 +244,8 @@ def _progress(items, desc: str):
 
 def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     """The command-line parser; its ``commands`` attribute names the sub-commands."""
+    from .detector import DEFAULT_SCORE_THRESHOLD
+
     models = argparse.ArgumentParser(add_help=False)
     g = models.add_argument_group("models")
     g.add_argument("--recognizer", help="recognizer model (default: runtime/models/recognizer.onnx)")
@@ -253,7 +255,8 @@ def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
                    help="where the 5 landmarks come from (default: detector)")
     g.add_argument("--backend", default="auto", help="inference backend: auto, onnxruntime, openvino, tensorrt (default: auto)")
     g.add_argument("--threshold", type=float, help="cosine threshold for 'same' (default: the recognizer's)")
-    g.add_argument("--score-threshold", type=float, default=0.5, help="detector score threshold (default: 0.5)")
+    g.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
+                   help=f"detector score threshold (default: {DEFAULT_SCORE_THRESHOLD})")
 
     p = argparse.ArgumentParser(prog=prog, description="facekit: detect, compare and identify faces")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -33,6 +33,8 @@ SCRFD_MEAN, SCRFD_STD = 127.5, 128.0
 #: The default detector: RetinaFace-MobileNet0.25 (``models/detector.md``).
 DEFAULT_DETECTOR = shipped.DETECTOR
 DEFAULT_MAX_SIDE = 640
+#: Detections scoring below this are dropped, unless a caller asks for another threshold.
+DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_MIN_SIDE = 320
 
 
@@ -243,7 +245,7 @@ class _OnnxDetector:
         """What really runs the detector (e.g. ``CPUExecutionProvider``, ``OpenVINO CPU f32``)."""
         return self.backend.device
 
-    def detect(self, image_bgr: np.ndarray, score_threshold: float = 0.5, nms_threshold: float = 0.4,
+    def detect(self, image_bgr: np.ndarray, score_threshold: float = DEFAULT_SCORE_THRESHOLD, nms_threshold: float = 0.4,
                max_side: int | None = None, min_side: int | None = None) -> list[Detection]:
         """Faces in a uint8 BGR image, best score first, in the image's own pixel coordinates.
 

@@ -17,7 +17,7 @@ import numpy as np
 from .backends.base import Backend, ModelLoadError, load_model, onnx_backends
 from .batching import ordered_batches
 from .cpu import usable_cores
-from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, load_detector
+from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, DEFAULT_SCORE_THRESHOLD, load_detector
 from .faces import Comparison, Face, ImageFaces, NoFaceError, Subject
 from .image_io import ImageError, LoadedImage, load_image_scaled
 from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
@@ -51,7 +51,7 @@ class FacePipeline:
                  detector: str | os.PathLike | bytes | Any | None = None, landmarks: str = "detector",
                  aligner: str | os.PathLike | Backend | None = None, backend: str = "auto",
                  threshold: float | None = None, *, preprocess: PreprocessSpec | None = None,
-                 score_threshold: float = 0.5, max_side: int = DEFAULT_MAX_SIDE,
+                 score_threshold: float = DEFAULT_SCORE_THRESHOLD, max_side: int = DEFAULT_MAX_SIDE,
                  min_side: int = DEFAULT_MIN_SIDE, batch_size: int = 32, flip_test: bool = True,
                  model_options: dict[str, Any] | None = None):
         if landmarks not in LANDMARK_MODES:

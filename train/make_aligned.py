@@ -50,6 +50,7 @@ import cv2
 import numpy as np
 
 from runtime import shipped
+from runtime.detector import DEFAULT_SCORE_THRESHOLD
 from runtime.field_options import FieldOptions
 from runtime.files import atomic_write_bytes
 from runtime.geometry import template_for_size
@@ -79,7 +80,7 @@ class Options:
     template: tuple[tuple[float, float], ...] | None = None
     landmarks: str = "detector"
     aligner: str | None = None
-    score_threshold: float = 0.5
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
     min_face: float = 16.0
     dominance: float = 2.0
     layout: str = "tree"
