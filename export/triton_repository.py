@@ -22,7 +22,7 @@ from typing import Any
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.backends.tensorrt import read_sidecar, sidecar_problems
 from runtime.detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, DEFAULT_SCORE_THRESHOLD
-from runtime.files import existing_file, publish_folder, sha256_file
+from runtime.files import existing_file, pid_temp_prefix, publish_folder, remove_stale_temporaries, sha256_file
 from runtime.metadata import METADATA_KEY
 from runtime.optional_imports import require_module
 
@@ -365,7 +365,8 @@ def write_repository(out: str | os.PathLike, models: list[RepositoryModel], forc
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise TritonExportError(f"{out}: exists and is not empty; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temporaries(out)  # folders of writers killed before they were done
+    tmp = Path(tempfile.mkdtemp(prefix=pid_temp_prefix(out), suffix=".tmp", dir=out.parent))
     try:
         for m in models:
             version = tmp / m.name / "1"

@@ -178,15 +178,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temp files of ``path`` (named by :func:`pid_temp_prefix`) whose writer process no longer
-    exists; returns what was deleted."""
+    """Delete the temp files and folders of ``path`` (named by :func:`pid_temp_prefix`) whose writer process
+    no longer exists; returns what was deleted."""
     path = Path(path)
     removed = []
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             try:
-                tmp.unlink()
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 removed.append(tmp)
             except OSError:
                 pass

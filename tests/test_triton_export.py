@@ -203,3 +203,45 @@ def test_existing_repository_needs_force_and_is_replaced_whole(tmp_path, capsys)
     assert "ONNX file not found" in capsys.readouterr().err
     msg = config_message(json_format.MessageToDict(_read(repo, "recognizer"), preserving_proto_field_name=True))
     assert msg.name == "recognizer" and np.all(np.asarray(msg.input[0].dims) > 0)
+
+
+_WRITER = """
+import sys
+from export.triton_repository import ServingOptions, plan_repository, write_repository
+repo, model = sys.argv[1], sys.argv[2]
+plans = [plan_repository(model, opts=ServingOptions(max_batch=batch), pipeline=False) for batch in (16, 32)]
+for i in range(10 ** 6):
+    write_repository(repo, plans[i % 2], force=True)
+    print("written", flush=True)
+"""
+
+
+def test_killed_writers_leave_a_whole_repository_and_nothing_that_outlives_the_next_write(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    repo, recognizer = tmp_path / "repo", DEFAULT_RECOGNIZER.read_bytes()
+    rng, mid_write = random.Random(0), 0
+    for _ in range(10):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(repo), str(DEFAULT_RECOGNIZER)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout.readline() == "written\n"
+            start = time.perf_counter()
+            assert writer.stdout.readline() == "written\n"
+            time.sleep(rng.uniform(0, time.perf_counter() - start))  # anywhere in a write
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(timeout=30)
+        assert sorted(p.name for p in repo.iterdir()) == ["recognizer"]
+        assert _read(repo, "recognizer").max_batch_size in (16, 32)
+        assert (repo / "recognizer" / "1" / "model.onnx").read_bytes() == recognizer
+        mid_write += any(p.name.startswith(".repo.") for p in tmp_path.iterdir())
+    assert mid_write, "no kill landed while a repository was being written"
+    write_repository(repo, plan_repository(DEFAULT_RECOGNIZER, pipeline=False), force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
