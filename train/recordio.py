@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
-from .recordio_index import RecordIndex, cached_array, parse_idx
+from .recordio_index import RecordIndex, cached_array, parse_idx, release_parser_memory
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -140,7 +140,8 @@ class RecordIOReader:
             if not p.is_file():
                 raise FileNotFoundError(f"RecordIO file not found: {p}")
         try:
-            table = cached_array("index", self.idx_path, self.rec_path, lambda: parse_idx(self.idx_path))
+            table = cached_array("index", self.idx_path, self.rec_path, lambda: parse_idx(self.idx_path),
+                                 release_parser_memory)
         except ValueError as e:
             raise RecordIOError(str(e)) from None
         self.index = RecordIndex(table, self.idx_path)

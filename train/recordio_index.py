@@ -37,11 +37,12 @@ def sidecar_path(kind: str, idx_path: Path, rec_path: Path) -> Path:
     return cache_dir() / "recordio" / f"{digest}{name}"
 
 
-def cached_array(kind: str, idx_path: Path, rec_path: Path,
-                 build: Callable[[], np.ndarray | list[np.ndarray]]) -> np.ndarray:
+def cached_array(kind: str, idx_path: Path, rec_path: Path, build: Callable[[], np.ndarray | list[np.ndarray]],
+                 release: Callable[[], None] | None = None) -> np.ndarray:
     """The ``kind`` array of this dataset: memory-mapped from its sidecar, or built, saved and returned.
 
-    ``build`` returns the array, or a list of 1-D parts that make it when concatenated (saved without a copy)."""
+    ``build`` returns the array, or a list of 1-D parts that make it when concatenated (saved without a copy);
+    ``release`` is called once they are dropped (e.g. to hand their allocator's freed memory back)."""
     path = sidecar_path(kind, idx_path, rec_path)
     if path.is_file():
         try:
@@ -58,8 +59,9 @@ def cached_array(kind: str, idx_path: Path, rec_path: Path,
                 old.unlink(missing_ok=True)
     except OSError:  # no place to keep it: parse again next time
         kept = np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
-    built = parts = None  # the parse buffers go; the sidecar's pages are shared with every process that maps it
-    _release_parser_memory()
+    built = parts = None  # the built buffers go; the sidecar's pages are shared with every process that maps it
+    if release is not None:
+        release()
     return kept if kept is not None else np.load(path, mmap_mode="r", allow_pickle=False)
 
 
@@ -133,7 +135,7 @@ def _parser_pool():
         return pa.default_memory_pool()
 
 
-def _release_parser_memory() -> None:
+def release_parser_memory() -> None:
     """Hand the CSV parser's freed buffers back to the system (its allocator keeps them for reuse)."""
     if "pyarrow" in sys.modules:
         _parser_pool().release_unused()
