@@ -50,6 +50,7 @@ import cv2
 import numpy as np
 
 from runtime import shipped
+from runtime.cpu import usable_cores
 from runtime.detector import DEFAULT_SCORE_THRESHOLD
 from runtime.field_options import FieldOptions
 from runtime.files import atomic_write_bytes
@@ -375,11 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     OPTIONS.add(p, "score_threshold", "detector score threshold")
     OPTIONS.add(p, "min_face", "ignore faces whose box is smaller (px)")
     OPTIONS.add(p, "dominance", "several faces: take the heaviest only if it outweighs the next by this factor")
-    p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1))))
+    workers = min(4, usable_cores())
+    p.add_argument("--workers", type=int, default=workers,
+                   help=f"worker processes (default {workers}: the usable cores, at most 4)")
     OPTIONS.add(p, "debug", "write overlay pictures under OUT/debug/")
     p.add_argument("--redo", action="store_true", help="ignore an existing manifest and start over")
     p.add_argument("--retry-failed", action="store_true", help="process the manifest's failed photos again")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
 
     if a.list is not None:
