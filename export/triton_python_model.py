@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 try:
     from runtime.backends.base import Backend, load_model
     from runtime.detector import DEFAULT_SCORE_THRESHOLD
-    from runtime.metadata import METADATA_KEY, decode_metadata
+    from runtime.metadata import METADATA_KEY
     from runtime.pipeline import FacePipeline
 except ImportError as error:
     raise ImportError(f"facekit's runtime is not importable in Triton's Python backend ({error}); install "
@@ -113,8 +113,7 @@ class BLSRecognizer(Backend):
     def __init__(self, spec: dict, raw_metadata: dict[str, str]):
         super().__init__(f"bls:{spec['model']}")
         self.spec = spec
-        self.raw_metadata = dict(raw_metadata)
-        self.metadata = decode_metadata(self.raw_metadata, source=self.path) if METADATA_KEY in raw_metadata else {}
+        self._keep_metadata(raw_metadata)
         self.dtype = pb_utils.triton_string_to_numpy(spec["data_type"])
         self._device = f"Triton model {spec['model']} (BLS)"
         self._set_io(spec["input"], _shape(spec["dims"]), spec["outputs"], [_shape(d) for d in spec["output_dims"]])

@@ -47,9 +47,9 @@ class Backend(abc.ABC):
     #: its one input and its outputs
     _device: str = ""
     _input_name: str = ""
-    _input_shape: list = []
-    _outputs: list[str] = []
-    _output_shapes: list[list] = []
+    _input_shape: list | tuple = ()
+    _outputs: list[str] | tuple = ()
+    _output_shapes: list[list] | tuple = ()
 
     def _set_io(self, input_name: str, input_shape: list, output_names: list[str], output_shapes: list[list]) -> None:
         """Record the model's input and outputs as the interface reports them."""
