@@ -242,8 +242,8 @@ def _progress(items, desc: str):
 # -------------------------------------------------------------------------------------------- parser
 
 
-def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
-    """The command-line parser; its ``commands`` attribute names the sub-commands."""
+def _model_options() -> argparse.ArgumentParser:
+    """The options every face command shares: which models, backend and thresholds."""
     from .detector import DEFAULT_SCORE_THRESHOLD
 
     models = argparse.ArgumentParser(add_help=False)
@@ -257,7 +257,12 @@ def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, help="cosine threshold for 'same' (default: the recognizer's)")
     g.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
                    help=f"detector score threshold (default: {DEFAULT_SCORE_THRESHOLD})")
+    return models
 
+
+def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
+    """The command-line parser; its ``commands`` attribute names the sub-commands."""
+    models = _model_options()
     p = argparse.ArgumentParser(prog=prog, description="facekit: detect, compare and identify faces")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
