@@ -20,6 +20,7 @@ import numpy as np
 from evaluation import crops as ec
 from evaluation import pairs as ep
 from evaluation.verification import evaluate, flip_sum_embeddings
+from runtime import shipped
 
 SOURCES = ("detector", "aligner")
 
@@ -86,7 +87,7 @@ def compare_landmark_sources(data: Path, embedder, known: dict[str, dict[str, np
         log(f"landmark sources: {source} points on {', '.join(sets) or 'no data set'}")
         accuracy[source] = source_accuracy(sets, aligner, embedder, known[source], use_cache, progress)
     section = {"accuracy": accuracy, "sets": list(sets), "recognizer": str(getattr(embedder, "path", "")),
-               "aligner_model": aligner_model or str(ec.SHIPPED_ALIGNER), "notes": notes}
+               "aligner_model": aligner_model or str(shipped.ALIGNER), "notes": notes}
     if "aligner" in accuracy:
         section["nme_300w_test"] = landmark_nme(data, aligner_model, progress)
     return section

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from benchmarks.report import machine_line
 from runtime.files import atomic_write
 
 
@@ -36,8 +37,6 @@ def clients_axis(ax, clients: list[int]) -> None:
 
 def save_with_machine(fig, machine: dict, path: str | os.PathLike) -> str:
     """Title ``fig`` with the machine and its load average at start, lay it out and write it (:func:`_save`)."""
-    from benchmarks.report import machine_line
-
     fig.suptitle(f"{machine_line(machine)}; load average at start {machine.get('load_average_at_start')}",
                  fontsize=9)
     fig.tight_layout()

@@ -44,7 +44,6 @@ HOW_NAMES = {HOW_DETECTED: "detected", HOW_LOW_THRESHOLD: "low_threshold", HOW_F
              HOW_PREALIGNED: "prealigned", HOW_UNREADABLE: "unreadable_black"}
 DETECT_THRESHOLD = 0.5
 LOW_THRESHOLD = 0.05
-SHIPPED_ALIGNER = shipped.ALIGNER
 
 
 def read_image(src) -> np.ndarray:
@@ -81,7 +80,7 @@ class FaceAligner:
         self.workers = max(1, workers or min(4, usable_cores()))
         aligner_path = None
         if landmarks == "aligner":
-            aligner_path = str(aligner_model or SHIPPED_ALIGNER)
+            aligner_path = str(aligner_model or shipped.ALIGNER)
             if not os.path.isfile(aligner_path):
                 raise FileNotFoundError(f"{aligner_path}: aligner model not found (use --landmarks detector)")
         self.pipeline = FacePipeline(detector=detector_model, landmarks=landmarks, aligner=aligner_path,

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from export.cli import doc_parser
-from export.triton_repository import KINDS, ORT_TENSORRT, ServingOptions
+from export.triton_repository import (KINDS, ORT_TENSORRT, ServingOptions, TritonExportError, plan_repository,
+                                      write_repository)
 from runtime.field_options import FieldOptions
 from runtime.shipped import RECOGNIZER as DEFAULT_RECOGNIZER
 
@@ -67,7 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.triton_repository import TritonExportError, plan_repository, write_repository
     from runtime.backends.base import ModelLoadError
 
     try:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from export.cli import doc_parser
-from export.trt_build import BuildOptions
+from export.trt_build import BuildOptions, StaleEngineError, TensorRTMissing, ensure_engine, require_tensorrt
 from runtime.field_options import FieldOptions
 
 #: Minimum cosine of the engine against ONNX Runtime on the same graph, by precision (fp32 allows TF32).
@@ -77,8 +77,6 @@ def check_engine(engine: Path, onnx_path: Path, n: int, device: int, precision: 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.trt_build import StaleEngineError, TensorRTMissing, ensure_engine, require_tensorrt
-
     try:
         require_tensorrt()
     except TensorRTMissing as e:

@@ -28,14 +28,14 @@ RETINAFACE_MEAN_BGR: tuple[float, float, float] = (104.0, 117.0, 123.0)
 #: SCRFD input: RGB pixels, (x - 127.5) / 128.
 SCRFD_MEAN, SCRFD_STD = 127.5, 128.0
 
-#: Detection image size limits: longer side at most ``DEFAULT_MAX_SIDE``; images whose shorter side is
-#: below ``DEFAULT_MIN_SIDE`` are upscaled (close-up crops such as LFW's 160×160 need context).
 #: The default detector: RetinaFace-MobileNet0.25 (``models/detector.md``).
 DEFAULT_DETECTOR = shipped.DETECTOR
+#: Detection image size limits: longer side at most ``DEFAULT_MAX_SIDE``; images whose shorter side is
+#: below ``DEFAULT_MIN_SIDE`` are upscaled (close-up crops such as LFW's 160×160 need context).
 DEFAULT_MAX_SIDE = 640
+DEFAULT_MIN_SIDE = 320
 #: Detections scoring below this are dropped, unless a caller asks for another threshold.
 DEFAULT_SCORE_THRESHOLD = 0.5
-DEFAULT_MIN_SIDE = 320
 
 
 @dataclass(frozen=True)
@@ -245,8 +245,8 @@ class _OnnxDetector:
         """What really runs the detector (e.g. ``CPUExecutionProvider``, ``OpenVINO CPU f32``)."""
         return self.backend.device
 
-    def detect(self, image_bgr: np.ndarray, score_threshold: float = DEFAULT_SCORE_THRESHOLD, nms_threshold: float = 0.4,
-               max_side: int | None = None, min_side: int | None = None) -> list[Detection]:
+    def detect(self, image_bgr: np.ndarray, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+               nms_threshold: float = 0.4, max_side: int | None = None, min_side: int | None = None) -> list[Detection]:
         """Faces in a uint8 BGR image, best score first, in the image's own pixel coordinates.
 
         The image is resized for detection only: longer side ≤ ``max_side``, shorter side ≥ ``min_side``

@@ -13,7 +13,7 @@ class FieldOptions:
     def __init__(self, cls: type) -> None:
         self.cls = cls
         self._fields = {f.name: f for f in dataclasses.fields(cls)}
-        self._dests: dict[str, str] = {}  # field name → argparse dest
+        self._added: set[str] = set()  # the fields that have an option (argparse dest: the field name)
 
     def default(self, name: str) -> Any:
         """The field's default (a ``default_factory`` is called), None when it has none."""
@@ -28,19 +28,18 @@ class FieldOptions:
         unless ``type`` is given, its help ending with the default (``shown`` instead, ``why`` after it).
         A bool field becomes a switch that turns its default around: ``--no-<name>`` for True, else ``--<name>``."""
         default = self.default(name)
-        dest = kwargs.pop("dest", name)
-        self._dests[name] = dest
+        self._added.add(name)
         dashed = name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(flag or (f"--no-{dashed}" if default else f"--{dashed}"), dest=dest,
+            parser.add_argument(flag or (f"--no-{dashed}" if default else f"--{dashed}"), dest=name,
                                 action="store_false" if default else "store_true", help=help, **kwargs)
             return
         if default is not None and "type" not in kwargs:
             kwargs["type"] = type(default)
         text = shown if shown is not None else f"{default:g}" if isinstance(default, float) else str(default)
-        parser.add_argument(flag or f"--{dashed}", dest=dest, default=default,
+        parser.add_argument(flag or f"--{dashed}", dest=name, default=default,
                             help=f"{help} (default {text}{': ' + why if why else ''})", **kwargs)
 
     def build(self, args: argparse.Namespace, **values: Any) -> Any:
         """The dataclass from the parsed options added here; ``values`` give the other fields, or override."""
-        return self.cls(**{**{name: getattr(args, dest) for name, dest in self._dests.items()}, **values})
+        return self.cls(**{**{name: getattr(args, name) for name in self._added}, **values})

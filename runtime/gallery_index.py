@@ -7,8 +7,8 @@ Kinds (``Gallery(index=...)``):
 * ``"hnsw"`` — a faiss HNSW graph over compressed copies of the rows (``storage`` SQ8 by default: one byte per
   dimension, plus about 8·``m`` bytes of graph links per row). Low latency at any size.
 * ``"ivf"`` — faiss inverted lists (k-means cells, :data:`IVF_PROBE_FRACTION` of them visited per query) over
-  4-bit PQ codes of the rows scanned with SIMD lookups (``pq4``, default: ``dim/4`` bytes per row plus an 8-byte id),
-  8-bit PQ, SQ8 or fp16 codes: the least memory per row.
+  4-bit PQ codes of the rows scanned with SIMD lookups (``pq4``, default: ``dim/4`` bytes per row plus an
+  8-byte id), 8-bit PQ, SQ8 or fp16 codes: the least memory per row.
 * ``"auto"`` — exact below :data:`AUTO_ANN_MIN_ROWS` rows (where it is also the faster one), then
   :data:`AUTO_ANN_KIND`; exact when faiss is missing.
 

@@ -18,7 +18,7 @@ from .geometry import transform_points
 from .preprocess import PreprocessSpec
 
 SAMPLE_INFO = shipped.SAMPLE_FACE_INFO
-SAMPLE_DIR = SAMPLE_INFO.parent
+SAMPLE_DIR = shipped.MODELS_DIR
 
 #: (rotation degrees, scale, gamma, grey) of each variant crop; each also runs mirrored
 _VARIANTS = ((0, 1.0, 1.0, False), (-8, 1.0, 1.0, False), (8, 1.0, 1.0, False), (0, 0.92, 1.0, False),

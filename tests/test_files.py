@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from runtime.files import exchange_paths, publish_folder
+from threads import run_threads
 
 
 def _folder(path: Path, text: str) -> Path:
@@ -37,19 +38,19 @@ def test_readers_never_find_the_folder_missing_while_it_is_replaced(tmp_path):
     out = publish_folder(_folder(tmp_path / ".new", "0"), tmp_path / "repo")
     stop, missing, looks = threading.Event(), [], [0]
 
-    def read() -> None:
-        while not stop.is_set():
+    def replace_or_read(k: int) -> None:
+        if k == 0:  # the writer
+            try:
+                for i in range(100):
+                    publish_folder(_folder(tmp_path / f".new{i}", str(i)), out)
+            finally:
+                stop.set()
+            return
+        while not stop.is_set():  # the reader
             looks[0] += 1
             if not (out / "marker").is_file():
                 missing.append(looks[0])
 
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        for i in range(100):
-            publish_folder(_folder(tmp_path / f".new{i}", str(i)), out)
-    finally:
-        stop.set()
-        reader.join()
+    run_threads(replace_or_read, 2, timeout=120)
     assert looks[0] > 100 and not missing, f"{len(missing)} of {looks[0]} looks found no folder"
     assert (out / "marker").read_text() == "99"

@@ -4,6 +4,10 @@ tensorrt_plan models with cc_model_filenames, and the repository is written atom
 from __future__ import annotations
 
 import json
+import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from runtime import shipped  # noqa: E402
 from runtime.detector import DEFAULT_DETECTOR  # noqa: E402
 from runtime.metadata import encode_metadata  # noqa: E402
 from runtime.pipeline import DEFAULT_RECOGNIZER  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
 ORT_TYPES = {"tensor(float)": model_config_pb2.TYPE_FP32, "tensor(float16)": model_config_pb2.TYPE_FP16,
              "tensor(int64)": model_config_pb2.TYPE_INT64, "tensor(uint8)": model_config_pb2.TYPE_UINT8}
@@ -217,14 +222,6 @@ for i in range(10 ** 6):
 
 
 def test_killed_writers_leave_a_whole_repository_and_nothing_that_outlives_the_next_write(tmp_path):
-    import random
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import ROOT
-
     repo, recognizer = tmp_path / "repo", DEFAULT_RECOGNIZER.read_bytes()
     rng, mid_write = random.Random(0), 0
     for _ in range(10):
@@ -236,7 +233,7 @@ def test_killed_writers_leave_a_whole_repository_and_nothing_that_outlives_the_n
             assert writer.stdout.readline() == "written\n"
             time.sleep(rng.uniform(0, time.perf_counter() - start))  # anywhere in a write
         finally:
-            writer.send_signal(signal.SIGKILL)
+            writer.kill()  # SIGKILL
             writer.wait(timeout=30)
         assert sorted(p.name for p in repo.iterdir()) == ["recognizer"]
         assert _read(repo, "recognizer").max_batch_size in (16, 32)

@@ -119,11 +119,17 @@ def _read_tab_separated(idx_path: Path) -> tuple[np.ndarray | None, list[np.ndar
     if table.column("key").null_count or table.column("offset").null_count:
         raise ValueError(f"{idx_path}: a line lacks its key or offset")
     key_parts = _int64_views(table.column("key"))
-    start, sequential = 0, True
-    for part in key_parts:
-        sequential = sequential and len(part) > 0 and int(part[0]) == start and bool((np.diff(part) == 1).all())
+    return (None if _counts_from_zero(key_parts) else np.concatenate(key_parts)), _int64_views(table.column("offset"))
+
+
+def _counts_from_zero(parts: list[np.ndarray]) -> bool:
+    """Whether the keys, in 1-D parts one after another, are 0, 1, 2, … N−1."""
+    start = 0
+    for part in parts:
+        if not len(part) or int(part[0]) != start or not (np.diff(part) == 1).all():
+            return False
         start += len(part)
-    return (None if sequential else np.concatenate(key_parts)), _int64_views(table.column("offset"))
+    return True
 
 
 def _parser_pool():
@@ -156,8 +162,7 @@ def _read_whitespace_separated(idx_path: Path) -> tuple[np.ndarray | None, list[
     if table.shape[1] != 2:
         raise ValueError(f"{idx_path}: expected 'key offset' lines, got {table.shape[1]} fields")
     keys = table[:, 0]
-    sequential = int(keys[0]) == 0 and bool((np.diff(keys) == 1).all())
-    return (None if sequential else keys.copy()), [table[:, 1].copy()]
+    return (None if _counts_from_zero([keys]) else keys.copy()), [table[:, 1].copy()]
 
 
 class RecordIndex:

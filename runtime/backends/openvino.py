@@ -173,8 +173,9 @@ class OpenVinoBackend(Backend):
         if len(self._inputs) != 1:
             raise ModelLoadError(f"{self.path}: facekit runs models with one input; this one has {len(self._inputs)}")
         self._input_dtype = self._inputs[0].get_element_type().to_dtype()
+        outputs = compiled.outputs
         self._set_io(self._inputs[0].get_any_name(), _dims(self._inputs[0].get_partial_shape()),
-                     [o.get_any_name() for o in compiled.outputs], [_dims(o.get_partial_shape()) for o in compiled.outputs])
+                     [o.get_any_name() for o in outputs], [_dims(o.get_partial_shape()) for o in outputs])
         self._pool = _RequestPool(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         runs = compiled.get_property("INFERENCE_PRECISION_HINT")
         self._runs_bf16 = "bf16" in str(runs).lower()
