@@ -66,6 +66,16 @@ def preprocess_spec(meta: dict[str, Any]) -> PreprocessSpec:
     return PreprocessSpec.from_dict(meta["preprocess"])
 
 
+def check_warp(spec: PreprocessSpec, source: str) -> None:
+    """Refuse a preprocessing whose alignment template or landmark order the warp cannot use."""
+    try:
+        spec.check()
+    except ValueError as e:
+        raise ModelMetadataError(f"{source}: {e}") from None
+    if tuple(spec.landmark_order) != tuple(PreprocessSpec().landmark_order):
+        raise ModelMetadataError(f"{source}: metadata landmark order {spec.landmark_order} is not facekit's")
+
+
 # ------------------------------------------------------------------------ ONNX metadata without onnx
 
 _MODEL_METADATA_PROPS = 14  # ModelProto.metadata_props: repeated StringStringEntryProto {key = 1, value = 2}

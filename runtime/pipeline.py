@@ -20,7 +20,7 @@ from .cpu import usable_cores
 from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, DEFAULT_SCORE_THRESHOLD, load_detector
 from .faces import Comparison, Face, ImageFaces, NoFaceError, Subject
 from .image_io import ImageError, LoadedImage, load_image_scaled
-from .metadata import ModelMetadataError, decode_metadata, preprocess_spec
+from .metadata import ModelMetadataError, check_warp, decode_metadata, preprocess_spec
 from .preprocess import PreprocessSpec, flip_sum, l2_normalize, to_model_input
 from .shipped import ALIGNER as DEFAULT_ALIGNER
 from .shipped import RECOGNIZER as DEFAULT_RECOGNIZER
@@ -133,7 +133,7 @@ class FacePipeline:
                     f"{model.path}: not a recognizer (metadata task is {meta.get('task')!r}, expected 'recognition')"
                 )
             spec = preprocess_spec(meta)
-        _check_template(spec, model.path)
+        check_warp(spec, model.path)
         self._meta, self._spec = meta, spec
         return model
 
@@ -419,16 +419,6 @@ def _load(image, color_order: str) -> LoadedImage:
 
 def _pixels(image: LoadedImage | np.ndarray) -> tuple[np.ndarray, float]:
     return (image.image, image.scale) if isinstance(image, LoadedImage) else (image, 1.0)
-
-
-def _check_template(spec: PreprocessSpec, source: str) -> None:
-    """Refuse metadata whose alignment template or landmark order the warp cannot use."""
-    try:
-        spec.check()
-    except ValueError as e:
-        raise ModelMetadataError(f"{source}: {e}") from None
-    if tuple(spec.landmark_order) != tuple(PreprocessSpec().landmark_order):
-        raise ModelMetadataError(f"{source}: metadata landmark order {spec.landmark_order} is not facekit's")
 
 
 __all__ = ["Face", "FacePipeline", "Comparison", "ImageFaces", "Subject", "NoFaceError", "ImageError",

@@ -6,6 +6,7 @@ export.onnx_export.recalibrate_batchnorm) so their activations have realistic sc
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -22,6 +23,7 @@ from export import onnx_export as ox  # noqa: E402
 from export import parity  # noqa: E402
 from export.fp16 import to_fp16  # noqa: E402
 from runtime.backends import load_model  # noqa: E402
+from runtime.backends.base import onnx_backends  # noqa: E402
 from runtime.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from runtime.metadata import preprocess_spec  # noqa: E402
 from runtime.preprocess import to_model_input  # noqa: E402
@@ -103,8 +105,8 @@ def test_graph_is_one_file_with_dynamic_batch(exported):
 
 def test_metadata_round_trips_through_the_runtime(exported):
     src, fp32, fp16, _, _, _, _ = exported
-    for path, precision in ((fp32, "fp32"), (fp16, "fp16")):
-        backend = load_model(str(path))  # backend="auto": the runtime picks ONNX Runtime here
+    for (path, precision), name in itertools.product(((fp32, "fp32"), (fp16, "fp16")), onnx_backends()):
+        backend = load_model(str(path), backend=name)
         meta = backend.metadata
         assert meta == ox.read_metadata(path)
         assert meta["task"] == src.task and meta["precision"] == precision

@@ -3,6 +3,7 @@ and a whole pipeline in a process where onnxruntime cannot be imported."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,8 +19,8 @@ from threads import run_threads  # noqa: E402
 from runtime.backends import load_model, load_model_bytes  # noqa: E402
 from runtime.backends.base import ModelLoadError  # noqa: E402
 from runtime.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
-from runtime.backends.openvino import (BF16_MIN_COSINE, OpenVinoBackend, bf16_verdict, min_row_cosine,  # noqa: E402
-                                       native_bf16, verdict_file)
+from runtime.backends.openvino import (BF16_MIN_COSINE, OpenVinoBackend, bf16_verdict, is_bf16,  # noqa: E402
+                                       min_row_cosine, native_bf16, verdict_file)
 from runtime.detector import DEFAULT_DETECTOR  # noqa: E402
 from runtime.metadata import ModelMetadataError, preprocess_spec, read_onnx_metadata  # noqa: E402
 from runtime.pipeline import DEFAULT_ALIGNER, DEFAULT_RECOGNIZER, FacePipeline  # noqa: E402
@@ -127,6 +128,11 @@ def test_int8_qdq_model_runs_int8_and_agrees_with_the_qdq_graph(crops_input, cac
         OpenVinoBackend(str(path), precision="f32")
     with pytest.raises(ModelLoadError, match="needs an INT8 Q/DQ model"):
         OpenVinoBackend(str(need(DEFAULT_RECOGNIZER)), precision="int8")
+
+
+def test_compiled_precision_is_read_from_openvino_types():
+    assert is_bf16(ov.Type.bf16) and is_bf16("bf16")
+    assert not is_bf16(ov.Type.f32) and not is_bf16(ov.Type.f16) and not is_bf16("f32")
 
 
 def test_auto_precision_without_native_bf16_is_f32(recognizer, cache):
@@ -285,4 +291,8 @@ print(json.dumps(out))
     assert set(out["aligner"]["providers"]) == {"detector", "recognizer", "aligner"}
     assert out["int8"]["providers"]["recognizer"].startswith("OpenVINO CPU int8")
     ref = FacePipeline(backend="onnxruntime").compare(obama, obama2).similarity
-    assert abs(out["default"]["similarity"] - ref) < 1e-4
+    # auto runs bf16 where the CPU has it natively and the model passed parity (each embedding within cosine
+    # BF16_MIN_COSINE of f32, i.e. within distance sqrt(2 (1 - c))): a similarity moves by at most twice that
+    bf16 = "bf16" in out["default"]["providers"]["recognizer"]
+    assert bf16 == bool(native_bf16()), out["default"]["providers"]
+    assert abs(out["default"]["similarity"] - ref) < (2 * math.sqrt(2 * (1 - BF16_MIN_COSINE)) if bf16 else 1e-4)

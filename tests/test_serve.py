@@ -73,11 +73,11 @@ def assert_same_faces(got: list[dict], want, embeddings: bool = False) -> None:
 # --------------------------------------------------------------------------------------- endpoints
 
 
-def test_health_readiness_and_schema(client):
+def test_health_readiness_and_schema(client, pipe):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
-    assert ready.json()["models"]["recognizer"] == "CPUExecutionProvider"
+    assert ready.json()["models"]["recognizer"] == pipe.providers["recognizer"]  # the same default backend
     schema = client.get("/openapi.json").json()
     for path in ("/v1/detect", "/v1/embed", "/v1/compare", "/v1/galleries/{gallery}",
                  "/v1/galleries/{gallery}/people/{name}", "/v1/galleries/{gallery}/identify"):

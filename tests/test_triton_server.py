@@ -55,6 +55,13 @@ def server(tmp_path_factory, photos):
 
 
 @pytest.fixture(scope="module")
+def pipe() -> FacePipeline:
+    """The in-process reference on the engine the repository's models run (ONNX Runtime, f32); ``auto``
+    would pick OpenVINO bf16 on a CPU with native bf16."""
+    return FacePipeline(backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
 def expected(pipe, photos) -> dict[str, list]:
     """In-process faces of each portrait (flip test on, as in face_pipeline)."""
     out = {name: pipe.embed(str(path)) for name, path in photos.items()}

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..cpu import cpu_flags, cpu_model
 from ..files import atomic_write_bytes, cache_dir as facekit_cache_dir, sha256_file
-from ..metadata import ModelMetadataError, preprocess_spec, read_onnx_metadata
+from ..metadata import ModelMetadataError, check_warp, preprocess_spec, read_onnx_metadata
 from .base import Backend, ModelLoadError, is_onnx_path, register
 
 PRECISIONS = ("auto", "f32", "bf16", "int8")
@@ -54,6 +54,12 @@ def core():
 
 
 @functools.lru_cache(maxsize=1)
+def is_bf16(precision) -> bool:
+    """Whether an ``INFERENCE_PRECISION_HINT`` value (an ``openvino.Type``, printed ``<Type: 'bfloat16'>``,
+    or its name) is bf16."""
+    return getattr(precision, "get_type_name", lambda: str(precision))() == "bf16"
+
+
 def native_bf16() -> str | None:
     """The instruction set that computes bf16 natively here ("AMX", "AVX512-BF16"), None when there is none.
 
@@ -174,11 +180,19 @@ class OpenVinoBackend(Backend):
             raise ModelLoadError(f"{self.path}: facekit runs models with one input; this one has {len(self._inputs)}")
         self._input_dtype = self._inputs[0].get_element_type().to_dtype()
         outputs = compiled.outputs
-        self._set_io(self._inputs[0].get_any_name(), _dims(self._inputs[0].get_partial_shape()),
-                     [o.get_any_name() for o in outputs], [_dims(o.get_partial_shape()) for o in outputs])
+        names = self._port_names([*self._inputs, *outputs])
+        self._set_io(names[0], _dims(self._inputs[0].get_partial_shape()),
+                     names[1:], [_dims(o.get_partial_shape()) for o in outputs])
         self._pool = _RequestPool(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        runs = compiled.get_property("INFERENCE_PRECISION_HINT")
-        self._runs_bf16 = "bf16" in str(runs).lower()
+        self._runs_bf16 = is_bf16(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    def _port_names(self, ports) -> list[str]:
+        """The ONNX names of compiled ``ports`` (input, then outputs). Compiling can merge a tensor's names
+        with those of the Casts beside it (fp16 models), so the model as read names them then."""
+        if all(len(p.get_names()) == 1 for p in ports):
+            return [p.get_any_name() for p in ports]
+        model = self._ov_model()
+        return [p.get_any_name() for p in (*model.inputs, *model.outputs)]
 
     def _resolve(self, precision: str, check_inputs: CheckInputs | None) -> tuple[str, str]:
         """Pick the precision, compile it; returns (precision, why)."""
@@ -229,6 +243,7 @@ class OpenVinoBackend(Backend):
             from ..sample_face import sample_crops
 
             spec = preprocess_spec(self.metadata)
+            check_warp(spec, self.path)
             return [to_model_input(sample_crops(spec), spec, color_order="BGR")]
         return []
 
