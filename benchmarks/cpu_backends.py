@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import shipped
-from runtime.field_options import FieldOptions
+from runtime.field_options import FieldOptions, option
 from runtime.files import atomic_write_bytes
 
 from evaluation import crops as ec
@@ -54,10 +54,10 @@ PIPELINES = {
 @dataclass
 class Options:
     model: Path = shipped.RECOGNIZER
-    images: int = 100
-    rounds: int = 3
+    images: int = option(100, "LFW images per pipeline round")
+    rounds: int = option(3, "interleaved rounds per configuration")
     seconds: float = 1.0
-    accuracy: bool = True
+    accuracy: bool = option(True, "parity only: skip LFW / CFP-FP accuracy")
     quiet: bool = False
 
 

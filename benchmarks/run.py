@@ -129,9 +129,7 @@ def _add_speed_commands(sub, sub_common: argparse.ArgumentParser) -> None:
                    help="load generator: plain HTTP/1.1 on asyncio streams (default) or httpx")
     s = sub.add_parser("cpu", parents=[sub_common], help="OpenVINO f32/bf16/int8 vs ONNX Runtime fp32; "
                        "FacePipeline() vs backend='onnxruntime' (benchmarks/cpu_backends.py)")
-    cpu_backends.OPTIONS.add(s, "images", "LFW images per pipeline round")
-    cpu_backends.OPTIONS.add(s, "rounds", "interleaved rounds per configuration")
-    cpu_backends.OPTIONS.add(s, "accuracy", "parity only: skip LFW / CFP-FP accuracy")
+    cpu_backends.OPTIONS.add(s)
     s.add_argument("--no-write", action="store_true", help="print the report but write no files")
     large_photos.add_arguments(sub.add_parser("large-photos", help="50–200 MP JPEGs: full vs reduced decode, "
                                                                    "pipeline time, faces, peak RSS"))

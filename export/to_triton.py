@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from export.cli import doc_parser
-from export.triton_repository import (KINDS, ORT_TENSORRT, ServingOptions, TritonExportError, plan_repository,
-                                      write_repository)
+from export.triton_repository import ServingOptions, TritonExportError, plan_repository, write_repository
 from runtime.field_options import FieldOptions
 from runtime.shipped import RECOGNIZER as DEFAULT_RECOGNIZER
 
@@ -50,19 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("onnxruntime", "python"), default="onnxruntime",
                    help="how ONNX models are served: Triton's onnxruntime backend, or facekit's runtime in the "
                         "Python backend (CPU route)")
-    SERVING.add(p, "max_batch", "max_batch_size of dynamic-batch ONNX models")
-    SERVING.add(p, "preferred_batch", "dynamic batcher's preferred sizes, e.g. 8,16,32", type=_batches,
-                shown="powers of two from 4, and the max")
-    SERVING.add(p, "queue_delay_us", "dynamic batcher's max queue delay (µs)")
-    SERVING.add(p, "instances", "instances of each model (instance_group count)")
-    SERVING.add(p, "kind", "instance kind of onnxruntime models (engines: gpu; Python-backend models: cpu)",
-                choices=tuple(KINDS))
-    SERVING.add(p, "ort_tensorrt", "ONNX models: let ONNX Runtime run them through TensorRT on the GPU "
-                                   "(optimization.execution_accelerators)", choices=ORT_TENSORRT)
-    SERVING.add(p, "pipeline_instances", "face_pipeline instances")
+    SERVING.add(p, "preferred_batch", type=_batches)
+    SERVING.add(p)
     p.add_argument("--no-pipeline", action="store_true", help="do not write the face_pipeline model")
-    SERVING.add(p, "score_threshold", "face_pipeline: detector score threshold")
-    SERVING.add(p, "flip_test", "face_pipeline: embed each face once (default: face + mirror image, summed)")
     return p
 
 

@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = doc_parser(__doc__)
     p.add_argument("onnx", type=Path, help="source ONNX model (from export/to_onnx.py)")
     p.add_argument("--out", type=Path, help="engine file (default: the ONNX path with .engine)")
-    BUILD.add(p, "min_batch", "smallest batch of the optimization profile")
-    BUILD.add(p, "opt_batch", "batch TensorRT tunes for")
-    BUILD.add(p, "max_batch", "largest batch of the optimization profile")
-    BUILD.add(p, "workspace_mib", "builder workspace in MiB")
-    BUILD.add(p, "optimization_level", "builder optimization level 0-5", flag="--opt-level")
-    BUILD.add(p, "tf32", "fp32 layers in strict fp32 (no TF32)")
+    BUILD.add(p)
     p.add_argument("--timing-cache", type=Path, help="timing cache file (default: <engine stem>.timing.cache)")
     p.add_argument("--rebuild", choices=("auto", "always", "never"), default="auto",
                    help="stale/foreign engine: rebuild (auto), refuse (never); always: rebuild anyway")

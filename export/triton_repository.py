@@ -22,6 +22,7 @@ from typing import Any
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.backends.tensorrt import read_sidecar, sidecar_problems
 from runtime.detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, DEFAULT_SCORE_THRESHOLD
+from runtime.field_options import option
 from runtime.files import existing_file, pid_temp_prefix, publish_folder, remove_stale_temporaries, sha256_file
 from runtime.metadata import METADATA_KEY
 from runtime.optional_imports import require_module
@@ -101,15 +102,19 @@ def config_dims(shape: tuple, batched: bool) -> list[int]:
 class ServingOptions:
     """How the models are served: batching, instances, acceleration (the CLI's options)."""
 
-    max_batch: int = 32
-    preferred_batch: tuple[int, ...] | None = None  # None: powers of two from 4 up to the max batch
-    queue_delay_us: int = 1000
-    instances: int = 1
-    kind: str = "auto"
-    ort_tensorrt: str = "off"
-    pipeline_instances: int = 2
-    score_threshold: float = DEFAULT_SCORE_THRESHOLD
-    flip_test: bool = True
+    max_batch: int = option(32, "max_batch_size of dynamic-batch ONNX models")
+    #: None: powers of two from 4 up to the max batch
+    preferred_batch: tuple[int, ...] | None = option(None, "dynamic batcher's preferred sizes, e.g. 8,16,32",
+                                                     shown="powers of two from 4, and the max")
+    queue_delay_us: int = option(1000, "dynamic batcher's max queue delay (µs)")
+    instances: int = option(1, "instances of each model (instance_group count)")
+    kind: str = option("auto", "instance kind of onnxruntime models (engines: gpu; Python-backend models: cpu)",
+                       choices=tuple(KINDS))
+    ort_tensorrt: str = option("off", "ONNX models: let ONNX Runtime run them through TensorRT on the GPU "
+                                      "(optimization.execution_accelerators)", choices=ORT_TENSORRT)
+    pipeline_instances: int = option(2, "face_pipeline instances")
+    score_threshold: float = option(DEFAULT_SCORE_THRESHOLD, "face_pipeline: detector score threshold")
+    flip_test: bool = option(True, "face_pipeline: embed each face once (default: face + mirror image, summed)")
 
     def __post_init__(self):
         if self.max_batch < 1 or self.instances < 1 or self.pipeline_instances < 1 or self.queue_delay_us < 0:

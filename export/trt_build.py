@@ -19,6 +19,7 @@ import onnx
 
 from runtime.backends.tensorrt import (build_differences, engine_key, import_tensorrt, make_sidecar, read_sidecar,
                                        sidecar_path, sidecar_problems)
+from runtime.field_options import option
 from runtime.files import atomic_write_bytes, sha256_file
 
 from .onnx_utils import precision_of, read_metadata
@@ -36,12 +37,13 @@ class StaleEngineError(RuntimeError):
 class BuildOptions:
     """Engine build settings; every field is part of the cache key."""
 
-    min_batch: int = 1
-    opt_batch: int = 32  # typical serving batch: TensorRT tunes its kernels for this shape
-    max_batch: int = 256
-    workspace_mib: int = 4096
-    optimization_level: int = 3
-    tf32: bool = True
+    min_batch: int = option(1, "smallest batch of the optimization profile")
+    #: typical serving batch: TensorRT tunes its kernels for this shape
+    opt_batch: int = option(32, "batch TensorRT tunes for")
+    max_batch: int = option(256, "largest batch of the optimization profile")
+    workspace_mib: int = option(4096, "builder workspace in MiB")
+    optimization_level: int = option(3, "builder optimization level 0-5", flag="--opt-level")
+    tf32: bool = option(True, "fp32 layers in strict fp32 (no TF32)")
 
     def __post_init__(self):
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:

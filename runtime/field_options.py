@@ -1,14 +1,25 @@
-"""Command-line options for the fields of a dataclass: each option takes its type and default from its field,
-so every default is defined once, in the dataclass, and the help shows it."""
+"""Command-line options declared on dataclass fields: each field made with :func:`option` carries its help
+text beside its type and default, so an option is defined once, in the dataclass, and the help shows the default."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from typing import Any
 
+_KEY = "option"
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           flag: str | None = None, shown: str | None = None, why: str = "", **argparse_kwargs: Any) -> Any:
+    """A dataclass field with a command-line option: ``help`` (for a bool, what its switch does), ``flag``
+    (default ``--<name with dashes>``), ``shown`` in the help instead of the default, ``why`` after it, and
+    further ``argparse`` arguments such as ``choices``."""
+    spec = {"help": help, "flag": flag, "shown": shown, "why": why, **argparse_kwargs}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_KEY: spec})
+
 
 class FieldOptions:
-    """Options of one dataclass ``cls``; :meth:`add` one per field, then :meth:`build` the instance."""
+    """The options of dataclass ``cls``: :meth:`add` them to a parser, then :meth:`build` the instance."""
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
@@ -22,23 +33,31 @@ class FieldOptions:
             return f.default
         return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
-    def add(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, help: str, *,
-            flag: str | None = None, shown: str | None = None, why: str = "", **kwargs: Any) -> None:
-        """Add the option of field ``name``: ``flag`` (default ``--<name with dashes>``), typed like the default
-        unless ``type`` is given, its help ending with the default (``shown`` instead, ``why`` after it).
+    def add(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str,
+            **argparse_kwargs: Any) -> None:
+        """Add the options of fields ``names`` (none: every option field the parser has no option for yet, in
+        field order), each typed like its default unless ``type`` is given, its help ending with the default.
         A bool field becomes a switch that turns its default around: ``--no-<name>`` for True, else ``--<name>``."""
+        present = {action.dest for action in parser._actions}
+        for name in names or [n for n, f in self._fields.items() if _KEY in f.metadata and n not in present]:
+            if _KEY not in self._fields[name].metadata:
+                raise TypeError(f"{self.cls.__name__}.{name} is not declared with option()")
+            self._add(parser, name, {**self._fields[name].metadata[_KEY], **argparse_kwargs})
+
+    def _add(self, parser, name: str, spec: dict[str, Any]) -> None:
+        help, flag, shown, why = spec.pop("help"), spec.pop("flag"), spec.pop("shown"), spec.pop("why")
         default = self.default(name)
         self._added.add(name)
         dashed = name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag or (f"--no-{dashed}" if default else f"--{dashed}"), dest=name,
-                                action="store_false" if default else "store_true", help=help, **kwargs)
+                                action="store_false" if default else "store_true", help=help, **spec)
             return
-        if default is not None and "type" not in kwargs:
-            kwargs["type"] = type(default)
+        if default is not None and "type" not in spec:
+            spec["type"] = type(default)
         text = shown if shown is not None else f"{default:g}" if isinstance(default, float) else str(default)
         parser.add_argument(flag or f"--{dashed}", dest=name, default=default,
-                            help=f"{help} (default {text}{': ' + why if why else ''})", **kwargs)
+                            help=f"{help} (default {text}{': ' + why if why else ''})", **spec)
 
     def build(self, args: argparse.Namespace, **values: Any) -> Any:
         """The dataclass from the parsed options added here; ``values`` give the other fields, or override."""

@@ -2,36 +2,32 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from runtime.field_options import FieldOptions
+from runtime.field_options import FieldOptions, option
 
 
 @dataclass(frozen=True)
 class Settings:
-    size: int = 112
-    ratio: float = 0.5
-    name: str = "tree"
-    model: Path = Path("models/a.onnx")
-    workers: int = field(default_factory=lambda: 3)
-    flip: bool = True
-    debug: bool = False
+    size: int = option(112, "crop side")
+    ratio: float = option(0.5, "a ratio", flag="--share")
+    name: str = option("tree", "layout", choices=("tree", "flat"))
+    model: Path = option(Path("models/a.onnx"), "model file")
+    workers: int = option(default_factory=lambda: 3, help="threads", shown="the usable cores")
+    flip: bool = option(True, "embed each face once")
+    debug: bool = option(False, "write overlays")
     template: tuple | None = None
 
 
 def _parser() -> tuple[argparse.ArgumentParser, FieldOptions]:
     options = FieldOptions(Settings)
     p = argparse.ArgumentParser()
-    options.add(p, "size", "crop side")
-    options.add(p, "ratio", "a ratio", flag="--share")
-    options.add(p, "name", "layout", choices=("tree", "flat"))
-    options.add(p, "model", "model file")
-    options.add(p, "workers", "threads", shown="the usable cores")
-    options.add(p, "flip", "embed each face once")
-    options.add(p, "debug", "write overlays")
+    options.add(p, "size")
+    p.add_argument("--size-note", help="an option of the parser's own between the fields' options")
+    options.add(p)
     return p, options
 
 
@@ -57,6 +53,14 @@ def test_help_shows_each_default():
     for shown in ("crop side (default 112)", "a ratio (default 0.5)", "model file (default models/a.onnx)",
                   "threads (default the usable cores)", "--no-flip", "--debug"):
         assert shown in text
+
+
+def test_each_option_is_added_once_in_field_order_and_plain_fields_have_none():
+    p, options = _parser()
+    flags = [a.option_strings[0] for a in p._actions if a.option_strings and a.dest != "help"]
+    assert flags == ["--size", "--size-note", "--share", "--name", "--model", "--workers", "--no-flip", "--debug"]
+    with pytest.raises(TypeError, match="Settings.template is not declared with option"):
+        options.add(argparse.ArgumentParser(), "template")
 
 
 def test_commands_without_options_build_the_library_defaults():

@@ -52,7 +52,7 @@ import numpy as np
 from runtime import shipped
 from runtime.cpu import usable_cores
 from runtime.detector import DEFAULT_SCORE_THRESHOLD
-from runtime.field_options import FieldOptions
+from runtime.field_options import FieldOptions, option
 from runtime.files import atomic_write_bytes
 from runtime.geometry import template_for_size
 from runtime.image_io import load_image
@@ -76,17 +76,19 @@ class Source:
 
 @dataclass
 class Options:
-    size: int = 112
+    size: int = option(112, "crop side in pixels")
     #: 5 (x, y) points to warp onto; None: the ArcFace template scaled to ``size``
     template: tuple[tuple[float, float], ...] | None = None
-    landmarks: str = "detector"
-    aligner: str | None = None
-    score_threshold: float = DEFAULT_SCORE_THRESHOLD
-    min_face: float = 16.0
-    dominance: float = 2.0
-    layout: str = "tree"
-    image_format: str = "png"
-    debug: bool = False
+    landmarks: str = option("detector", "the detector's 5 points, or refined by the hourglass aligner",
+                            choices=("detector", "aligner"))
+    aligner: str | None = option(None, "aligner ONNX", shown="runtime/models/aligner.onnx")
+    score_threshold: float = option(DEFAULT_SCORE_THRESHOLD, "detector score threshold")
+    min_face: float = option(16.0, "ignore faces whose box is smaller (px)")
+    dominance: float = option(2.0, "several faces: take the heaviest only if it outweighs the next by this factor")
+    layout: str = option("tree", "crops in OUT/<identity>/ (tree) or all in OUT/images/ (flat)",
+                         choices=("tree", "flat"))
+    image_format: str = option("png", "crop file format", flag="--format", choices=("png", "jpg"))
+    debug: bool = option(False, "write overlay pictures under OUT/debug/")
     out: str = ""
 
 
@@ -365,21 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--list", type=Path, help="list file of 'file identity' lines")
     p.add_argument("--root", type=Path, help="folder the list's files are relative to (default: the list's folder)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    OPTIONS.add(p, "landmarks", "the detector's 5 points, or refined by the hourglass aligner",
-                choices=("detector", "aligner"))
-    OPTIONS.add(p, "aligner", "aligner ONNX", shown="runtime/models/aligner.onnx")
-    OPTIONS.add(p, "size", "crop side in pixels")
+    OPTIONS.add(p, "landmarks", "aligner", "size")
     p.add_argument("--like", metavar="MODEL", help="crop in this recognizer's framing instead (its size and template, "
                                                    "from a checkpoint's config or an ONNX file's metadata)")
-    OPTIONS.add(p, "layout", "crops in OUT/<identity>/ (tree) or all in OUT/images/ (flat)", choices=("tree", "flat"))
-    OPTIONS.add(p, "image_format", "crop file format", flag="--format", choices=("png", "jpg"))
-    OPTIONS.add(p, "score_threshold", "detector score threshold")
-    OPTIONS.add(p, "min_face", "ignore faces whose box is smaller (px)")
-    OPTIONS.add(p, "dominance", "several faces: take the heaviest only if it outweighs the next by this factor")
+    OPTIONS.add(p)
     workers = min(4, usable_cores())
     p.add_argument("--workers", type=int, default=workers,
                    help=f"worker processes (default {workers}: the usable cores, at most 4)")
-    OPTIONS.add(p, "debug", "write overlay pictures under OUT/debug/")
     p.add_argument("--redo", action="store_true", help="ignore an existing manifest and start over")
     p.add_argument("--retry-failed", action="store_true", help="process the manifest's failed photos again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cpu import usable_cores
-from ..field_options import FieldOptions
+from ..field_options import FieldOptions, option
 from ..image_io import DEFAULT_MAX_PIXELS
 
 MB = 1024 * 1024
@@ -23,22 +23,25 @@ class ServeConfig:
     """Everything a server needs besides its models; every limit has a default (see README, "Limits")."""
 
     galleries: Path
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8080, "port", why="0 picks a free one")
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_upload_bytes: int = 10 * MB
-    request_timeout_s: float = 30.0
-    max_batch: int = 32
-    batch_wait_ms: float = 5.0
-    max_queue: int = 512
-    max_inflight: int = 64
-    workers: int = field(default_factory=usable_cores)
-    model_threads: int = 1
-    max_images: int = 16
+    request_timeout_s: float = option(30.0, "time budget of one request in seconds, else 503",
+                                      flag="--request-timeout")
+    max_batch: int = option(32, "most faces in one recognizer call")
+    batch_wait_ms: float = option(5.0, "longest wait for more faces before a recognizer call")
+    max_queue: int = option(512, "faces waiting for the recognizer before requests get 503")
+    max_inflight: int = option(64, "requests handled at once before others get 503")
+    workers: int = option(default_factory=usable_cores, help="threads decoding and detecting",
+                          shown="usable CPU cores")
+    model_threads: int = option(1, "threads inside each model call, 0 = the backend's default",
+                                why="requests run in parallel instead")
+    max_images: int = option(16, "most images in one enrolment")
     max_top_k: int = 100
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    access_log: bool = True
-    log_level: str = "info"
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest image (width × height) decoded")
+    access_log: bool = option(True, "do not log every request")
+    log_level: str = option("info", "log level", choices=("critical", "error", "warning", "info", "debug"))
 
     def __post_init__(self):
         checks = {"port": 0 <= self.port <= 65535, "max_upload_bytes": self.max_upload_bytes > 0,
@@ -77,25 +80,13 @@ OPTIONS = FieldOptions(ServeConfig)
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` command's own options (the model options come from the CLI's shared group)."""
-    OPTIONS.add(p, "host", "address to listen on")
-    OPTIONS.add(p, "port", "port", why="0 picks a free one")
+    OPTIONS.add(p, "host", "port")
     p.add_argument("--galleries", required=True, help="folder of gallery files (<name>.npz); created if absent")
     p.add_argument("--api-key-file", help="require one of the keys in this file (one per line) on /v1 and /metrics")
     upload = OPTIONS.default("max_upload_bytes")
     p.add_argument("--max-upload-mb", type=float, default=upload / MB,
                    help=f"largest request body in MiB (default {upload // MB})")
-    OPTIONS.add(p, "request_timeout_s", "time budget of one request in seconds, else 503", flag="--request-timeout")
-    OPTIONS.add(p, "max_batch", "most faces in one recognizer call")
-    OPTIONS.add(p, "batch_wait_ms", "longest wait for more faces before a recognizer call")
-    OPTIONS.add(p, "max_queue", "faces waiting for the recognizer before requests get 503")
-    OPTIONS.add(p, "max_inflight", "requests handled at once before others get 503")
-    OPTIONS.add(p, "workers", "threads decoding and detecting", shown="usable CPU cores")
-    OPTIONS.add(p, "model_threads", "threads inside each model call, 0 = the backend's default",
-                why="requests run in parallel instead")
-    OPTIONS.add(p, "max_images", "most images in one enrolment")
-    OPTIONS.add(p, "max_pixels", "largest image (width × height) decoded")
-    OPTIONS.add(p, "access_log", "do not log every request")
-    OPTIONS.add(p, "log_level", "log level", choices=("critical", "error", "warning", "info", "debug"))
+    OPTIONS.add(p)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
