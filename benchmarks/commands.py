@@ -44,8 +44,7 @@ def cmd_identification(args) -> dict:
     res = evaluate_identification(fused, pairset.identities, min_images=args.min_images)
     out = {**res.to_dict(), "backend": embedder.name, "fallbacks": crops.fallbacks}
     if args.plots:
-        out["plots"] = {"TPR@FPR": plots.tpr_at_fpr_curve(res.curve_fpr, res.curve_tpr,
-                                                           Path(args.plots) / "identification-tpr-fpr.png",
+        out["plots"] = {"TPR@FPR": plots.tpr_at_fpr_curve(res.curve, Path(args.plots) / "identification-tpr-fpr.png",
                                                            res.tpr_at_fpr)}
     print_result(out, args, rp.identification_section(out))
     return out

@@ -104,7 +104,7 @@ class DefaultRun:
         res_dict, fused, res = verify(pairset, crops, self.main, self.args, self.plots_dir,
                                       _save_name(self.args.save_embeddings, save_as))
         self.clock.stop(f"{name} embed+evaluate (onnxruntime-cpu fp32)")
-        self.curves[f"{name} (acc {100 * res.accuracy:.2f} %, AUC {res.roc_auc:.4f})"] = (res.roc_fpr, res.roc_tpr)
+        self.curves[f"{name} (acc {100 * res.accuracy:.2f} %, AUC {res.roc_auc:.4f})"] = res.roc
         self.report["verification"][name] = res_dict
         self.report["plots"].update(res_dict.pop("plots", {}))
         self.seen.update(zip(map(str, pairset.images), fused))
@@ -124,7 +124,7 @@ class DefaultRun:
         self.report["identification"] = {**ident.to_dict(), "data": "LFW (pairs.txt images)", "backend": self.main.name}
         if self.plots_dir is not None:
             self.report["plots"]["identification TPR@FPR"] = plots.tpr_at_fpr_curve(
-                ident.curve_fpr, ident.curve_tpr, self.plots_dir / "identification-tpr-fpr.png", ident.tpr_at_fpr,
+                ident.curve, self.plots_dir / "identification-tpr-fpr.png", ident.tpr_at_fpr,
                 title="LFW identification: TPR at FPR")
             self.report["plots"]["t-SNE (LFW)"] = plots.tsne_map(
                 fused, self.lfw_set.identities, self.plots_dir / "lfw-tsne.png", title="t-SNE of LFW embeddings")

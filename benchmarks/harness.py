@@ -122,8 +122,8 @@ def verification_plots(name: str, res, emb_a, emb_b, plots_dir: Path) -> dict[st
     files = {f"{name} cosine histogram": plots.cosine_histogram(
         cos[res.issame], cos[~res.issame], plots_dir / f"{name}-cosine-hist.png", res.best_threshold_cosine,
         title=f"{name}: pair cosine similarity")}
-    if res.roc_fpr is not None:
-        files[f"{name} ROC"] = plots.roc_curves({name: (res.roc_fpr, res.roc_tpr)}, plots_dir / f"{name}-roc.png",
+    if res.roc is not None:
+        files[f"{name} ROC"] = plots.roc_curves({name: res.roc}, plots_dir / f"{name}-roc.png",
                                                 title=f"{name} ROC")
     return files
 

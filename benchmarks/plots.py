@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from benchmarks.report import machine_line
+from evaluation.verification import RocCurve
 from runtime.files import atomic_write
 
 
@@ -43,15 +44,15 @@ def save_with_machine(fig, machine: dict, path: str | os.PathLike) -> str:
     return _save(fig, path)
 
 
-def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path, title: str = "ROC") -> str:
-    """ROC curves (TPR vs FAR, log FAR axis); ``curves``: label → (fpr, tpr)."""
+def roc_curves(curves: dict[str, RocCurve | None], path, title: str = "ROC") -> str:
+    """ROC curves (TPR vs FAR, log FAR axis); ``curves``: label → curve (None: not drawn)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for label, (fpr, tpr) in curves.items():
-        if fpr is None:
+    for label, curve in curves.items():
+        if curve is None:
             continue
-        keep = fpr > 0
-        ax.plot(fpr[keep], tpr[keep], label=label)
+        keep = curve.fpr > 0
+        ax.plot(curve.fpr[keep], curve.tpr[keep], label=label)
     ax.set_xscale("log")
     ax.set_xlim(1e-4, 1)
     ax.set_xlabel("false accept rate")
@@ -79,12 +80,12 @@ def cosine_histogram(cos_same: np.ndarray, cos_diff: np.ndarray, path, threshold
     return _save(fig, path)
 
 
-def tpr_at_fpr_curve(fpr: np.ndarray, tpr: np.ndarray, path, marks: dict[str, float] | None = None,
+def tpr_at_fpr_curve(curve: RocCurve, path, marks: dict[str, float] | None = None,
                      title: str = "identification: TPR at FPR") -> str:
     """TPR against FPR (log axis) for the query/distractor construction; ``marks`` annotates targets."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.plot(fpr, tpr, marker=".", ms=3)
+    ax.plot(curve.fpr, curve.tpr, marker=".", ms=3)
     for key, value in (marks or {}).items():
         ax.plot([float(key)], [value], "o", color="tab:red")
         ax.annotate(f"{value:.3f} @ {key}", (float(key), value), textcoords="offset points", xytext=(5, -12), fontsize=8)

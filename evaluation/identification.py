@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .verification import RocCurve, far_key
+
 FPR_TARGETS = (1e-2, 1e-3, 1e-4)
 
 
@@ -26,8 +28,7 @@ class IdentificationResult:
     positive_pairs: int
     negative_pairs: int
     min_images: int
-    curve_fpr: np.ndarray = field(repr=False, default=None)
-    curve_tpr: np.ndarray = field(repr=False, default=None)
+    curve: RocCurve | None = field(repr=False, default=None)
 
     def to_dict(self) -> dict:
         d = {f"tpr_at_fpr_{k}": round(v, 6) for k, v in self.tpr_at_fpr.items()}
@@ -72,8 +73,6 @@ def evaluate_identification(embeddings: np.ndarray, identities: list[str], min_i
     same = qid[iu[0]] == qid[iu[1]]
     pos = sims[iu][same]
     tprs, thrs = {}, {}
-    from .verification import far_key
-
     for f in fpr_targets:
         t = threshold_at_fpr(neg, f)
         tprs[far_key(f)] = float(np.mean(pos > t))
@@ -82,4 +81,4 @@ def evaluate_identification(embeddings: np.ndarray, identities: list[str], min_i
     grid = np.logspace(np.log10(lo), 0, curve_points)
     curve_tpr = np.array([np.mean(pos > threshold_at_fpr(neg, f)) for f in grid])
     return IdentificationResult(tprs, thrs, int(len(set(qid))), int(len(q)), int(len(d)), int(len(pos)),
-                                int(len(neg)), min_images, grid, curve_tpr)
+                                int(len(neg)), min_images, RocCurve(grid, curve_tpr))

@@ -17,7 +17,7 @@ best threshold on all pairs, also as a cosine (``cos = 1 − d²/2``) for ``Face
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -132,6 +132,13 @@ def cosine_from_squared_l2(d2: float) -> float:
     return 1.0 - float(d2) / 2.0
 
 
+class RocCurve(NamedTuple):
+    """A curve of true positive rate against false positive rate, point by point."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+
+
 @dataclass
 class VerificationResult:
     """Everything the protocol reports; ``to_dict`` gives the JSON fields (ROC arrays left out)."""
@@ -148,8 +155,7 @@ class VerificationResult:
     pairs: int
     same_pairs: int
     diff_pairs: int
-    roc_fpr: np.ndarray = field(repr=False, default=None)
-    roc_tpr: np.ndarray = field(repr=False, default=None)
+    roc: RocCurve | None = field(repr=False, default=None)
     dist: np.ndarray = field(repr=False, default=None)
     issame: np.ndarray = field(repr=False, default=None)
 
@@ -208,14 +214,13 @@ def evaluate(emb_a: np.ndarray, emb_b: np.ndarray, issame, n_folds: int = 10,
     for far in far_targets:
         tar, achieved, _ = tar_at_far(dist, issame, far) if both else (None, None, None)
         tars[far_key(far)], fars[far_key(far)] = tar, achieved
-    fpr, tpr = roc_curve(issame, -dist)[:2] if both else (None, None)
     return VerificationResult(
         accuracy=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
         fold_accuracies=[float(a) for a in accs], fold_thresholds=[float(t) for t in chosen],
         best_threshold=thr, best_threshold_cosine=cosine_from_squared_l2(thr),
         tar_at_far=tars, far_achieved=fars, roc_auc=float(roc_auc_score(issame, -dist)) if both else None,
         pairs=int(len(dist)), same_pairs=int(issame.sum()), diff_pairs=int((~issame).sum()),
-        roc_fpr=fpr, roc_tpr=tpr, dist=dist, issame=issame,
+        roc=RocCurve(*roc_curve(issame, -dist)[:2]) if both else None, dist=dist, issame=issame,
     )
 
 

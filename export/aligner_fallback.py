@@ -17,8 +17,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def measure_and_store(model: Path, data: list[Path], coverage: float, out: Path, progress: bool = True) -> dict:
     """Measure the rule of ``model`` on ``data`` and write the model with it to ``out``; returns the rule."""

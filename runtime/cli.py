@@ -6,15 +6,28 @@ for unusable input (unreadable image, missing or foreign model, bad gallery); ne
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from . import files
+from .backends.base import ModelLoadError
+from .detector import DEFAULT_SCORE_THRESHOLD
+from .faces import NoFaceError
+from .gallery import LOG_LOAD_MIN_ROWS, Gallery, GalleryError
+from .image_io import ImageError, decoder_messages_silenced, load_image_scaled
+from .index_cli import add_index_command
+from .indexer import IndexingError
+from .metadata import ModelMetadataError
+from .photo_lists import iter_images
+from .pipeline import FacePipeline
+from .serve.config import ServeError, add_serve_arguments
 
 EXIT_BAD_INPUT = 2
 
@@ -23,12 +36,15 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+#: errors caused by the user's input: one line on stderr, exit status 2
+USER_ERRORS = (CliError, ImageError, ModelLoadError, ModelMetadataError, ServeError, GalleryError, IndexingError,
+               FileNotFoundError, IsADirectoryError, PermissionError)
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 
 def _pipeline(args, need_recognizer: bool, model_options: dict | None = None):
-    from .pipeline import FacePipeline
-
     pipe = FacePipeline(recognizer=args.recognizer, detector=args.detector, landmarks=args.landmarks,
                         aligner=args.aligner, backend=args.backend, threshold=args.threshold,
                         score_threshold=args.score_threshold, model_options=model_options)
@@ -43,8 +59,6 @@ def _fmt(v: float | None, nd: int = 4) -> str:
 
 def draw_faces(image_bgr: np.ndarray, faces, scale: float = 1.0) -> np.ndarray:
     """A copy of ``image_bgr`` with boxes, scores and the 5 landmarks drawn (coordinates × ``scale``)."""
-    import cv2
-
     out = image_bgr.copy()
     h, w = out.shape[:2]
     thick = max(1, round(max(h, w) / 400))
@@ -61,8 +75,6 @@ def draw_faces(image_bgr: np.ndarray, faces, scale: float = 1.0) -> np.ndarray:
 
 
 def _encode_image(path: Path, image: np.ndarray) -> bytes:
-    import cv2
-
     ext = path.suffix.lower() or ".jpg"
     ok, buf = cv2.imencode(ext if ext in (".jpg", ".jpeg", ".png", ".bmp", ".webp") else ".png", image)
     if not ok:
@@ -74,8 +86,6 @@ def _encode_image(path: Path, image: np.ndarray) -> bytes:
 
 
 def cmd_detect(args) -> int:
-    from .image_io import load_image_scaled
-
     pipe = _pipeline(args, need_recognizer=False)
     image = load_image_scaled(args.image)  # a large JPEG comes decoded reduced; boxes are the file's pixels
     faces = pipe.detect(image)
@@ -95,8 +105,6 @@ def cmd_detect(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .faces import NoFaceError
-
     pipe = _pipeline(args, need_recognizer=True)
     try:
         r = pipe.compare(args.a, args.b)
@@ -111,14 +119,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    from .photo_lists import iter_images
-    from .faces import NoFaceError
-
     photos = iter_images(args.folder)
     if not photos:
         raise CliError(f"{args.folder}: no images (jpg, png, bmp, webp, tif) in this folder")
     pipe = _pipeline(args, need_recognizer=True)
-    from .image_io import ImageError
 
     emb, missing = [], []
     for p in _progress(photos, "embedding"):
@@ -143,8 +147,6 @@ def cmd_matrix(args) -> int:
 
 
 def cmd_enroll(args) -> int:
-    from .gallery import Gallery
-
     pipe = _pipeline(args, need_recognizer=True)
     path = Path(args.gallery)
     gallery = _load_gallery(path, pipe) if path.exists() else Gallery()
@@ -156,8 +158,6 @@ def cmd_enroll(args) -> int:
 
 def _load_gallery(path, pipe):
     """``Gallery.load``; says on stderr how long a large one took."""
-    from .gallery import LOG_LOAD_MIN_ROWS, Gallery
-
     gallery = Gallery.load(path, pipeline=pipe)
     info = gallery.load_info
     if info["rows"] >= LOG_LOAD_MIN_ROWS:
@@ -181,7 +181,7 @@ def cmd_identify(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve.server import serve
+    from .serve.server import serve  # the web framework loads only when a server starts
 
     return serve(args, lambda options: _pipeline(args, need_recognizer=True, model_options=options))
 
@@ -195,8 +195,6 @@ def similarity_heatmap_png(sim: np.ndarray, names: Sequence[str], threshold: flo
         import matplotlib.pyplot as plt
     except ImportError:
         raise CliError("the matrix command needs matplotlib (pip install matplotlib)") from None
-    import io
-
     n = len(names)
     side = max(4.0, 0.6 * n + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
@@ -244,8 +242,6 @@ def _progress(items, desc: str):
 
 def _model_options() -> argparse.ArgumentParser:
     """The options every face command shares: which models, backend and thresholds."""
-    from .detector import DEFAULT_SCORE_THRESHOLD
-
     models = argparse.ArgumentParser(add_help=False)
     g = models.add_argument_group("models")
     g.add_argument("--recognizer", help="recognizer model (default: runtime/models/recognizer.onnx)")
@@ -297,11 +293,7 @@ def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_identify)
 
-    from .index_cli import add_index_command
-
     add_index_command(sub, [models])
-
-    from .serve.config import add_serve_arguments
 
     s = sub.add_parser("serve", parents=[models], help="the HTTP service (needs the serve extra)")
     add_serve_arguments(s)
@@ -310,37 +302,15 @@ def build_parser(prog: str = "python -m runtime") -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .backends.base import ModelLoadError
-    from .image_io import ImageError
-    from .metadata import ModelMetadataError
-    from .serve.config import ServeError
-
-    errors: list[type[BaseException]] = [CliError, ImageError, ModelLoadError, ModelMetadataError, ServeError,
-                                         FileNotFoundError, IsADirectoryError, PermissionError]
-    try:
-        from .gallery import GalleryError
-
-        errors.append(GalleryError)
-    except ImportError:
-        pass
-    from .indexer import IndexingError
-
-    errors.append(IndexingError)
-    return tuple(errors)
-
-
 def main(argv: Sequence[str] | None = None, prog: str = "python -m runtime") -> int:
     args = build_parser(prog).parse_args(argv)
     if getattr(args, "top_k", 1) < 1:
         print("error: --top-k must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from .image_io import decoder_messages_silenced
-
     try:
         with decoder_messages_silenced():  # no libjpeg/libpng chatter: errors are one line
             return args.func(args)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -19,8 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 EXPORT_HINT = "export an aligner checkpoint with: python export/to_onnx.py --checkpoint CKPT --out aligner.onnx"
 
 
