@@ -53,13 +53,13 @@ def core():
     return _ov().Core()
 
 
-@functools.lru_cache(maxsize=1)
 def is_bf16(precision) -> bool:
     """Whether an ``INFERENCE_PRECISION_HINT`` value (an ``openvino.Type``, printed ``<Type: 'bfloat16'>``,
     or its name) is bf16."""
     return getattr(precision, "get_type_name", lambda: str(precision))() == "bf16"
 
 
+@functools.lru_cache(maxsize=1)
 def native_bf16() -> str | None:
     """The instruction set that computes bf16 natively here ("AMX", "AVX512-BF16"), None when there is none.
 
