@@ -87,7 +87,7 @@ def cmd_latency(args) -> dict:
     from benchmarks import latency
 
     model = resolve_model(args.model)
-    batches = tuple(int(b) for b in args.batches.split(","))
+    batches = args.batches
     rows = []
     if args.all_backends:
         embedders = [p.build() for p in plan_backends(model, args.checkpoint) if not p.skip_reason]
@@ -125,9 +125,8 @@ def cmd_triton(args) -> dict:
     from export.triton_repository import TritonExportError
     from export.triton_server import TritonServerMissing
 
-    concurrency = tuple(int(c) for c in args.concurrency.split(","))
     try:
-        result = triton.measure(resolve_model(args.model), data_root(), concurrency, tuple(args.workloads.split(",")),
+        result = triton.measure(resolve_model(args.model), data_root(), args.concurrency, args.workloads,
                                 args.seconds, log)
     except (TritonServerMissing, TritonExportError) as e:
         raise UsageError(str(e)) from None
@@ -143,7 +142,7 @@ def cmd_training(args) -> dict:
     """Trainer and loader throughput, .rec start-up: ``benchmarks/training_throughput.py``."""
     from benchmarks import training_throughput
 
-    return training_throughput.run(args.only.split(","), Path(args.results or rp.RESULTS_DIR),
+    return training_throughput.run(args.only, Path(args.results or rp.RESULTS_DIR),
                                    Path(args.rec_dir) if args.rec_dir else None, args.steps, args.old_rev or None)
 
 
@@ -230,8 +229,7 @@ def cmd_gallery(args) -> dict:
     key = bg.embeddings_cache_key(model, pairset.image_keys(), {"landmarks": args.landmarks,
                                                                 "detector": args.detector, "aligner": args.aligner})
     emb = bg.cached_embeddings(ec.cache_dir(), key, embed, use_cache=not args.no_cache)
-    out = bg.run(emb, pairset.identities, sizes=[int(v) for v in args.sizes.split(",")],
-                 kinds=args.indexes.split(","), exact_queries=args.exact_queries,
+    out = bg.run(emb, pairset.identities, sizes=args.sizes, kinds=args.indexes, exact_queries=args.exact_queries,
                  with_crossover=not args.no_crossover, log=log)
     out.update(model=str(model), command=rp.run_command())
     if not getattr(args, "no_write", False):

@@ -35,12 +35,13 @@ import numpy as np
 
 from benchmarks import report as rp
 from evaluation.data import data_root
+from runtime.field_options import add_list_option
 from runtime.files import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_PHOTO = Path("photos") / "group_t1.jpg"
 SOURCE_FACES = 6
-DEFAULT_MEGAPIXELS = (54, 108)
+DEFAULT_MEGAPIXELS = (54.0, 108.0)
 #: Uniform grain amplitude (± levels) added to the upscaled photo; 0 gives a smooth, much smaller file.
 DEFAULT_GRAIN = 6
 
@@ -172,14 +173,13 @@ def run(args) -> dict:
     photo = data_root() / SOURCE_PHOTO
     if not photo.is_file():
         raise FileNotFoundError(f"{photo}: the source photo is missing (set $FACEKIT_DATA)")
-    sizes = [float(v) for v in str(args.megapixels).split(",") if v.strip()]
     info = rp.machine_info()
     result = {"machine": info, "source": str(SOURCE_PHOTO), "grain": args.grain, "repeats": args.repeats,
               "photos": [], "bomb": measure_bomb(args.repeats)}
     with tempfile.TemporaryDirectory(prefix="facekit-large-") as tmp:
         original = measure_pipeline(photo, photo, args.repeats, full=False)
         result["original"] = {"faces": original["faces"], "ms": original["ms"], "peak_rss_mib": original["peak_rss_mib"]}
-        for mp in sizes:
+        for mp in args.megapixels:
             path = Path(tmp) / f"group_{mp:g}mp.jpg"
             width, height = make_large_jpeg(photo, mp, path, grain=args.grain)
             print(f"large-photos: {mp:g} MP ({width}×{height})", file=sys.stderr, flush=True)
@@ -238,8 +238,7 @@ def to_markdown(r: dict) -> str:
 
 def add_arguments(parser) -> None:
     """The subcommand's options (registered by ``benchmarks/run.py``)."""
-    parser.add_argument("--megapixels", default=",".join(str(v) for v in DEFAULT_MEGAPIXELS),
-                        help="comma-separated photo sizes to generate (default 54,108)")
+    add_list_option(parser, "--megapixels", DEFAULT_MEGAPIXELS, "photo sizes to generate", minimum=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--grain", type=int, default=DEFAULT_GRAIN,
                         help="± levels of uniform grain added to the upscaled photo (0: smooth)")

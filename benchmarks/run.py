@@ -37,11 +37,18 @@ import sys
 
 from benchmarks import commands as cm
 from benchmarks import cpu_backends
+from benchmarks import gallery
 from benchmarks import large_photos
+from benchmarks import latency
+from benchmarks import serve
+from benchmarks import training_throughput
+from benchmarks import triton
 from benchmarks.default_run import cmd_default
 from benchmarks.harness import DEFAULT_DATA, DEFAULT_PARITY_PER_FOLD, VERIFICATION_KINDS, UsageError, log
 from evaluation.data import data_root
 from evaluation.errors import DatasetError
+from runtime import gallery_index
+from runtime.field_options import add_list_option
 
 # ------------------------------------------------------------------------------------------ arguments
 
@@ -112,7 +119,7 @@ def _add_accuracy_commands(sub, sub_common: argparse.ArgumentParser) -> None:
     s.add_argument("--kind", default="lfw", choices=VERIFICATION_KINDS)
     s.add_argument("--pairs-per-fold", type=int, default=0, help="subset (per fold, per class); 0 = all pairs")
     s = sub.add_parser("latency", parents=[sub_common], help="recognizer p50/p95 and throughput; pipeline photos/s")
-    s.add_argument("--batches", default="1,8,64,256")
+    add_list_option(s, "--batches", latency.BATCH_SIZES, "recognizer batch sizes", minimum=1)
     s.add_argument("--all-backends", action="store_true", help="every backend available for the model")
     s.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end pipeline timing")
     s = sub.add_parser("landmarks", parents=[sub_common],
@@ -123,8 +130,9 @@ def _add_accuracy_commands(sub, sub_common: argparse.ArgumentParser) -> None:
 def _add_speed_commands(sub, sub_common: argparse.ArgumentParser) -> None:
     """Throughput, serving, CPU-backend, gallery, large-photo and training sub-commands."""
     s = sub.add_parser("serve", parents=[sub_common], help="the HTTP service vs the in-process pipeline")
-    s.add_argument("--concurrency", default="1,4,16", help="client counts (default 1,4,16)")
-    s.add_argument("--level-seconds", type=float, help="seconds of load per side and concurrency (default 24)")
+    add_list_option(s, "--concurrency", serve.CONCURRENCY, "client counts", minimum=1)
+    s.add_argument("--level-seconds", type=float, default=serve.LEVEL_SECONDS,
+                   help=f"seconds of load per side and concurrency (default {serve.LEVEL_SECONDS:g})")
     s.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="load generator: plain HTTP/1.1 on asyncio streams (default) or httpx")
     s = sub.add_parser("cpu", parents=[sub_common], help="OpenVINO f32/bf16/int8 vs ONNX Runtime fp32; "
@@ -135,8 +143,8 @@ def _add_speed_commands(sub, sub_common: argparse.ArgumentParser) -> None:
                                                                    "pipeline time, faces, peak RSS"))
     s = sub.add_parser("triton", parents=[sub_common], help="throughput, p50/p99 latency through Triton vs "
                                                             "in-process (benchmarks/triton.py)")
-    s.add_argument("--concurrency", default="1,4,16", help="concurrent clients per level")
-    s.add_argument("--workloads", default="recognizer,pipeline", help="recognizer and/or pipeline")
+    add_list_option(s, "--concurrency", triton.CONCURRENCY, "concurrent clients per level", minimum=1)
+    add_list_option(s, "--workloads", triton.WORKLOADS, "what is served", choices=triton.WORKLOADS)
     s = sub.add_parser("throughput", parents=[sub_common], help="embed one photo at a time vs embed_many; indexer")
     s.add_argument("--data", help="LFW folder (default $FACEKIT_DATA/lfw)")
     s.add_argument("--images", type=int, default=1000, help="LFW photos to embed (default 1000)")
@@ -147,15 +155,17 @@ def _add_speed_commands(sub, sub_common: argparse.ArgumentParser) -> None:
                    help="also time the indexer (in-process, 2 processes, Ray) on this many celeba/wild photos")
     s = sub.add_parser("training", help="trainer images/s on 1 and 2 CPU ranks, loader images/s per worker "
                                         "(float32 vs uint8), MS1MV2-shaped .rec start-up (benchmarks/training_throughput.py)")
-    s.add_argument("--only", default="loader,ranks,rec-open", help="comma-separated subset of loader,ranks,rec-open")
+    add_list_option(s, "--only", training_throughput.PARTS, "what to measure", choices=training_throughput.PARTS)
     s.add_argument("--rec-dir", help="folder for the generated MS1MV2-shaped .idx/.rec (default: the facekit cache)")
     s.add_argument("--steps", type=int, default=30, help="ranks: training steps per run")
     s.add_argument("--old-rev", default="main", help="rec-open: git revision of the reader to compare with ('' = none)")
     s = sub.add_parser("gallery", parents=[sub_common], help="exact / HNSW / IVF search among synthetic distractors")
     s.add_argument("--data", help="LFW folder (default $FACEKIT_DATA/lfw)")
-    s.add_argument("--sizes", default="10000,100000,1000000", help="distractor counts")
-    s.add_argument("--indexes", default="exact,hnsw,ivf", help="index kinds (runtime.gallery_index)")
-    s.add_argument("--exact-queries", type=int, default=300, help="queries timed on the exact single-query path")
+    add_list_option(s, "--sizes", gallery.DEFAULT_SIZES, "distractor counts", minimum=1)
+    add_list_option(s, "--indexes", gallery.DEFAULT_INDEXES, "index kinds (runtime.gallery_index)",
+                    choices=gallery_index.KINDS)
+    s.add_argument("--exact-queries", type=int, default=gallery.EXACT_QUERIES,
+                   help=f"queries timed on the exact single-query path (default {gallery.EXACT_QUERIES})")
     s.add_argument("--no-crossover", action="store_true", help="skip the small-size exact vs HNSW timing")
     s.add_argument("--results", default=argparse.SUPPRESS, help="report folder (default benchmarks/results)")
     s.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS, help="print, write no files")

@@ -358,7 +358,8 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def serve_report(model: Path, landmarks: str, concurrency: str, seconds: float | None, results: Path | None,
+def serve_report(model: Path, landmarks: str, concurrency: tuple[int, ...] = CONCURRENCY,
+                 seconds: float = LEVEL_SECONDS, results: Path | None = None,
                  client: str = "raw", write: bool = True, progress=print) -> tuple[dict, str]:
     """Run the benchmark for ``model`` and (``write``) save ``<date>-<machine>-serve.{md,json}`` in
     ``results`` (default ``benchmarks/results``); returns the report and its markdown."""
@@ -377,13 +378,12 @@ def serve_report(model: Path, landmarks: str, concurrency: str, seconds: float |
     pipes = {"in-process embed (thread pool, default model threads)": FacePipeline(str(model), landmarks=landmarks),
              "in-process embed (thread pool, 1 thread per model call)": FacePipeline(
                  str(model), landmarks=landmarks, model_options={"threads": 1})}
-    levels = tuple(int(c) for c in concurrency.split(","))
     shown = os.path.relpath(model, ROOT) if Path(model).resolve().is_relative_to(ROOT) else str(model)
     report = {"date": _dt.date.today().isoformat(), "machine": rp.machine_info(), "model": shown,
               "command": rp.run_command()}
     server = ServerProcess(["--recognizer", str(model), "--landmarks", landmarks])
     try:
-        report.update(run_benchmark(pipes, encode_photos(photos), server, levels, seconds=seconds or LEVEL_SECONDS,
+        report.update(run_benchmark(pipes, encode_photos(photos), server, concurrency, seconds=seconds,
                                     client=client, progress=progress))
     finally:
         server.close()

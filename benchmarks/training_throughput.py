@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -32,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MS1MV2_IMAGES, MS1MV2_IDENTITIES = 5_822_653, 85_742
 #: Spacing of the generated image records (≈ MS1MV2's mean JPEG record); the .rec is sparse, nothing is written.
 RECORD_BYTES = 6_500
+#: what ``run`` can measure: loader images/s, trainer images/s on 1 and 2 ranks, ``.rec`` start-up
+PARTS = ("loader", "ranks", "rec-open")
 
 
 # ------------------------------------------------------------------------------------------ ranks
@@ -273,7 +276,7 @@ def to_markdown(report: dict, machine_line: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run(only: list[str], results_dir: Path, rec_dir: Path | None, steps: int, old_rev: str | None) -> dict:
+def run(only: Sequence[str], results_dir: Path, rec_dir: Path | None, steps: int, old_rev: str | None) -> dict:
     from benchmarks import report as rp
     from runtime.files import atomic_write_bytes
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from export.cli import doc_parser
+from runtime.field_options import comma_list, joined
 from runtime.files import publish, sha256_file, temp_beside
 
 ALIGNER_ARCHS = ("hourglass",)
@@ -39,16 +40,8 @@ class ExportError(RuntimeError):
     """A failure the CLI reports in one line (exit status 1)."""
 
 
-def _batches(values: list[str]) -> list[int]:
-    out = []
-    for v in values:
-        for part in str(v).split(","):
-            if part.strip():
-                b = int(part)
-                if b < 1:
-                    raise argparse.ArgumentTypeError(f"batch sizes must be ≥ 1, got {b}")
-                out.append(b)
-    return out
+#: batch sizes the exported model is checked at against its source
+PARITY_BATCHES = (1, 7, 64)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fp32 compute with the weights stored as fp16 (half the file; ONNX Runtime casts them "
                            "back when it loads the model)")
     p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
-    p.add_argument("--batch", nargs="+", default=["1,7,64"], help="parity batch sizes (default 1,7,64)")
+    p.add_argument("--batch", nargs="+", type=comma_list(int, minimum=1), default=[PARITY_BATCHES],
+                   help=f"parity batch sizes (default {joined(PARITY_BATCHES)})")
     p.add_argument("--faces", type=Path, help="folder of aligned crops for the parity check "
                    "(default: $FACEKIT_DATA/lfw photos, detected and warped; else generated images)")
     p.add_argument("--threshold", type=float, help="cosine threshold to store (default: the checkpoint config's)")
@@ -191,7 +185,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.int8 and args.calib is None:
         raise ExportError("--int8 needs --calib DIR (a folder of aligned face crops)")
-    batches = _batches(args.batch)
+    batches = [b for sizes in args.batch for b in sizes]
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     source = load_source(args)

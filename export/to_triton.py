@@ -26,16 +26,6 @@ from runtime.shipped import RECOGNIZER as DEFAULT_RECOGNIZER
 SERVING = FieldOptions(ServingOptions)
 
 
-def _batches(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be ≥ 1, got {text!r}")
-    return sizes
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = doc_parser(__doc__)
     p.add_argument("--recognizer", type=Path, default=DEFAULT_RECOGNIZER,
@@ -49,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("onnxruntime", "python"), default="onnxruntime",
                    help="how ONNX models are served: Triton's onnxruntime backend, or facekit's runtime in the "
                         "Python backend (CPU route)")
-    SERVING.add(p, "preferred_batch", type=_batches)
     SERVING.add(p)
     p.add_argument("--no-pipeline", action="store_true", help="do not write the face_pipeline model")
     return p

@@ -22,7 +22,7 @@ from typing import Any
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.backends.tensorrt import read_sidecar, sidecar_problems
 from runtime.detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, DEFAULT_SCORE_THRESHOLD
-from runtime.field_options import option
+from runtime.field_options import comma_list, option
 from runtime.files import existing_file, pid_temp_prefix, publish_folder, remove_stale_temporaries, sha256_file
 from runtime.metadata import METADATA_KEY
 from runtime.optional_imports import require_module
@@ -105,7 +105,8 @@ class ServingOptions:
     max_batch: int = option(32, "max_batch_size of dynamic-batch ONNX models")
     #: None: powers of two from 4 up to the max batch
     preferred_batch: tuple[int, ...] | None = option(None, "dynamic batcher's preferred sizes, e.g. 8,16,32",
-                                                     shown="powers of two from 4, and the max")
+                                                     shown="powers of two from 4, and the max",
+                                                     type=comma_list(int, minimum=1))
     queue_delay_us: int = option(1000, "dynamic batcher's max queue delay (µs)")
     instances: int = option(1, "instances of each model (instance_group count)")
     kind: str = option("auto", "instance kind of onnxruntime models (engines: gpu; Python-backend models: cpu)",

@@ -4,16 +4,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Sequence
 
 _KEY = "option"
+
+
+def comma_list(item: Callable[[str], Any] = int, *, minimum: float | None = None,
+               choices: Sequence[str] | None = None) -> Callable[[str], tuple]:
+    """An argparse ``type`` for comma-separated values such as ``1,8,64``: a non-empty tuple of ``item``
+    values, each at least ``minimum`` (or one of ``choices``); anything else is a usage error naming the value."""
+    want = f"at least {minimum:g}" if minimum is not None else "one of " + ", ".join(choices) if choices else ""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(item(part.strip()) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
+        for v in values:
+            if (minimum is not None and v < minimum) or (choices is not None and v not in choices):
+                raise argparse.ArgumentTypeError(f"{v!r} in {text!r}: each value must be {want}")
+        return values
+
+    return parse
+
+
+def joined(values: Sequence) -> str:
+    """``values`` as :func:`comma_list` reads them back (``1,8,64``), for help texts."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def add_list_option(parser: argparse.ArgumentParser, flag: str, default: tuple, help: str, *,
+                    minimum: float | None = None, choices: Sequence[str] | None = None) -> None:
+    """Add ``flag``, read by :func:`comma_list` into a tuple typed like ``default``'s items, its help ending
+    with the default."""
+    parser.add_argument(flag, type=comma_list(type(default[0]), minimum=minimum, choices=choices), default=default,
+                        help=f"{help} (default {joined(default)})")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
            flag: str | None = None, shown: str | None = None, why: str = "", **argparse_kwargs: Any) -> Any:
     """A dataclass field with a command-line option: ``help`` (for a bool, what its switch does), ``flag``
     (default ``--<name with dashes>``), ``shown`` in the help instead of the default, ``why`` after it, and
-    further ``argparse`` arguments such as ``choices``."""
+    further ``argparse`` arguments such as ``choices``. A tuple default is read and shown comma-separated."""
     spec = {"help": help, "flag": flag, "shown": shown, "why": why, **argparse_kwargs}
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_KEY: spec})
 
@@ -53,9 +87,11 @@ class FieldOptions:
             parser.add_argument(flag or (f"--no-{dashed}" if default else f"--{dashed}"), dest=name,
                                 action="store_false" if default else "store_true", help=help, **spec)
             return
-        if default is not None and "type" not in spec:
-            spec["type"] = type(default)
-        text = shown if shown is not None else f"{default:g}" if isinstance(default, float) else str(default)
+        if isinstance(default, tuple):
+            spec.setdefault("type", comma_list(type(default[0])))
+        elif default is not None:
+            spec.setdefault("type", type(default))
+        text = shown if shown is not None else joined(default) if isinstance(default, tuple) else joined([default])
         parser.add_argument(flag or f"--{dashed}", dest=name, default=default,
                             help=f"{help} (default {text}{': ' + why if why else ''})", **spec)
 

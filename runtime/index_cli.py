@@ -7,7 +7,11 @@ import os
 from pathlib import Path
 
 from . import indexer
+from .field_options import FieldOptions
 from .files import existing_folder
+
+#: the options that set an :class:`indexer.IndexJob` field
+JOB = FieldOptions(indexer.IndexJob)
 
 
 def _absolute(path: str | None) -> str | None:
@@ -19,9 +23,8 @@ def job_from_args(args) -> indexer.IndexJob:
     pipeline = {"recognizer": _absolute(args.recognizer), "detector": _absolute(args.detector),
                 "aligner": _absolute(args.aligner), "landmarks": args.landmarks, "backend": args.backend,
                 "score_threshold": args.score_threshold}
-    return indexer.IndexJob(str(Path(args.root).resolve()), {k: v for k, v in pipeline.items() if v is not None},
-                            min_face=args.min_face, dominance=args.dominance, retry_threshold=args.retry_threshold,
-                            batch_size=args.batch_size, threads=args.threads)
+    return JOB.build(args, root=str(Path(args.root).resolve()),
+                     pipeline={k: v for k, v in pipeline.items() if v is not None})
 
 
 def cmd_index(args) -> int:
@@ -74,13 +77,7 @@ def add_index_command(sub, parents: list[argparse.ArgumentParser]) -> None:
     x.add_argument("--actors", type=int, help="Ray actors (default: one per cluster CPU)")
     x.add_argument("--shard-size", type=int, default=indexer.DEFAULT_SHARD_SIZE,
                    help=f"images per shard, the unit of resuming (default {indexer.DEFAULT_SHARD_SIZE})")
-    x.add_argument("--batch-size", type=int, default=32, help="faces per recognizer call (default 32)")
-    x.add_argument("--threads", type=int, help="decode/detect threads per process (default: the usable cores "
-                                               "in one process, none besides the main one with --processes)")
-    x.add_argument("--min-face", type=float, default=0.0, help="ignore faces whose shorter box side is below PX")
-    x.add_argument("--dominance", type=float, default=0.0,
-                   help="refuse photos whose runner-up face scores at least best/DOMINANCE (default 0: never)")
-    x.add_argument("--retry-threshold", type=float, help="detector threshold of one retry when no face is found")
+    JOB.add(x, "batch_size", "threads", "min_face", "dominance", "retry_threshold")
     x.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     x.add_argument("--json", action="store_true", help="print the summary as one JSON object")

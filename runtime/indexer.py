@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .field_options import option
 from .files import (atomic_write, atomic_write_bytes, existing_folder, pid_temp_prefix, remove_stale_temporaries,
                     sha256_file)
 from .gallery import Gallery
@@ -63,11 +64,13 @@ class IndexJob:
 
     root: str
     pipeline: dict = field(default_factory=dict)
-    min_face: float = 0.0
-    dominance: float = 0.0
-    retry_threshold: float | None = None
-    batch_size: int = 32
-    threads: int | None = None
+    min_face: float = option(0.0, "ignore faces whose shorter box side is below PX")
+    dominance: float = option(0.0, "refuse photos whose runner-up face scores at least best/DOMINANCE", why="never")
+    retry_threshold: float | None = option(None, "detector threshold of one retry when no face is found",
+                                           type=float, shown="no retry")
+    batch_size: int = option(32, "faces per recognizer call")
+    threads: int | None = option(None, "decode/detect threads per process", type=int,
+                                 shown="the usable cores in one process, none besides the main one with --processes")
 
     def make_pipeline(self, **model_options: Any) -> FacePipeline:
         """The job's pipeline; ``model_options`` (e.g. ``threads=1``) override the job's."""

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from runtime.field_options import FieldOptions, option
+from runtime.field_options import FieldOptions, add_list_option, comma_list, option
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,53 @@ def test_commands_without_options_build_the_library_defaults():
     p = argparse.ArgumentParser()
     serve.add_serve_arguments(p)
     assert serve.config_from_args(p.parse_args(["--galleries", "g"])) == serve.ServeConfig(galleries=Path("g"))
+
+
+def test_the_index_command_builds_the_library_job():
+    from runtime.cli import build_parser as runtime_parser
+    from runtime.index_cli import job_from_args
+    from runtime.indexer import IndexJob
+
+    def job(*options: str) -> IndexJob:  # the pipeline's keyword arguments aside
+        args = runtime_parser().parse_args(["index", "photos", "--out", "g.npz", *options])
+        return replace(job_from_args(args), pipeline={})
+
+    root = str(Path("photos").resolve())
+    assert job() == IndexJob(root)
+    assert job("--min-face", "40", "--threads", "2", "--retry-threshold", "0.3") == IndexJob(
+        root, min_face=40.0, threads=2, retry_threshold=0.3)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    batches: tuple = option((1, 8, 64), "batch sizes", type=comma_list(int, minimum=1))
+    scales: tuple = option((0.5, 2.0), "scales")
+
+
+def test_comma_separated_lists_read_into_tuples_and_show_their_defaults():
+    options = FieldOptions(Sweep)
+    p = argparse.ArgumentParser()
+    options.add(p)
+    add_list_option(p, "--parts", ("loader", "ranks"), "what to measure", choices=("loader", "ranks", "rec-open"))
+    args = p.parse_args([])
+    assert options.build(args) == Sweep() and args.parts == ("loader", "ranks")
+    args = p.parse_args(["--batches", "4, 16,", "--scales", "3", "--parts", "rec-open"])
+    assert options.build(args) == Sweep((4, 16), (3.0,)) and args.parts == ("rec-open",)
+    text = " ".join(p.format_help().split())
+    for shown in ("batch sizes (default 1,8,64)", "scales (default 0.5,2)", "what to measure (default loader,ranks)"):
+        assert shown in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "4,x"], "expected comma-separated int values, got '4,x'"),
+    (["--batches", "8,0"], "0 in '8,0': each value must be at least 1"),
+    (["--batches", ","], "expected at least one value, got ','"),
+    (["--parts", "loader,gpu"], "'gpu' in 'loader,gpu': each value must be one of loader, ranks"),
+])
+def test_bad_list_values_are_usage_errors_that_name_them(argv, message, capsys):
+    p = argparse.ArgumentParser()
+    add_list_option(p, "--batches", (1,), "batch sizes", minimum=1)
+    add_list_option(p, "--parts", ("loader",), "parts", choices=("loader", "ranks"))
+    with pytest.raises(SystemExit) as exit:
+        p.parse_args(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err

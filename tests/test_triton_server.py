@@ -161,7 +161,7 @@ def _crop(pipe: FacePipeline, path: Path) -> np.ndarray:
 
 def test_triton_url_is_a_runtime_backend(server, photos, pipe):
     url = server.url("recognizer")
-    remote = FacePipeline(recognizer=url)
+    remote = FacePipeline(recognizer=url, detector=pipe.detector)  # only the recognizer differs from `pipe`
     assert remote.recognizer.device.startswith("Triton 2.") and "(model recognizer, version 1)" in remote.recognizer.device
     assert f"at {server.grpc_address}" in remote.recognizer.device
     assert remote.recognizer.input_shape == ["batch", 3, 150, 150] and remote.recognizer.max_batch == 16
