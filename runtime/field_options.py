@@ -35,11 +35,18 @@ def joined(values: Sequence) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _list_type(default: tuple, **checks: Any) -> Callable[[str], tuple]:
+    """:func:`comma_list` reading values typed like the items of ``default`` (which must have one)."""
+    if not default:
+        raise TypeError("a list option needs a non-empty default to take its item type from")
+    return comma_list(type(default[0]), **checks)
+
+
 def add_list_option(parser: argparse.ArgumentParser, flag: str, default: tuple, help: str, *,
                     minimum: float | None = None, choices: Sequence[str] | None = None) -> None:
     """Add ``flag``, read by :func:`comma_list` into a tuple typed like ``default``'s items, its help ending
     with the default."""
-    parser.add_argument(flag, type=comma_list(type(default[0]), minimum=minimum, choices=choices), default=default,
+    parser.add_argument(flag, type=_list_type(default, minimum=minimum, choices=choices), default=default,
                         help=f"{help} (default {joined(default)})")
 
 
@@ -87,10 +94,8 @@ class FieldOptions:
             parser.add_argument(flag or (f"--no-{dashed}" if default else f"--{dashed}"), dest=name,
                                 action="store_false" if default else "store_true", help=help, **spec)
             return
-        if isinstance(default, tuple):
-            spec.setdefault("type", comma_list(type(default[0])))
-        elif default is not None:
-            spec.setdefault("type", type(default))
+        if default is not None and "type" not in spec:
+            spec["type"] = _list_type(default) if isinstance(default, tuple) else type(default)
         text = shown if shown is not None else joined(default) if isinstance(default, tuple) else joined([default])
         parser.add_argument(flag or f"--{dashed}", dest=name, default=default,
                             help=f"{help} (default {text}{': ' + why if why else ''})", **spec)

@@ -116,6 +116,11 @@ def test_comma_separated_lists_read_into_tuples_and_show_their_defaults():
         assert shown in text
 
 
+def test_a_list_option_needs_an_item_type():
+    with pytest.raises(TypeError, match="non-empty default"):
+        add_list_option(argparse.ArgumentParser(), "--sizes", (), "sizes")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batches", "4,x"], "expected comma-separated int values, got '4,x'"),
     (["--batches", "8,0"], "0 in '8,0': each value must be at least 1"),
