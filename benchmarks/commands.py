@@ -151,11 +151,11 @@ def cmd_throughput(args) -> dict:
     from benchmarks import pipeline_throughput as pt
     from runtime.pipeline import FacePipeline
 
-    info = {**rp.machine_info(), "instruction_sets": pt.instruction_sets()}
     pipe = FacePipeline(recognizer=str(resolve_model(args.model)), detector=args.detector, landmarks=args.landmarks,
                         aligner=args.aligner, backend=args.backend)
-    files = pt.lfw_images(Path(args.data), args.images)
+    files = ep.lfw_images(args.data, args.images)
     log(f"throughput: {len(files)} LFW photos, embed vs embed_many")
+    info = rp.machine_info()
     out = {"date": _dt.date.today().isoformat(), "command": rp.run_command(),
            "machine": info, "embed": pt.embed_throughput(pipe, files, args.rounds, batch_size=args.batch_size,
                                                          workers=args.workers)}

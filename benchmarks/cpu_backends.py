@@ -144,12 +144,6 @@ def accuracy_and_parity(plans: list[BackendPlan], sets: dict[str, tuple], opts: 
     return rows
 
 
-def lfw_images(count: int) -> list[str]:
-    """The first ``count`` images of LFW's pairs.txt, in file order."""
-    sets, _ = ep.standard_pair_sets(data_root(), ["LFW"])
-    return [str(p) for p in sets["LFW"].images[:count]] if sets else []
-
-
 def worker_main(label: str) -> None:
     """A pipeline worker process: image paths (one JSON line) in; ``{"ready", "providers"}`` out after a
     warm-up; then for each ``[start, stop]`` line the per-image ``FacePipeline.embed`` times and the largest
@@ -220,9 +214,10 @@ def run_worker(label: str, images: list[str]) -> dict:
 def pipelines(opts: Options, block: int = 10) -> dict:
     """Every :data:`PIPELINES` configuration in its own process, all started at once; blocks of ``block``
     images go to each in turn (order rotating), ``opts.rounds`` passes over the images."""
-    images = lfw_images(opts.images)
-    if not images:
-        return {"skip_reason": "LFW not found under $FACEKIT_DATA (needs lfw/pairs.txt)"}
+    try:
+        images = ep.lfw_images(data_root() / ep.STANDARD_SETS["LFW"][0], opts.images)
+    except ep.DatasetError as e:
+        return {"skip_reason": str(e)}
     labels = [k for k in PIPELINES if openvino_installed() or PIPELINES[k][0] != "openvino"]
     workers: list[PipelineWorker] = []
     try:

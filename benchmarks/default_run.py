@@ -32,14 +32,6 @@ REPORT_NOTES = (
 )
 
 
-#: Report notes for a missing data set (``folder``: where it was looked for).
-MISSING_DATA_NOTES = {
-    "LFW": "LFW not found at {folder} (needs pairs.txt and images/); set $FACEKIT_DATA to the folder holding lfw/ "
-           "and cfp/ to get LFW accuracy",
-    "CFP-FP": "CFP not found at {folder} (needs Protocol/ and Data/); set $FACEKIT_DATA to get CFP-FP accuracy",
-}
-
-
 class Clock:
     """Wall and CPU (all threads of this process) seconds per stage."""
 
@@ -139,7 +131,7 @@ class DefaultRun:
         """The standard pair set ``name`` under the data root, or None with a note saying what is missing."""
         found, missing = ep.standard_pair_sets(self.data, [name])
         if name in missing:
-            self.report["notes"].append(MISSING_DATA_NOTES[name].format(folder=missing[name]))
+            self.report["notes"].append(ep.missing_set_note(name, missing[name]))
         return found.get(name)
 
     def landmark_sources(self) -> None:

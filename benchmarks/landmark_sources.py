@@ -30,7 +30,7 @@ def _pair_sets(data: Path) -> tuple[dict[str, ep.PairSet], list[str]]:
     sets, missing = ep.standard_pair_sets(data, ["LFW", "CFP-FP", "CFP-FF"])
     notes: list[str] = []
     for name, folder in missing.items():  # CFP-FP and CFP-FF share one folder: one note for both
-        note = f"landmark sources: {name.split('-')[0]} not found at {folder}"
+        note = f"landmark sources: {ep.missing_set_note(name, folder)}"
         if note not in notes:
             notes.append(note)
     return sets, notes

@@ -19,15 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from benchmarks import report as rp
-from runtime.cpu import cpu_flags, usable_cores
-
-
-def lfw_images(lfw: Path, count: int) -> list[str]:
-    """The first ``count`` LFW images by path (``images/<name>/<name>_NNNN.jpg``)."""
-    files = sorted(str(p) for p in (Path(lfw) / "images").glob("*/*.jpg"))
-    if not files:
-        raise FileNotFoundError(f"{lfw}/images: no LFW images (set --data or $FACEKIT_DATA)")
-    return files[:count]
+from runtime.cpu import usable_cores
 
 
 def _time(fn: Callable[[], list]) -> tuple[float, list]:
@@ -106,19 +98,10 @@ def indexer_throughput(wild: Path, list_file: Path, images: int, modes: Sequence
     return rows
 
 
-def instruction_sets() -> str:
-    """Which of the vector extensions that matter for inference the CPU has, e.g. "AVX2, no AVX-512"."""
-    flags = cpu_flags()
-    named = {"AVX2": "avx2", "AVX-512": "avx512f", "VNNI": "avx512_vnni", "AMX": "amx_tile"}
-    have = [name for name, flag in named.items() if flag in flags]
-    lack = [name for name, flag in named.items() if flag not in flags]
-    return ", ".join(have + ([f"no {'/'.join(lack)}"] if lack else [])) if flags else "flags unknown"
-
-
 def to_markdown(result: dict) -> str:
     """The throughput report as markdown."""
-    m, e = result["machine"], result["embed"]
-    lines = rp.report_head("facekit pipeline throughput", result, f" ({m.get('instruction_sets', '')})")
+    e = result["embed"]
+    lines = rp.report_head("facekit pipeline throughput", result)
     lines += [f"## embed_many vs embed, one photo at a time ({e['photos']} LFW photos, {e['faces']} faces, same "
               f"pipeline, decoding included, {e['rounds']} interleaved rounds)", "",
               rp.table(["path", "seconds", "photos/s", "faces/s"],
@@ -138,4 +121,4 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["embed_throughput", "indexer_throughput", "instruction_sets", "lfw_images", "to_markdown"]
+__all__ = ["embed_throughput", "indexer_throughput", "to_markdown"]

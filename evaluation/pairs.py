@@ -29,7 +29,8 @@ from .bin_format import load_bin_pickle
 from .errors import BinFormatError, DatasetError
 
 __all__ = ["PairSet", "DatasetError", "BinFormatError", "load_lfw", "load_cfp", "load_bin", "load_pairset",
-           "STANDARD_SETS", "standard_pair_sets", "subset_pairs", "restrict", "PAIR_SET_KINDS"]
+           "STANDARD_SETS", "standard_pair_sets", "missing_set_note", "lfw_images", "subset_pairs", "restrict",
+           "PAIR_SET_KINDS"]
 
 #: The kinds :func:`load_pairset` reads.
 PAIR_SET_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
@@ -271,6 +272,27 @@ def standard_pair_sets(root: str | os.PathLike, names: Sequence[str]) -> tuple[d
         else:
             found[name] = load_cfp(path, name.split("-")[1])
     return found, missing
+
+
+#: What each standard set's folder holds, for the note that says it is missing.
+_FOLDER_CONTENTS = {"lfw": "pairs.txt and images/", "cfp": "Protocol/ and Data/"}
+
+
+def missing_set_note(name: str, folder: str | os.PathLike) -> str:
+    """One line saying that the standard set ``name`` is not at ``folder``, what that folder must hold and
+    how to point at the data (CFP-FP and CFP-FF share one note)."""
+    kind = STANDARD_SETS[name][0]
+    holding = " and ".join(f"{k}/" for k in _FOLDER_CONTENTS)
+    return (f"{name.split('-')[0]} not found at {folder} (needs {_FOLDER_CONTENTS[kind]}); "
+            f"set $FACEKIT_DATA to the folder holding {holding}")
+
+
+def lfw_images(folder: str | os.PathLike, count: int) -> list[str]:
+    """The first ``count`` images of LFW's ``pairs.txt`` in ``folder``, in file order: a fixed sample of real
+    photos (DatasetError, with :func:`missing_set_note`'s words, when the folder is not LFW)."""
+    if not (Path(folder) / STANDARD_SETS["LFW"][1]).is_file():
+        raise DatasetError(missing_set_note("LFW", folder))
+    return [str(p) for p in load_lfw(folder).images[:count]]
 
 
 def subset_pairs(pairs: np.ndarray, issame: np.ndarray, per_fold: int, n_folds: int = 10) -> np.ndarray:

@@ -27,9 +27,12 @@ from .indexer import IndexingError
 from .metadata import ModelMetadataError
 from .photo_lists import iter_images
 from .pipeline import FacePipeline
+from .progress import progress_bar
 from .serve.config import ServeError, add_serve_arguments
 
 EXIT_BAD_INPUT = 2
+#: ``matrix`` shows a progress bar (on a terminal) from this many photos on.
+MATRIX_BAR_MIN = 20
 
 
 class CliError(Exception):
@@ -125,12 +128,14 @@ def cmd_matrix(args) -> int:
     pipe = _pipeline(args, need_recognizer=True)
 
     emb, missing = [], []
-    for p in _progress(photos, "embedding"):
-        try:
-            emb.append(pipe.subject_face(p).embedding)
-        except (NoFaceError, ImageError) as e:
-            emb.append(None)
-            missing.append(f"{p.name}: {getattr(e, 'reason', None) or 'no face found'}")
+    with progress_bar(len(photos), desc="embedding", enabled=None if len(photos) >= MATRIX_BAR_MIN else False) as bar:
+        for p in photos:
+            try:
+                emb.append(pipe.subject_face(p).embedding)
+            except (NoFaceError, ImageError) as e:
+                emb.append(None)
+                missing.append(f"{p.name}: {getattr(e, 'reason', None) or 'no face found'}")
+            bar.update(1)
     dim = next((len(e) for e in emb if e is not None), 1)
     mat = np.stack([e if e is not None else np.full(dim, np.nan, np.float32) for e in emb])
     sim = mat @ mat.T
@@ -224,17 +229,6 @@ def similarity_heatmap_png(sim: np.ndarray, names: Sequence[str], threshold: flo
     finally:
         plt.close(fig)
     return buf.getvalue()
-
-
-def _progress(items, desc: str):
-    if len(items) < 20 or not sys.stderr.isatty():
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional for the runtime
-        return items
-
-    return tqdm(items, desc=desc, unit="img")
 
 
 # -------------------------------------------------------------------------------------------- parser

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .optional_imports import require_module
+from .optional_imports import importable, require_module
 
 KINDS = ("exact", "hnsw", "ivf", "auto")
 #: Codes an index keeps per row; the first is the default. ``pq4``: 4-bit product quantisation scanned with
@@ -88,11 +88,7 @@ def require_faiss():
 
 
 def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("faiss")
 
 
 @dataclass(frozen=True)

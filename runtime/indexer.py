@@ -35,6 +35,7 @@ from .files import (atomic_write, atomic_write_bytes, existing_folder, pid_temp_
 from .gallery import Gallery
 from .photo_lists import PhotoListError, photos_in_tree, read_photo_list
 from .pipeline import DEFAULT_ALIGNER, DEFAULT_RECOGNIZER, FacePipeline
+from .progress import progress_bar
 
 SHARD_FORMAT = "facekit-index-shard"
 PLAN_FILE = "plan.json"
@@ -320,27 +321,6 @@ def _done_shards(work: Path, plan: IndexPlan, log: Callable[[str], None]) -> set
     return done
 
 
-class _NoBar(contextlib.nullcontext):
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-
-def _progress(total: int, initial: int, enabled: bool | None):
-    """A tqdm bar on stderr (when ``enabled``, or when None and stderr is a terminal), else a no-op."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional for the runtime
-        enabled = False
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, initial=initial, desc="index", unit="img", file=sys.stderr, smoothing=0.1)
-
-
 def run_index(plan: IndexPlan, out: str | os.PathLike, *, manifest: str | os.PathLike | None = None,
               work: str | os.PathLike | None = None, compute: Compute = in_process, restart: bool = False,
               keep_parts: bool = False, progress: bool | None = None,
@@ -356,7 +336,7 @@ def run_index(plan: IndexPlan, out: str | os.PathLike, *, manifest: str | os.Pat
         done = _done_shards(work, plan, log)
         todo = [k for k in range(plan.shards) if k not in done]
         done_images = sum(len(plan.shard(k)) for k in done)
-        with _progress(len(plan.entries), done_images, progress) as bar:
+        with progress_bar(len(plan.entries), desc="index", initial=done_images, enabled=progress) as bar:
             for k, data in compute(plan, todo):
                 path = shard_path(work, k)
                 atomic_write(path, lambda f: f.write(data), tmp_prefix=pid_temp_prefix(path))

@@ -12,3 +12,12 @@ def require_module(name: str, error: Callable[[str], Exception], hint: str) -> M
         return importlib.import_module(name)
     except ImportError:
         raise error(hint) from None
+
+
+def importable(name: str) -> bool:
+    """Whether ``import name`` works here (a broken install counts as absent)."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True

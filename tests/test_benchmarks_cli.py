@@ -105,6 +105,7 @@ def test_errors_are_one_line(facekit_data, recognizer, tmp_path):
         (["latency", "--batches", "1,eight"], "argument --batches: expected comma-separated int values, got '1,eight'"),
         (["gallery", "--indexes", "exact,flat"], "'flat' in 'exact,flat': each value must be one of exact, hnsw"),
         (["serve", "--concurrency", "4,0"], "0 in '4,0': each value must be at least 1"),
+        (["throughput", "--data", tmp_path / "nowhere"], "LFW not found at"),
     ):
         proc = run(args, tmp_path)
         assert proc.returncode == 2, proc.stderr

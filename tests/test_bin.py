@@ -11,7 +11,7 @@ import pytest
 
 from evaluation.bin_format import load_bin_pickle
 from evaluation.crops import aligned_crops
-from evaluation.pairs import BinFormatError, DatasetError, load_bin, load_cfp, load_lfw
+from evaluation.pairs import BinFormatError, DatasetError, lfw_images, load_bin, load_cfp, load_lfw
 from conftest import need
 
 
@@ -181,12 +181,16 @@ def test_cfp_errors(tmp_path):
         load_cfp(tmp_path / "nowhere", "FP")
 
 
-def test_lfw_pairs_parsing(tmp_path):
-    names = ["Ann_A", "Bob_B", "Cid_C"]
+def _lfw_tree(root, names=("Ann_A", "Bob_B", "Cid_C")) -> None:
+    """Three JPEGs of each name in LFW's layout, ``root/images/<name>/<name>_<i:04d>.jpg``."""
     for n in names:
-        (tmp_path / "images" / n).mkdir(parents=True)
+        (root / "images" / n).mkdir(parents=True)
         for i in (1, 2, 3):
-            (tmp_path / "images" / n / f"{n}_{i:04d}.jpg").write_bytes(jpeg(i, 16)[0])
+            (root / "images" / n / f"{n}_{i:04d}.jpg").write_bytes(jpeg(i, 16)[0])
+
+
+def test_lfw_pairs_parsing(tmp_path):
+    _lfw_tree(tmp_path)
     lines = ["2\t2", "Ann_A\t1\t2", "Bob_B\t1\t3", "Ann_A\t1\tBob_B\t2", "Bob_B\t3\tCid_C\t1",
              "Cid_C\t2\t3", "Ann_A\t3\t2", "Cid_C\t1\tAnn_A\t3", "Bob_B\t1\tAnn_A\t1"]
     (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
@@ -199,6 +203,17 @@ def test_lfw_pairs_parsing(tmp_path):
     (tmp_path / "pairs.txt").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(DatasetError, match="expected 8 pair lines"):
         load_lfw(tmp_path)
+
+
+def test_lfw_images_are_the_pair_lists_first_and_a_missing_folder_is_named(tmp_path):
+    _lfw_tree(tmp_path)
+    (tmp_path / "pairs.txt").write_text("1\t1\nAnn_A\t1\t3\nBob_B\t2\tAnn_A\t2\n")
+    assert [os.path.basename(p) for p in lfw_images(tmp_path, 3)] == ["Ann_A_0001.jpg", "Ann_A_0003.jpg",
+                                                                       "Bob_B_0002.jpg"]
+    assert len(lfw_images(tmp_path, 100)) == 4
+    with pytest.raises(DatasetError, match=r"LFW not found at \S*nowhere \(needs pairs.txt and images/\); "
+                                           r"set \$FACEKIT_DATA to the folder holding lfw/ and cfp/"):
+        lfw_images(tmp_path / "nowhere", 3)
 
 
 def test_real_protocol_files(facekit_data):

@@ -15,6 +15,7 @@ pytest.importorskip("openvino", reason="the CPU-backend benchmark compares OpenV
 pytest.importorskip("onnxruntime", reason="the CPU-backend benchmark compares OpenVINO with ONNX Runtime")
 
 from benchmarks import cpu_backends  # noqa: E402
+from evaluation import pairs as ep  # noqa: E402
 from runtime.backends.openvino import native_bf16  # noqa: E402
 
 MODEL = ROOT / "runtime" / "models" / "mobilefacenet.onnx"
@@ -43,7 +44,7 @@ def test_cpu_subcommand_without_data(tmp_path):
 
 def test_pipeline_workers_time_real_lfw_images(facekit_data):
     need(facekit_data / "lfw" / "pairs.txt")
-    images = cpu_backends.lfw_images(3)
+    images = ep.lfw_images(facekit_data / "lfw", 3)
     runs = {label: [cpu_backends.run_worker(label, images)] for label in ("onnxruntime", "openvino")}
     for label, (run,) in runs.items():
         assert len(run["times_ms"]) == 3 and all(t > 0 for t in run["times_ms"])

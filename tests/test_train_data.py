@@ -12,7 +12,7 @@ import torch
 
 from runtime.preprocess import RECOGNIZER_SPEC, to_model_input
 from train.augment import PRESETS, build_augmenter
-from train.config import ConfigError, load_config
+from train.config import load_config
 from train.datasets import (UNLABELLED, DataError, FaceDataset, SyntheticSource, filter_identities, folder_source, list_source,
                             source_from_config)
 from evaluation.verification import quick_verify
@@ -260,19 +260,11 @@ def test_bin_pairs_and_restricted_unpickler(tmp_path, facekit_data):
         load_eval_set("bin", tmp_path / "evil.bin")
 
 
-def test_config_overrides_and_errors(tmp_path):
+def test_config_overrides_and_the_name_from_the_file(tmp_path):
     cfg = load_config(None, ["optim.lr=0.01", "data.augment=[flip, cutout]", "loss.triplet={weight: 0.5}",
                              "data.sampler=pk", "data.pk_p=4", "data.pk_k=4", "data.batch_size=16",
                              "data.format=synthetic"])
     assert cfg["optim"]["lr"] == 0.01 and cfg["data"]["augment"] == ["flip", "cutout"]
-    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
-        load_config(None, ["optim.lrr=0.1"])
-    with pytest.raises(ConfigError, match="optim.momentum must be float"):
-        load_config(None, ["optim.momentum=fast"])
-    with pytest.raises(ConfigError, match="pk_p × pk_k"):
-        load_config(None, ["data.sampler=pk", "data.batch_size=100", "data.list=x"])
-    with pytest.raises(ConfigError, match="needs data.teacher"):
-        load_config(None, ["loss.distill={weight: 1}", "data.list=x"])
     y = tmp_path / "exp.yaml"
     y.write_text("data: {format: synthetic}\nschedule: {steps: 7}\n")
     c = load_config(y)

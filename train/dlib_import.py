@@ -80,8 +80,7 @@ def _read_layers(data: bytes) -> list[tuple[str, dict[str, np.ndarray]]]:
         r, tag = _Reader(data, m.end()), m.group()[2:]
         if tag == b"con_4":
             params = r.tensor()
-            _filters, _rows, _cols = r.int(), r.int(), r.int()
-            [r.int() for _ in range(4)]  # strides and paddings
+            [r.int() for _ in range(7)]  # filters, rows, cols (the shape alias says them again), strides, paddings
             shape, bias = r.alias(), r.alias()
             size = int(np.prod(shape))
             layers.append(("con", {"w": params[:size].reshape(shape), "b": params[size:size + bias[1]]}))

@@ -16,6 +16,7 @@ import threading
 
 import numpy as np
 
+from ..optional_imports import importable
 from .base import Backend, ModelLoadError, is_onnx_path, register
 
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -140,18 +141,10 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _available() -> bool:
-    try:
-        _ort()
-        return True
-    except ImportError:
-        return False
-
-
 def _priority() -> int:
     """18 where CUDA really runs (above every CPU backend); 10 on the CPU (see the OpenVINO backend's)."""
     return 18 if cuda_usable() else 10
 
 
-register("onnxruntime", priority=_priority, available=_available, accepts=is_onnx_path,
+register("onnxruntime", priority=_priority, available=lambda: importable("onnxruntime"), accepts=is_onnx_path,
          factory=lambda p, **kw: OnnxRuntimeBackend(p, **kw), reads_bytes=True)

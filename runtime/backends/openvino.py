@@ -29,6 +29,7 @@ import numpy as np
 from ..cpu import cpu_flags, cpu_model
 from ..files import atomic_write_bytes, cache_dir as facekit_cache_dir, sha256_file
 from ..metadata import ModelMetadataError, check_warp, preprocess_spec, read_onnx_metadata
+from ..optional_imports import importable
 from .base import Backend, ModelLoadError, is_onnx_path, register
 
 PRECISIONS = ("auto", "f32", "bf16", "int8")
@@ -377,9 +378,7 @@ def _first_line(e: Exception) -> str:
 
 
 def _available() -> bool:
-    try:
-        _ov()
-    except ImportError:
+    if not importable("openvino"):
         return False
     try:
         return "CPU" in core().available_devices
