@@ -16,6 +16,7 @@ from evaluation import pairs as ep
 from evaluation.data import data_root
 from evaluation.verification import flip_sum_embeddings
 from runtime.files import atomic_write
+from runtime.messages import first_line
 
 
 def cmd_verification(args) -> dict:
@@ -75,7 +76,7 @@ def run_parity(model: Path, checkpoint: str | None, pairset: ep.PairSet | None, 
         try:
             embedders.append(plan.build(for_dataset=True))
         except Exception as e:  # a backend that fails to load is reported, not fatal
-            rows_skipped.append({"backend": plan.label, "skip_reason": f"failed to load: {str(e).splitlines()[0]}"})
+            rows_skipped.append({"backend": plan.label, "skip_reason": f"failed to load: {first_line(e)}"})
     if not embedders:
         return rows_skipped
     rows, _ = compare_backends(embedders, crops.crops, None if pairset is None else pairset.pairs,

@@ -29,6 +29,7 @@ import numpy as np
 from runtime import shipped
 from runtime.field_options import FieldOptions, option
 from runtime.files import atomic_write_bytes
+from runtime.image_io import load_image
 
 from evaluation import crops as ec
 from evaluation import pairs as ep
@@ -150,7 +151,7 @@ def worker_main(label: str) -> None:
     face's embedding of ``images[start:stop]``; ``quit`` ends it."""
     from runtime.pipeline import FacePipeline
 
-    decoded = [ec.read_image(p) for p in json.loads(sys.stdin.readline())]
+    decoded = [load_image(p) for p in json.loads(sys.stdin.readline())]
     pipe = FacePipeline(backend=PIPELINES[label][0])
     for img in decoded[:10]:
         pipe.embed(img)

@@ -17,6 +17,7 @@ from benchmarks.parity import plan_backends
 from evaluation import crops as ec
 from evaluation import pairs as ep
 from evaluation.data import data_root
+from runtime.messages import first_line
 
 REPORT_NOTES = (
     "Accuracy: insightface protocol (image + flip embeddings summed, L2-normalised; squared-L2 thresholds "
@@ -178,7 +179,7 @@ class DefaultRun:
             try:
                 emb = plan.build()
             except Exception as e:
-                self.report["notes"].append(f"latency: {plan.label} failed to load: {str(e).splitlines()[0]}")
+                self.report["notes"].append(f"latency: {plan.label} failed to load: {first_line(e)}")
                 continue
             log(f"latency: {emb.name}")
             rows += [r.to_dict() for r in latency.recognizer_latency(emb, budget_s=self.args.seconds)]

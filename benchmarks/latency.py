@@ -104,13 +104,13 @@ def photos_640(data_dir: Path, size: int = 640) -> list[np.ndarray]:
     """The single-face portraits of ``data_dir/photos``, resized so the longer side is ``size`` px (BGR)."""
     import cv2
 
-    from evaluation.crops import read_image
+    from runtime.image_io import load_image
 
     out = []
     for name in SINGLE_PORTRAITS:
         p = Path(data_dir) / "photos" / name
         if p.is_file():
-            img = read_image(p)
+            img = load_image(p)
             s = size / max(img.shape[:2])
             out.append(cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)),
                                   interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC))

@@ -31,6 +31,7 @@ from runtime.detector import DEFAULT_DETECTOR
 from runtime.files import atomic_write, cache_dir, sha256_file
 from runtime.geometry import ARCFACE_TEMPLATE_112, template_for_size
 from runtime.image_io import load_image
+from runtime.messages import first_line
 from runtime.preprocess import RECOGNIZER_SPEC, PreprocessSpec
 
 from .pairs import PairSet
@@ -44,11 +45,6 @@ HOW_NAMES = {HOW_DETECTED: "detected", HOW_LOW_THRESHOLD: "low_threshold", HOW_F
              HOW_PREALIGNED: "prealigned", HOW_UNREADABLE: "unreadable_black"}
 DETECT_THRESHOLD = 0.5
 LOW_THRESHOLD = 0.05
-
-
-def read_image(src) -> np.ndarray:
-    """A uint8 BGR image from a path or encoded bytes (``runtime.image_io.load_image``)."""
-    return load_image(src if isinstance(src, (bytes, bytearray)) else str(src))
 
 
 def _source_hash(module_names: tuple[str, ...]) -> str:
@@ -180,9 +176,9 @@ def prealigned_crops(pairset: PairSet, spec: PreprocessSpec = RECOGNIZER_SPEC, p
 def _read_or_none(src) -> np.ndarray | None:
     """The image, or None when the file cannot be decoded (the error is printed once per image)."""
     try:
-        return read_image(src)
+        return load_image(src)
     except (ValueError, OSError) as e:  # runtime.image_io.ImageError is a ValueError
-        print(f"warning: {str(e).splitlines()[0] if str(e) else type(e).__name__}; scored as a black crop",
+        print(f"warning: {first_line(e)}; scored as a black crop",
               file=sys.stderr)
         return None
 
@@ -240,7 +236,7 @@ def _detect_and_warp(pairset: PairSet, aligner: FaceAligner, spec: PreprocessSpe
             found.append(pts / np.array([shape[1], shape[0]], np.float32))
             crops[i] = crop
     for i, shape in missing:
-        img = read_image(pairset.images[i])
+        img = load_image(pairset.images[i])
         if found:
             pts = np.median(np.stack(found), axis=0) * np.array([shape[1], shape[0]], np.float32)
         else:

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-import cv2
 import numpy as np
 
 from runtime.files import existing_folder
 from runtime.geometry import LANDMARK_NAMES
+from runtime.image_io import load_image
 from runtime.landmark_fallback import FallbackRule, disagreement
 
 #: A prediction whose NME exceeds this counts as a failure.
@@ -90,14 +90,6 @@ def match_detection(detections: list, gt: np.ndarray):
     return max(inside, key=lambda d: d.score) if inside else None
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """A landmark folder's image as BGR uint8; :class:`ValueError` when it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"{path}: unreadable image")
-    return image
-
-
 def annotated_faces(pairs: list[tuple[Path, Path]], detector: Any, desc: str,
                     progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
     """For each (image, ``.pts5``) pair: the image (BGR), its ground-truth points and the detection of that
@@ -105,7 +97,7 @@ def annotated_faces(pairs: list[tuple[Path, Path]], detector: Any, desc: str,
     from tqdm import tqdm
 
     for img_path, pts_path in tqdm(pairs, desc=desc, disable=not progress):
-        image = read_image(img_path)
+        image = load_image(img_path)
         gt = read_points(pts_path)[: len(LANDMARK_NAMES)]
         yield image, gt, match_detection(detector.detect(image), gt)
 

@@ -24,6 +24,7 @@ from .gallery import LOG_LOAD_MIN_ROWS, Gallery, GalleryError
 from .image_io import ImageError, decoder_messages_silenced, load_image_scaled
 from .index_cli import add_index_command
 from .indexer import IndexingError
+from .messages import one_line
 from .metadata import ModelMetadataError
 from .photo_lists import iter_images
 from .pipeline import FacePipeline
@@ -305,8 +306,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m runtime") -> 
         with decoder_messages_silenced():  # no libjpeg/libpng chatter: errors are one line
             return args.func(args)
     except USER_ERRORS as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # disk full, unwritable output, ...
         print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m runtime") -> 
     except Exception as e:  # a bug or a model/library failure: still one line unless debugging
         if os.environ.get("FACEKIT_DEBUG"):
             raise
-        msg = " ".join(str(e).split())[:500] or "no message"
+        msg = one_line(str(e), 500) or "no message"
         print(f"error: {type(e).__name__}: {msg} (set FACEKIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 

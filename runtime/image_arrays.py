@@ -23,12 +23,6 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def last_line(e: BaseException) -> str:
-    """The last non-empty line of an exception's message (OpenCV's and Pillow's carry context above it)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def from_array(arr: np.ndarray, color_order: str = "BGR", max_pixels: int | None = DEFAULT_MAX_PIXELS,
                name: str = "<array>") -> np.ndarray:
     """Normalise an image array to uint8 H×W×3 BGR.
@@ -141,5 +135,5 @@ def downscale_for_detection(image: np.ndarray, max_side: int) -> tuple[np.ndarra
     return out, scale
 
 
-__all__ = ["ImageError", "COLOR_ORDERS", "DEFAULT_MAX_PIXELS", "last_line", "check_color_order", "from_array", "apply_orientation",
+__all__ = ["ImageError", "COLOR_ORDERS", "DEFAULT_MAX_PIXELS", "check_color_order", "from_array", "apply_orientation",
            "downscale_for_detection"]

@@ -24,7 +24,8 @@ import cv2
 from PIL import (BmpImagePlugin, GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, PpmImagePlugin,
                  TiffImagePlugin, WebPImagePlugin)
 
-from .image_arrays import ImageError, last_line
+from .image_arrays import ImageError
+from .messages import last_line
 from .native_stderr import native_messages_muted
 
 #: Progressive JPEGs with more scans than this are refused (a CPU-time bomb; libjpeg-turbo's own

@@ -33,7 +33,8 @@ import cv2
 import numpy as np
 
 from .image_arrays import (COLOR_ORDERS, DEFAULT_MAX_PIXELS, ImageError, apply_orientation, check_color_order,
-                           downscale_for_detection, from_array, last_line)
+                           downscale_for_detection, from_array)
+from .messages import last_line
 from .image_header import JPEG_REDUCTIONS, MAX_JPEG_SCANS, ImageInfo, probe, sniff_format
 from .native_stderr import decoder_messages_silenced, native_messages_muted, silence_native_decoder_messages
 

@@ -20,6 +20,7 @@ from .cpu import usable_cores
 from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, DEFAULT_SCORE_THRESHOLD, load_detector
 from .faces import Comparison, Face, ImageFaces, NoFaceError, Subject
 from .image_io import ImageError, LoadedImage, load_image_scaled
+from .messages import one_line
 from .metadata import ModelMetadataError, check_warp, decode_metadata, preprocess_spec
 from .preprocess import PreprocessSpec, flip_sum, l2_normalize, to_model_input
 from .shipped import ALIGNER as DEFAULT_ALIGNER
@@ -405,7 +406,7 @@ def _reason(e: BaseException) -> str:
     """Why an input failed, in one line (an :class:`ImageError`'s reason, else the exception's message)."""
     if isinstance(e, ImageError):
         return e.reason
-    return " ".join(str(e).split()) or type(e).__name__
+    return one_line(e)
 
 
 def _load(image, color_order: str) -> LoadedImage:

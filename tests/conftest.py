@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evaluation.data import data_root
@@ -47,6 +48,12 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent")
     return path
+
+
+def cosine(a, b) -> float:
+    """Cosine of two vectors, in float64."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def link_faces(src: Path, dst: Path, count: int, start: int = 0) -> Path:

@@ -98,8 +98,3 @@ def small_jpeg(path: Path, side: int = 256) -> bytes:
 def blank_jpeg(h: int = 120, w: int = 160) -> bytes:
     """A grey picture without a face."""
     return cv2.imencode(".jpg", np.full((h, w, 3), 128, np.uint8))[1].tobytes()
-
-
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

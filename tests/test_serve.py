@@ -15,11 +15,11 @@ from serve_harness import require_serve_extra  # noqa: E402
 
 httpx = require_serve_extra()
 
-from conftest import need  # noqa: E402
+from conftest import cosine, need  # noqa: E402
 from image_corpus import BAD_INPUTS, corpus_bytes, corrupt_but_well_framed  # noqa: E402
 from runtime.gallery import Gallery  # noqa: E402
 from runtime.pipeline import FacePipeline  # noqa: E402
-from serve_harness import Server, blank_jpeg, cosine, small_jpeg  # noqa: E402
+from serve_harness import Server, blank_jpeg, small_jpeg  # noqa: E402
 
 PORTRAITS = ("obama.jpg", "obama2.jpg", "biden.jpg", "angelina_jolie.jpg", "kate_siegel.jpg", "paul_rudd.jpg")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import need
+from conftest import cosine, need
 from threads import run_threads
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (the triton extra) is not installed")
@@ -77,10 +77,6 @@ def _infer_image(client, path: Path) -> dict[str, np.ndarray]:
     return {n: result.as_numpy(n) for n in ("boxes", "scores", "landmarks", "embeddings")}
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def test_face_pipeline_in_triton_equals_the_in_process_pipeline(server, photos, expected):
     client = grpcclient.InferenceServerClient(server.grpc_address)
     try:
@@ -90,7 +86,7 @@ def test_face_pipeline_in_triton_equals_the_in_process_pipeline(server, photos, 
         np.testing.assert_allclose(out["boxes"][0], face.box, atol=1e-3)
         np.testing.assert_allclose(out["landmarks"][0], face.landmarks, atol=1e-3)
         assert abs(float(out["scores"][0]) - face.score) < 1e-5
-        assert _cos(out["embeddings"][0], face.embedding) >= MIN_COS
+        assert cosine(out["embeddings"][0], face.embedding) >= MIN_COS
         # a faceless image gives empty outputs, a broken one an error for that request only
         blank = np.full((200, 200, 3), 255, np.uint8)
         import cv2
@@ -130,8 +126,8 @@ def test_concurrent_clients_get_correct_answers_and_requests_are_batched(server,
                 else:
                     got = backend.run(to_model_input(crops[name][None], pipe.spec, "BGR"))[0][0]
                     want = reference[name]
-                if _cos(got, want) < MIN_COS:
-                    failures.append(f"client {k} request {i} ({name}): cos {_cos(got, want):.6f}")
+                if cosine(got, want) < MIN_COS:
+                    failures.append(f"client {k} request {i} ({name}): cos {cosine(got, want):.6f}")
         except Exception as e:  # reported below: an exception in a thread would otherwise vanish
             failures.append(f"client {k}: {type(e).__name__}: {e}")
         finally:
@@ -182,7 +178,7 @@ def test_detector_served_by_triton_too(server, photos, expected):
     faces = remote.embed(str(photos["obama2.jpg"]))
     want = expected["obama2.jpg"][0]
     assert len(faces) == 1 and np.allclose(faces[0].box, want.box, atol=1e-3)
-    assert _cos(faces[0].embedding, want.embedding) >= MIN_COS
+    assert cosine(faces[0].embedding, want.embedding) >= MIN_COS
 
 
 def test_missing_model_and_version_give_one_clear_error(server):

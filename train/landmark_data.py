@@ -18,9 +18,10 @@ import cv2
 import numpy as np
 import torch
 
-from evaluation.landmarks import annotated_faces, landmark_files, read_image, read_points
+from evaluation.landmarks import annotated_faces, landmark_files, read_points
 from runtime.files import atomic_write
 from runtime.geometry import LANDMARK_NAMES, flip_landmarks, transform_points
+from runtime.image_io import load_image
 from runtime.landmarks import (AlignerGeometry, aligner_spec, crop_face, crop_matrix, crop_to_heatmap,
                                encode_heatmaps, eye_angle, face_crop)
 from runtime.preprocess import to_model_input
@@ -76,7 +77,7 @@ class LandmarkData:
 
     def __init__(self, folders: list[Path], cache: Path | None = None, progress: bool = True):
         self.samples = [pair for folder in folders for pair in landmark_files(folder)]
-        self.images = [read_image(img) for img, _ in self.samples]
+        self.images = [load_image(img) for img, _ in self.samples]
         self.points = np.stack([read_points(p)[:NUM_LANDMARKS] for _, p in self.samples]).astype(np.float64)
         det = detect_samples(self.samples, cache, progress)
         self.detected = np.isfinite(det["boxes"]).all(1)

@@ -56,6 +56,7 @@ from runtime.field_options import FieldOptions, option
 from runtime.files import atomic_write_bytes
 from runtime.geometry import template_for_size
 from runtime.image_io import load_image
+from runtime.messages import one_line
 from runtime.photo_lists import PhotoListError, photos_in_tree, read_photo_list
 from runtime.pipeline import FacePipeline
 from runtime.preprocess import PreprocessSpec
@@ -170,9 +171,8 @@ def process(src: Source) -> dict:
     try:
         return _process(src)
     except Exception as e:  # noqa: BLE001 - one bad photo must not stop thousands of others
-        msg = " ".join(str(e).split())[:200]
         return {"source": src.rel, "identity": src.identity, "status": "failed",
-                "reason": f"error: {type(e).__name__}: {msg}", "output": "", "faces": "", "score": "", "box": "",
+                "reason": f"error: {type(e).__name__}: {one_line(str(e), 200)}", "output": "", "faces": "", "score": "", "box": "",
                 "landmarks": ""}
 
 

@@ -16,6 +16,7 @@ import threading
 
 import numpy as np
 
+from ..messages import first_line
 from ..optional_imports import importable
 from .base import Backend, ModelLoadError, is_onnx_path, register
 
@@ -65,8 +66,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             self.session = ort.InferenceSession(source, sess_options=opts, providers=_PROVIDERS[device])
         except Exception as e:  # ORT raises its own exception types for bad protobufs
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"{self.path}: not a loadable ONNX model ({msg})") from None
+            raise ModelLoadError(f"{self.path}: not a loadable ONNX model ({first_line(e)})") from None
         active = self.session.get_providers()
         if requested == "cuda" and active[0] != "CUDAExecutionProvider":
             raise ModelLoadError(f"{self.path}: CUDA was requested but ONNX Runtime runs on {active[0]}")

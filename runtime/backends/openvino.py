@@ -29,6 +29,7 @@ import numpy as np
 from ..cpu import cpu_flags, cpu_model
 from ..files import atomic_write_bytes, cache_dir as facekit_cache_dir, sha256_file
 from ..metadata import ModelMetadataError, check_warp, preprocess_spec, read_onnx_metadata
+from ..messages import first_line
 from ..optional_imports import importable
 from .base import Backend, ModelLoadError, is_onnx_path, register
 
@@ -149,7 +150,7 @@ class OpenVinoBackend(Backend):
             try:
                 self._model = core().read_model(self._source)
             except Exception as e:
-                raise ModelLoadError(f"{self.path}: not a loadable ONNX model (OpenVINO: {_first_line(e)})") from None
+                raise ModelLoadError(f"{self.path}: not a loadable ONNX model (OpenVINO: {first_line(e)})") from None
         return self._model
 
     def _quantized(self) -> bool:
@@ -166,11 +167,11 @@ class OpenVinoBackend(Backend):
             compiled = core().compile_model(source, "CPU", config)
         except Exception as e:
             if "CACHE_DIR" in config and _cache_failure(e):
-                warnings.warn(f"OpenVINO cache {config['CACHE_DIR']} unusable ({_first_line(e)}); compiling without it")
+                warnings.warn(f"OpenVINO cache {config['CACHE_DIR']} unusable ({first_line(e)}); compiling without it")
                 self._config.pop("CACHE_DIR")
                 self._cache = None
                 return self._compile(precision)
-            raise ModelLoadError(f"{self.path}: not a loadable ONNX model (OpenVINO: {_first_line(e)})") from None
+            raise ModelLoadError(f"{self.path}: not a loadable ONNX model (OpenVINO: {first_line(e)})") from None
         self._use(compiled)
         return compiled
 
@@ -370,11 +371,6 @@ def _cache_failure(e: Exception) -> bool:
 
 def _dims(shape) -> list:
     return [d.get_length() if d.is_static else None for d in shape]
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _available() -> bool:

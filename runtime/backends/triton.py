@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..messages import first_line
 from ..optional_imports import require_module
 from .base import Backend, ModelLoadError, register
 
@@ -59,8 +60,8 @@ def _grpc():
 
 def _message(error: Exception) -> str:
     """The first line of a tritonclient error (its ``message()`` when it has one)."""
-    text = error.message() if callable(getattr(error, "message", None)) else str(error)
-    return (str(text).strip().splitlines() or [type(error).__name__])[0]
+    text = error.message() if callable(getattr(error, "message", None)) else error
+    return first_line(text) or type(error).__name__
 
 
 def _dims(values) -> list:
@@ -137,7 +138,7 @@ class TritonBackend(Backend):
         version = self.url.version or (ready[-1] if ready else "")
         if not version or version not in ready:
             states = "; ".join(f"version {m.version or '?'}: {m.state or 'UNKNOWN'}"
-                               + (f" ({m.reason.strip().splitlines()[0]})" if m.reason.strip() else "")
+                               + (f" ({first_line(m.reason)})" if m.reason.strip() else "")
                                for m in entries)
             wanted = f"version {version}" if version else "any version"
             raise ModelLoadError(f"{self.path}: model {self.url.model!r} is not ready ({wanted}; {states})")

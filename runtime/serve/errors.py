@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from ..gallery import GalleryError
 from ..image_io import ImageError
+from ..messages import one_line
 from ..pipeline import NoFaceError
 
 log = logging.getLogger("facekit.serve")
+#: longest error message in a response body (longer ones are cut, ending "…")
+MESSAGE_LIMIT = 500
 
 #: status → the code used when an error of that status has no more specific one
 DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
@@ -30,18 +32,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = int(status)
         self.code = code or DEFAULT_CODES.get(self.status, "error")
-        self.message = one_line(message)
+        self.message = one_line(message, MESSAGE_LIMIT)
         self.headers = headers or {}
 
 
-def one_line(text: Any, limit: int = 500) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 1] + "…"
-
-
 def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": one_line(message)}}).encode("utf-8")
+    return json.dumps({"error": {"code": code, "message": one_line(message, MESSAGE_LIMIT)}}).encode("utf-8")
 
 
 #: runtime exceptions that are the client's input's fault: status and code
