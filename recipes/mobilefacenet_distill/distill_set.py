@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.files import atomic_write, atomic_write_bytes
+from runtime.preprocess import l2_normalize
 
 
 def _box(text: str) -> np.ndarray:
@@ -96,7 +97,7 @@ def center_teacher(emb: np.ndarray, emb_flip: np.ndarray) -> tuple[np.ndarray, n
     out = []
     for e in (emb, emb_flip):
         c = np.where(have[:, None], e - center, 0.0)
-        out.append((c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)).astype(np.float32))
+        out.append(l2_normalize(c))
     return out[0], out[1], center.astype(np.float32)
 
 

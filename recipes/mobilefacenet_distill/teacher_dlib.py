@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.files import atomic_write
+from runtime.preprocess import l2_normalize
 from runtime.subject import choose_subject
 from train.dlib_models import face_chip, load_dlib, rect_box
 
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         emb[i], emb_flip[i] = np.asarray(vecs[0]), np.asarray(vecs[-1])
         boxes[i] = rect_box(d)
         found[i] = True
-    for e in (emb, emb_flip):
-        e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    emb, emb_flip = l2_normalize(emb), l2_normalize(emb_flip)
     paths = np.array([os.path.join(args.prefix, f) if args.prefix else f for f in files])
     out = atomic_write(args.out, lambda f: np.savez(f, paths=paths, emb=emb, emb_flip=emb_flip, box=boxes, found=found))
     print(f"teacher: {found.sum()}/{n} faces embedded -> {out}")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.files import atomic_write, atomic_write_bytes
+from runtime.preprocess import l2_normalize
 from train.datasets import UNLABELLED  # morphs have no identity: distillation only
 from train.dlib_models import face_chip, load_dlib
 
@@ -166,7 +167,7 @@ def merge(args) -> int:
     if len(set(paths)) != len(paths):
         sys.exit("teacher_morphs: the same morph path is in two shards; give each --out folder once")
     emb = np.concatenate(emb) - base["center"]  # the set's centring (recipes/mobilefacenet_distill/distill_set.py), not the morphs' own
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = l2_normalize(emb)
     merged = Path(args.merged)
     text = "\n".join(lines + [f"{p} {UNLABELLED}" for p in paths]) + "\n"
     atomic_write_bytes(merged.with_name(merged.name + ".txt"), text.encode())
