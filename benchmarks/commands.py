@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from evaluation import crops as ec
 from evaluation import pairs as ep
 from evaluation.data import data_root
 from evaluation.verification import flip_sum_embeddings
-from runtime.files import atomic_write
 from runtime.messages import first_line
 
 
@@ -170,8 +168,7 @@ def cmd_throughput(args) -> dict:
     if not args.no_write:
         stem = rp.report_stem(info, out["date"]) + "-throughput"
         results = Path(args.results) if args.results else rp.RESULTS_DIR
-        atomic_write(results / f"{stem}.md", lambda f: f.write(md.encode()))
-        atomic_write(results / f"{stem}.json", lambda f: f.write(json.dumps(out, indent=2).encode() + b"\n"))
+        rp.write_md_and_json(results / stem, md, out)
     print_result(out, args, md)
     return out
 

@@ -17,7 +17,6 @@ which cannot be measured on this CPU and why.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,6 @@ import numpy as np
 
 from runtime import shipped
 from runtime.field_options import FieldOptions, option
-from runtime.files import atomic_write_bytes
 from runtime.image_io import load_image
 
 from evaluation import crops as ec
@@ -37,6 +35,7 @@ from evaluation.data import data_root
 from evaluation.verification import evaluate, flip_sum_embeddings
 
 from . import report as rp
+from .child_process import child_env
 from .cpu_plans import openvino_installed
 from .latency import time_calls
 from .parity import BackendPlan, row_cosines
@@ -175,8 +174,7 @@ class PipelineWorker:
     timing blocks of images when asked."""
 
     def __init__(self, label: str, images: list[str]):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                   **PIPELINES[label][1])
+        env = child_env(**PIPELINES[label][1])
         self.label = label
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.cpu_backends", "--worker", label], env=env,
                                      cwd=str(ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -359,9 +357,7 @@ def run(opts: Options, results_dir: Path | None, command: str) -> dict:
     report["targets"] = targets(report)
     if results_dir is not None:
         stem = f"{rp.report_stem(info, report['date'])}-cpu"
-        atomic_write_bytes(results_dir / f"{stem}.md", to_markdown(report).encode())
-        atomic_write_bytes(results_dir / f"{stem}.json", (json.dumps(report, indent=1, default=rp._json_default) + "\n").encode())
-        report["written"] = [str(results_dir / f"{stem}.md"), str(results_dir / f"{stem}.json")]
+        report["written"] = [str(p) for p in rp.write_md_and_json(results_dir / stem, to_markdown(report), report)]
     return report
 
 

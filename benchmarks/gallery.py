@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from benchmarks.child_process import child_env
 from benchmarks.memory import status_mib
 from runtime.cpu import usable_cores
 from runtime.files import atomic_write, sha256_file
@@ -194,8 +194,7 @@ class Threads:
 def loaded_memory(path: Path, spec: IndexSpec) -> dict:
     """Resident memory and load time of a fresh process that loads the saved gallery (and index) and queries it."""
     cmd = [sys.executable, "-m", "benchmarks.gallery", "--measure-load", str(path), json.dumps(spec.to_dict())]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"measuring the loaded gallery failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

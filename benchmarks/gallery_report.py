@@ -1,11 +1,9 @@
 """Markdown, JSON and the latency plot of the gallery benchmark (``benchmarks/gallery.py``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from benchmarks import report as rp
-from runtime.files import atomic_write_bytes
 
 NOTES = (
     "Probes: LFW identities with ≥ 2 images; the first image of each is enrolled, the others are the queries.",
@@ -99,7 +97,4 @@ def write(report: dict, results_dir: Path = rp.RESULTS_DIR) -> tuple[Path, Path]
     folder = results_dir / stem
     png = Path(latency_plot(report, folder))
     report["plots"] = {"latency vs gallery size": f"{stem}/{png.name}"}
-    md, js = results_dir / f"{stem}.md", results_dir / f"{stem}.json"
-    atomic_write_bytes(md, to_markdown(report).encode())
-    atomic_write_bytes(js, (json.dumps(report, indent=2, default=rp._json_default) + "\n").encode())
-    return md, js
+    return rp.write_md_and_json(results_dir / stem, to_markdown(report), report)

@@ -15,6 +15,7 @@ from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, BackendEmbe
 from evaluation import crops as ec
 from evaluation import pairs as ep
 from evaluation.verification import evaluate, flip_sum_embeddings
+from runtime.backends.onnxruntime import cuda_usable
 from runtime.cpu import usable_cores
 from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
 from runtime.files import atomic_write
@@ -63,20 +64,12 @@ def make_embedder(model: Path, backend: str = "auto", device: str | None = None,
     if backend == "openvino":
         return BackendPlan(f"openvino-cpu {precision}", "openvino", str(model), "cpu",
                            precision=precision).build(batch_size, for_dataset)
-    if for_dataset and backend in ("auto", "onnxruntime") and (device == "cpu" or (device is None and not _ort_cuda())):
+    if for_dataset and backend in ("auto", "onnxruntime") and (device == "cpu" or (device is None and not cuda_usable())):
         emb = BackendEmbedder(model, backend="onnxruntime", device="cpu", batch_size=batch_size,
                               threads=1 if usable_cores() > 1 else None)
         emb.workers = min(4, usable_cores())
         return emb
     return BackendEmbedder(model, backend=backend, device=device, batch_size=batch_size)
-
-
-def _ort_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def make_aligner(args) -> ec.FaceAligner:

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from benchmarks import report as rp
+from benchmarks.child_process import child_env
 from evaluation.data import data_root
 from runtime.field_options import add_list_option
 from runtime.files import atomic_write_bytes
@@ -139,7 +140,7 @@ print(json.dumps({"ms": round(statistics.median(times) * 1e3, 1), "cpu_ms": roun
 
 def measure_pipeline(path: Path, warmup: Path, repeats: int, full: bool) -> dict:
     """``FacePipeline.embed`` in a fresh subprocess: median ms, faces, boxes, peak RSS (MiB)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = child_env()
     r = subprocess.run([sys.executable, "-c", _PIPELINE_CHILD, str(path), str(warmup), str(repeats),
                         "full" if full else "reduced"], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=1800)
@@ -196,8 +197,7 @@ def run(args) -> dict:
     if not getattr(args, "no_write", False):
         out_dir = Path(getattr(args, "results", None) or rp.RESULTS_DIR)
         stem = f"{rp.report_stem(info)}-large-photos"
-        atomic_write_bytes(out_dir / f"{stem}.md", text.encode())
-        atomic_write_bytes(out_dir / f"{stem}.json", (json.dumps(result, indent=2) + "\n").encode())
+        rp.write_md_and_json(out_dir / stem, text, result)
         print(f"written: {out_dir / stem}.md, .json", file=sys.stderr)
     return result
 

@@ -224,10 +224,18 @@ def report_stem(info: dict, date: str | None = None) -> str:
 
 def write_report(report: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     """Write ``<date>-<machine>.md`` and ``.json`` (plots already live in the ``<date>-<machine>/`` folder)."""
-    stem = report_stem(report["machine"], report.get("date"))
-    md, js = results_dir / f"{stem}.md", results_dir / f"{stem}.json"
-    atomic_write_bytes(md, to_markdown(report).encode())
-    atomic_write_bytes(js, (json.dumps(report, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+    return write_md_and_json(results_dir / report_stem(report["machine"], report.get("date")), to_markdown(report),
+                             report)
+
+
+def write_md_and_json(stem: str | Path, markdown: str, data: dict) -> tuple[Path, Path]:
+    """``<stem>.md`` and ``<stem>.json`` of one report, each written atomically; the JSON text is made first,
+    so a value it cannot hold fails before either file is touched (numpy values and paths it can)."""
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    stem = Path(stem)
+    md, js = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".json")
+    atomic_write_bytes(md, markdown.encode())
+    atomic_write_bytes(js, text.encode())
     return md, js
 
 

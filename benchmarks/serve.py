@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.child_process import child_env
 from benchmarks.latency import CLIENT_TIMEOUT_S, time_level
 from runtime.serve.ready import wait_until_listening
 
@@ -161,7 +162,7 @@ class ServerProcess:
         self.log_path = Path(self.folder.name) / "server.log"
         cmd = [sys.executable, "-m", "runtime", "serve", "--host", "127.0.0.1", "--port", "0", "--galleries",
                str(Path(self.folder.name) / "galleries"), "--no-access-log", "--log-level", "warning", *extra_args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        env = child_env(PYTHONUNBUFFERED="1")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -368,7 +369,6 @@ def serve_report(model: Path, landmarks: str, concurrency: tuple[int, ...] = CON
     from benchmarks import latency
     from benchmarks import report as rp
     from evaluation.data import data_root
-    from runtime.files import atomic_write_bytes
     from runtime.pipeline import FacePipeline
 
     photos = latency.photos_640(data_root())
@@ -395,7 +395,6 @@ def serve_report(model: Path, landmarks: str, concurrency: tuple[int, ...] = CON
         report["plot"] = str(Path(plot(report, stem / "throughput-latency.png")).relative_to(results))
     md = to_markdown(report)
     if write:
-        atomic_write_bytes(f"{stem}.md", md.encode())
-        atomic_write_bytes(f"{stem}.json", (json.dumps(report, indent=2) + "\n").encode())
+        rp.write_md_and_json(stem, md, report)
         progress(f"wrote {stem}.md and .json")
     return report, md

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from runtime.files import atomic_write
+
+from benchmarks.child_process import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MS1MV2_IMAGES, MS1MV2_IDENTITIES = 5_822_653, 85_742
@@ -47,7 +48,7 @@ def _train_run(tmp: Path, nproc: int, steps: int, batch: int) -> dict:
             f"output={out}"]
     script = [str(ROOT / "train" / "arcface.py"), "--config", str(ROOT / "train" / "configs" / "smoke.yaml"),
               "--overwrite", *over]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env = child_env(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     if nproc == 1:
         cmd = [sys.executable, *script]
     else:
@@ -212,7 +213,6 @@ def measure_rec_open(folder: Path, old_rev: str | None = "main") -> dict:
     rec = write_ms1m_shaped(folder)
     for p in folder.glob(".train.idx.*.facekit.npy"):
         p.unlink()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         modes = ["first", "again"]
@@ -226,8 +226,8 @@ def measure_rec_open(folder: Path, old_rev: str | None = "main") -> dict:
             else:
                 rows["old"] = {"skipped": f"git show {old_rev}:train/recordio.py is not the dict-index reader"}
         for mode in modes:
-            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), tmp])  # tmp: the old reader, for mode "old"
-            out = subprocess.run([sys.executable, "-c", _OPEN_PROBE, mode, str(rec)], cwd=ROOT, env=env,
+            out = subprocess.run([sys.executable, "-c", _OPEN_PROBE, mode, str(rec)], cwd=ROOT,
+                                 env=child_env(tmp),  # tmp: the old reader, for mode "old"
                                  capture_output=True, text=True, timeout=1800)
             if out.returncode != 0:
                 raise RuntimeError(f"rec-open ({mode}) failed:\n{out.stderr[-3000:]}")
@@ -278,7 +278,6 @@ def to_markdown(report: dict, machine_line: str) -> str:
 
 def run(only: Sequence[str], results_dir: Path, rec_dir: Path | None, steps: int, old_rev: str | None) -> dict:
     from benchmarks import report as rp
-    from runtime.files import atomic_write_bytes
 
     info = rp.machine_info()
     report = {"date": time.strftime("%Y-%m-%d"), "machine": info, "notes": []}
@@ -294,7 +293,6 @@ def run(only: Sequence[str], results_dir: Path, rec_dir: Path | None, steps: int
     report["notes"].append("No GPU here: these are CPU figures; NCCL and GPU throughput were not measured.")
     stem = f"{rp.report_stem(info)}-training"
     md = to_markdown(report, rp.machine_line(info))
-    atomic_write_bytes(results_dir / f"{stem}.md", md.encode())
-    atomic_write_bytes(results_dir / f"{stem}.json", (json.dumps(report, indent=2, default=rp._json_default) + "\n").encode())
+    rp.write_md_and_json(results_dir / stem, md, report)
     print(md)
     return report

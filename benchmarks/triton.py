@@ -18,7 +18,6 @@ timing, every portrait and crop is run both ways and the cosines of the embeddin
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -31,7 +30,6 @@ from benchmarks.plots import _plt, clients_axis, save_with_machine
 from export.triton_repository import ServingOptions, plan_repository, write_repository
 from export.triton_server import LocalTritonServer, executed_batches
 from runtime.backends.base import load_model
-from runtime.files import atomic_write_bytes
 from runtime.pipeline import FacePipeline
 from runtime.preprocess import to_model_input
 
@@ -223,7 +221,4 @@ def write(result: dict, results_dir: Path) -> tuple[Path, Path]:
     stem = rp.report_stem(result["machine"], result["date"]) + "-triton"
     png = plot(result, results_dir / stem / "throughput-latency.png")
     result["plot"] = str(Path(png).relative_to(results_dir))
-    md, js = results_dir / f"{stem}.md", results_dir / f"{stem}.json"
-    atomic_write_bytes(md, to_markdown(result).encode())
-    atomic_write_bytes(js, (json.dumps(result, indent=2) + "\n").encode())
-    return md, js
+    return rp.write_md_and_json(results_dir / stem, to_markdown(result), result)

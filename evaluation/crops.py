@@ -178,8 +178,7 @@ def _read_or_none(src) -> np.ndarray | None:
     try:
         return load_image(src)
     except (ValueError, OSError) as e:  # runtime.image_io.ImageError is a ValueError
-        print(f"warning: {first_line(e)}; scored as a black crop",
-              file=sys.stderr)
+        print(f"warning: {first_line(e)}; scored as a black crop", file=sys.stderr)
         return None
 
 

@@ -66,6 +66,21 @@ def preprocess_spec(meta: dict[str, Any]) -> PreprocessSpec:
     return PreprocessSpec.from_dict(meta["preprocess"])
 
 
+def recognizer_preprocessing(model: Any) -> tuple[dict[str, Any], PreprocessSpec]:
+    """The metadata and the checked preprocessing of a loaded recognizer (a backend: ``metadata``,
+    ``raw_metadata``, ``path``); ModelMetadataError when it has none, is not a recognizer or cannot be warped."""
+    meta = dict(model.metadata or {})
+    if not meta:  # backends decode metadata when present; report its absence clearly
+        meta = decode_metadata(model.raw_metadata, source=model.path)
+    if meta.get("task") != "recognition":
+        raise ModelMetadataError(
+            f"{model.path}: not a recognizer (metadata task is {meta.get('task')!r}, expected 'recognition')"
+        )
+    spec = preprocess_spec(meta)
+    check_warp(spec, model.path)
+    return meta, spec
+
+
 def check_warp(spec: PreprocessSpec, source: str) -> None:
     """Refuse a preprocessing whose alignment template or landmark order the warp cannot use."""
     try:

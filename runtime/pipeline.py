@@ -21,7 +21,7 @@ from .detector import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, DEFAULT_SCORE_THRESHOL
 from .faces import Comparison, Face, ImageFaces, NoFaceError, Subject
 from .image_io import ImageError, LoadedImage, load_image_scaled
 from .messages import one_line
-from .metadata import ModelMetadataError, check_warp, decode_metadata, preprocess_spec
+from .metadata import check_warp, recognizer_preprocessing
 from .preprocess import PreprocessSpec, flip_sum, l2_normalize, to_model_input
 from .shipped import ALIGNER as DEFAULT_ALIGNER
 from .shipped import RECOGNIZER as DEFAULT_RECOGNIZER
@@ -123,18 +123,11 @@ class FacePipeline:
                     f"the default recognizer {path} is missing; pass recognizer=PATH (CLI: --recognizer PATH)"
                 )
             model = load_model(path, backend=self.backend_name, **self._model_options)
-        meta = dict(model.metadata or {})
         if self._preprocess_override is not None:
-            spec = self._preprocess_override
+            meta, spec = dict(model.metadata or {}), self._preprocess_override
+            check_warp(spec, model.path)
         else:
-            if not meta:  # backends decode metadata when present; report its absence clearly
-                meta = decode_metadata(model.raw_metadata, source=model.path)
-            if meta.get("task") != "recognition":
-                raise ModelMetadataError(
-                    f"{model.path}: not a recognizer (metadata task is {meta.get('task')!r}, expected 'recognition')"
-                )
-            spec = preprocess_spec(meta)
-        check_warp(spec, model.path)
+            meta, spec = recognizer_preprocessing(model)
         self._meta, self._spec = meta, spec
         return model
 

@@ -157,6 +157,20 @@ def test_tree_input_with_two_workers(facekit_data, tmp_path):
     assert (tmp_path / "out" / "obama" / "b.jpg").is_file()
 
 
+def test_names_and_files_with_spaces_reach_the_trainer_intact(facekit_data, tmp_path):
+    from train.datasets import list_source
+
+    photos = need(facekit_data / "photos")
+    for person, photo, name in (("Barack Obama", "obama.jpg", "at the podium.jpg"), ("Joe Biden", "biden.jpg", "a.jpg")):
+        (tmp_path / "src" / person).mkdir(parents=True)
+        os.symlink(photos / photo, tmp_path / "src" / person / name)
+    out = tmp_path / "out"
+    assert make_aligned(sources_from_tree(tmp_path / "src"), out, Options(), workers=1, progress=False)["ok"] == 2
+    listed = list_source(out / "list.txt")
+    assert listed.class_names == ["Barack Obama", "Joe Biden"] and len(listed) == 2
+    assert sorted(listed.keys) == ["Barack Obama/at the podium.png", "Joe Biden/a.png"]
+
+
 @dataclass
 class _Det:
     box: np.ndarray
@@ -212,3 +226,15 @@ def test_like_crops_in_a_recognizers_own_framing(facekit_data, tmp_path, detecto
     big = cv2.resize(crop, (300, 300))  # RetinaFace wants some context around a face this tight
     eyes = max(detector.detect(big), key=lambda d: d.score).landmarks[:2] / 2
     assert np.linalg.norm(eyes - DLIB_CHIP_TEMPLATE_150[:2], axis=1).max() < 4.0, eyes
+
+
+def test_like_a_model_that_is_not_a_recognizer_is_a_usage_error(tmp_path, capsys):
+    from runtime.detector import DEFAULT_DETECTOR
+
+    (tmp_path / "src" / "someone").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "src" / "someone" / "a.jpg"), np.full((64, 64, 3), 128, np.uint8))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--like", str(DEFAULT_DETECTOR)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--like:" in err and "Traceback" not in err

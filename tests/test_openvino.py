@@ -173,6 +173,9 @@ def test_min_row_cosine():
     assert min_row_cosine([[a]], [[a * 3]]) == pytest.approx(1.0)
     assert min_row_cosine([[a]], [[np.array([[1.0, 0.0], [2.0, 0.0]])]]) == pytest.approx(0.0)
     assert min_row_cosine([[np.zeros((1, 3))]], [[np.zeros((1, 3))]]) == 1.0
+    for bad in (np.inf, np.nan):  # an output that overflowed or went NaN never agrees
+        assert min_row_cosine([[a]], [[np.array([[1.0, 2.0], [bad, 0.0]])]]) == -1.0
+        assert min_row_cosine([[np.array([[bad, 1.0]])]], [[np.array([[1.0, 1.0]])]]) == -1.0
 
 
 # ------------------------------------------------------------------------------------- errors, cache

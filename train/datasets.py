@@ -148,7 +148,8 @@ def folder_source(root: str | Path) -> FileSource:
 
 
 def list_source(list_file: str | Path, root: str | Path | None = None, check_files: bool = True) -> FileSource:
-    """List file of ``relative/path identity`` lines (the CelebA ``identity_*.txt`` format).
+    """List file of ``relative/path identity`` lines (the CelebA ``identity_*.txt`` format), or
+    ``relative/path<TAB>identity`` (``train/make_aligned.py``'s ``list.txt``: both may hold spaces).
 
     Paths are relative to ``root`` (default: the list file's folder). Missing files are dropped with one
     warning when ``check_files``; an empty result is an error.
@@ -165,8 +166,9 @@ def list_source(list_file: str | Path, root: str | Path | None = None, check_fil
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2:
+        parts = line.rsplit("\t", 1) if "\t" in line else line.rsplit(maxsplit=1)
+        parts = [part.strip() for part in parts]
+        if len(parts) != 2 or not all(parts):
             raise DataError(f"{list_file}:{lineno}: expected 'path identity', got {line!r}")
         paths.append(parts[0])
         labels.append(parts[1])

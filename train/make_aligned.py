@@ -14,7 +14,8 @@ network: ``--like runtime/models/recognizer.onnx``).
 
 Output (``--out``):
   ``<identity>/<name>.png`` crops (``--layout tree``, default) or ``images/<name>.png`` (``--layout flat``);
-  ``list.txt``      ``relative/path.png identity`` for every crop (the list-file format train/ reads);
+  ``list.txt``      ``relative/path.png<TAB>identity`` for every crop (the list-file format train/ reads;
+                    the tab keeps spaces in paths and names apart);
   ``manifest.csv``  one row per source photo: status ``ok`` or ``failed``, the reason, faces found, and for
                     the chosen face its score, box (x1 y1 x2 y2) and the 5 landmarks used (x y × 5);
   ``summary.json``  counts by status and reason;
@@ -50,6 +51,7 @@ import cv2
 import numpy as np
 
 from runtime import shipped
+from runtime.backends.base import ModelLoadError
 from runtime.cpu import usable_cores
 from runtime.detector import DEFAULT_SCORE_THRESHOLD
 from runtime.field_options import FieldOptions, option
@@ -57,6 +59,7 @@ from runtime.files import atomic_write_bytes
 from runtime.geometry import template_for_size
 from runtime.image_io import load_image
 from runtime.messages import one_line
+from runtime.metadata import ModelMetadataError
 from runtime.photo_lists import PhotoListError, photos_in_tree, read_photo_list
 from runtime.pipeline import FacePipeline
 from runtime.preprocess import PreprocessSpec
@@ -256,9 +259,9 @@ def model_spec(model: str):
 
         return spec_from_config(load_checkpoint(model).get("config") or {})
     from runtime.backends import load_model
-    from runtime.metadata import preprocess_spec
+    from runtime.metadata import recognizer_preprocessing
 
-    return preprocess_spec(load_model(model, backend="onnxruntime").metadata or {})
+    return recognizer_preprocessing(load_model(model, backend="onnxruntime"))[1]
 
 
 def write_image(path: Path, image: np.ndarray, image_format: str) -> None:
@@ -298,7 +301,7 @@ def write_outputs(out: Path, rows: dict[str, dict]) -> dict:
     """Rewrite manifest.csv, list.txt and summary.json atomically from all rows; returns the summary."""
     ordered = [rows[k] for k in sorted(rows)]
     write_manifest(out, rows)
-    lines = [f"{r['output']} {r['identity']}" for r in ordered if r["status"] == "ok"]
+    lines = [f"{r['output']}\t{r['identity']}" for r in ordered if r["status"] == "ok"]
     atomic_write_bytes(out / "list.txt", ("\n".join(lines) + ("\n" if lines else "")).encode())
     reasons = Counter(r["reason"].split(":")[0] for r in ordered if r["status"] == "failed")
     summary = {
@@ -399,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"aligner model {aligner} not found (export one, or use --landmarks detector)")
     size, template = a.size, None
     if a.like:
-        spec = model_spec(a.like)
+        try:
+            spec = model_spec(a.like)
+        except (ModelLoadError, ModelMetadataError, FileNotFoundError) as e:
+            p.error(f"--like: {e}")
         size, template = spec.input_size[0], tuple(map(tuple, spec.crop_template.tolist()))
         if spec.input_size[0] != spec.input_size[1]:
             p.error(f"{a.like}: crops are square here, the model takes {spec.input_size}")

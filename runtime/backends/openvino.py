@@ -337,16 +337,19 @@ def bf16_verdict(backend: OpenVinoBackend, inputs: list[np.ndarray], cache: Path
 
 
 def min_row_cosine(reference: list[list[np.ndarray]], other: list[list[np.ndarray]]) -> float:
-    """Smallest cosine between matching rows (first axis) of matching outputs of two runs."""
+    """Smallest cosine between matching rows (first axis) of matching outputs of two runs; a row holding a
+    NaN or an infinity counts as −1 (an overflowing reduced-precision build must not pass)."""
     worst = 1.0
     for ref_outs, outs in zip(reference, other):
         for a, b in zip(ref_outs, outs):
             a = np.asarray(a, np.float64).reshape(len(a), -1)
             b = np.asarray(b, np.float64).reshape(len(b), -1)
-            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-300),
-                           np.where(np.abs(a - b).max(axis=1) == 0, 1.0, 0.0))
-            worst = min(worst, float(cos.min()))
+            with np.errstate(invalid="ignore", over="ignore"):
+                norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+                cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-300),
+                               np.where(np.abs(a - b).max(axis=1) == 0, 1.0, 0.0))
+            finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+            worst = min(worst, float(np.where(finite, cos, -1.0).min()))
     return worst
 
 

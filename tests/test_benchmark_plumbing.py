@@ -1,0 +1,38 @@
+"""What every benchmark shares: the writer of its markdown and JSON pair, its child processes' environment."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.child_process import child_env
+from benchmarks.report import write_md_and_json
+from evaluation.data import PROJECT_ROOT
+
+
+def test_numpy_values_and_paths_are_written_and_a_bad_value_leaves_no_file(tmp_path):
+    md, js = write_md_and_json(tmp_path / "2026-12-02-cpu-2c-x", "# report\n",
+                               {"n": np.int64(3), "ms": np.float32(1.5), "rows": np.arange(2), "at": Path("/a")})
+    assert (md.name, js.name) == ("2026-12-02-cpu-2c-x.md", "2026-12-02-cpu-2c-x.json")
+    assert md.read_text() == "# report\n"
+    assert json.loads(js.read_text()) == {"n": 3, "ms": 1.5, "rows": [0, 1], "at": "/a"}
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        write_md_and_json(tmp_path / "broken", "# report\n", {"x": object()})
+    assert not list(tmp_path.glob("broken*"))
+
+
+def test_a_child_finds_this_checkout_first_and_keeps_the_callers_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "mine"), ""]))
+    env = child_env(tmp_path / "extra", OMP_NUM_THREADS="1")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(PROJECT_ROOT), str(tmp_path / "extra"), str(tmp_path / "mine")]
+    assert env["OMP_NUM_THREADS"] == "1"
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "mine").mkdir()
+    out = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout)[1:4] == [str(PROJECT_ROOT), str(tmp_path / "extra"), str(tmp_path / "mine")]
