@@ -31,7 +31,7 @@ from runtime.image_io import load_image
 
 from evaluation import crops as ec
 from evaluation import pairs as ep
-from evaluation.data import data_root
+from evaluation.data import PROJECT_ROOT as ROOT, data_root
 from evaluation.verification import evaluate, flip_sum_embeddings
 
 from . import report as rp
@@ -40,7 +40,6 @@ from .cpu_plans import openvino_installed
 from .latency import time_calls
 from .parity import BackendPlan, row_cosines
 
-ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "onnxruntime-cpu fp32"
 #: pipeline configurations: label → (FacePipeline backend, extra environment)
 PIPELINES = {

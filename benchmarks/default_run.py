@@ -12,7 +12,7 @@ import numpy as np
 
 from benchmarks import report as rp
 from benchmarks.commands import pipeline_timing, run_parity
-from benchmarks.harness import ROOT, crops_for, log, make_aligner, make_embedder, resolve_model, verify
+from benchmarks.harness import crops_for, log, make_aligner, make_embedder, resolve_model, verify
 from benchmarks.parity import plan_backends
 from evaluation import crops as ec
 from evaluation import pairs as ep
@@ -69,8 +69,7 @@ class DefaultRun:
         log(f"machine: {rp.machine_line(self.info)}")
         self.main = make_embedder(self.model, "onnxruntime", "cpu")
         meta = self.main.metadata
-        shown = self.model.relative_to(ROOT) if self.model.is_relative_to(ROOT) else self.model
-        self.report["models"]["recognizer"] = (f"{shown} (arch {meta.get('arch', '?')}, embedding "
+        self.report["models"]["recognizer"] = (f"{rp.shown_path(self.model)} (arch {meta.get('arch', '?')}, embedding "
                                                f"{meta.get('embedding_size', '?')}, {self.main.precision}, "
                                                f"threshold_cosine {meta.get('threshold_cosine', '–')})")
         self.clock.start()

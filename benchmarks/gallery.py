@@ -32,13 +32,13 @@ import numpy as np
 
 from benchmarks.child_process import child_env
 from benchmarks.memory import status_mib
+from evaluation.data import PROJECT_ROOT as ROOT
 from runtime.cpu import usable_cores
 from runtime.files import atomic_write, sha256_file
 from runtime.gallery import Gallery
 from runtime.gallery_index import IndexSpec
 from runtime.gallery_index_file import index_files
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 DEFAULT_INDEXES = ("exact", "hnsw", "ivf")
 #: probes timed on the exact index's single-query path (the whole probe set is slow at 10⁶ rows)

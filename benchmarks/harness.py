@@ -12,6 +12,7 @@ import numpy as np
 from benchmarks import report as rp
 from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, BackendEmbedder,
                                BackendPlan, TorchEmbedder)
+from evaluation.data import PROJECT_ROOT as ROOT
 from evaluation import crops as ec
 from evaluation import pairs as ep
 from evaluation.verification import evaluate, flip_sum_embeddings
@@ -20,7 +21,6 @@ from runtime.cpu import usable_cores
 from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
 from runtime.files import atomic_write
 
-ROOT = Path(__file__).resolve().parents[1]
 VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
 #: Where each data set lives under $FACEKIT_DATA (the default run's layout).
 DEFAULT_DATA = {name.lower(): folder for name, (folder, _) in ep.STANDARD_SETS.items()}
@@ -57,9 +57,9 @@ def make_embedder(model: Path, backend: str = "auto", device: str | None = None,
     ``for_dataset=False`` keeps the backend's default threading (what latency measures). OpenVINO runs the
     model at ``precision`` (auto, f32, bf16, int8).
     """
-    if model.suffix in CHECKPOINT_SUFFIXES:
+    if model.suffix.lower() in CHECKPOINT_SUFFIXES:
         return TorchEmbedder(model, device=device or "cpu", batch_size=batch_size)
-    if model.suffix in ENGINE_SUFFIXES:
+    if model.suffix.lower() in ENGINE_SUFFIXES:
         return BackendEmbedder(model, backend="tensorrt", batch_size=batch_size)
     if backend == "openvino":
         return BackendPlan(f"openvino-cpu {precision}", "openvino", str(model), "cpu",

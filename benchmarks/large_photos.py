@@ -35,11 +35,10 @@ import numpy as np
 
 from benchmarks import report as rp
 from benchmarks.child_process import child_env
-from evaluation.data import data_root
+from evaluation.data import PROJECT_ROOT as ROOT, data_root
 from runtime.field_options import add_list_option
 from runtime.files import atomic_write_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCE_PHOTO = Path("photos") / "group_t1.jpg"
 SOURCE_FACES = 6
 DEFAULT_MEGAPIXELS = (54.0, 108.0)

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.verification import evaluate, flip_sum_embeddings
+from runtime.backends.tensorrt import ENGINE_EXTENSIONS
 from runtime.cpu import usable_cores
 from runtime.preprocess import l2_normalize
 
 from .cpu_plans import concurrent_requests, openvino_options, openvino_variants
 
-ROOT = Path(__file__).resolve().parents[1]
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+#: What the TensorRT backend loads; PyTorch checkpoints (``train.checkpoint`` holds the same list, with torch).
+ENGINE_SUFFIXES = ENGINE_EXTENSIONS
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
@@ -207,7 +208,7 @@ def find_checkpoint(model: Path, explicit: str | None = None) -> Path | None:
         return Path(explicit)
     meta = _recognition_metadata(model) or {}
     want = meta.get("checkpoint_sha256")
-    cands = sorted(p for p in model.parent.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.stem.startswith(model.stem))
+    cands = sorted(p for p in model.parent.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.stem.startswith(model.stem))
     if want:
         from runtime.files import sha256_file
 
@@ -236,7 +237,7 @@ def _sibling_files(model: Path) -> tuple[list[Path], list[Path]]:
             continue
         if p.suffix == ".onnx" and _recognition_metadata(p) is not None:
             onnx_files.append(p)
-        elif p.suffix in ENGINE_SUFFIXES:
+        elif p.suffix.lower() in ENGINE_SUFFIXES:
             engines.append(p)
     return onnx_files, engines
 

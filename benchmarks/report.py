@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from evaluation.data import PROJECT_ROOT
 from runtime.cpu import cpu_model, usable_cores
 from runtime.files import atomic_write_bytes
 
@@ -73,6 +74,15 @@ def machine_line(info: dict) -> str:
     gpu = ", ".join(info.get("gpus") or []) or "no GPU"
     isa = f" ({info['isa']})" if info.get("isa") else ""
     return f"{info['cpu']}{isa}, {info['cores']} cores, {gpu}"
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a report shows it: relative to the project when inside it (reports do not name this
+    machine's folders), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def run_command() -> str:

@@ -33,9 +33,9 @@ import numpy as np
 
 from benchmarks.child_process import child_env
 from benchmarks.latency import CLIENT_TIMEOUT_S, time_level
+from evaluation.data import PROJECT_ROOT as ROOT
 from runtime.serve.ready import wait_until_listening
 
-ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16)
 ROUNDS = 4
 #: seconds of load per side and concurrency (split into ROUNDS segments)
@@ -378,8 +378,7 @@ def serve_report(model: Path, landmarks: str, concurrency: tuple[int, ...] = CON
     pipes = {"in-process embed (thread pool, default model threads)": FacePipeline(str(model), landmarks=landmarks),
              "in-process embed (thread pool, 1 thread per model call)": FacePipeline(
                  str(model), landmarks=landmarks, model_options={"threads": 1})}
-    shown = os.path.relpath(model, ROOT) if Path(model).resolve().is_relative_to(ROOT) else str(model)
-    report = {"date": _dt.date.today().isoformat(), "machine": rp.machine_info(), "model": shown,
+    report = {"date": _dt.date.today().isoformat(), "machine": rp.machine_info(), "model": rp.shown_path(model),
               "command": rp.run_command()}
     server = ServerProcess(["--recognizer", str(model), "--landmarks", landmarks])
     try:

@@ -132,18 +132,9 @@ def measure(model: Path, data_dir: Path, concurrency=CONCURRENCY, workloads=WORK
                             f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms {row.get('recognizer_batches', '')}")
                         rows.append(row)
     info["load_average_at_end"] = rp.load_average()
-    return {"date": _dt.date.today().isoformat(), "machine": info, "models": {"recognizer": _shown(model)},
+    return {"date": _dt.date.today().isoformat(), "machine": info, "models": {"recognizer": rp.shown_path(model)},
             "server": {"device": triton_device, "options": opts.__dict__, "repository": "Python backend (CPU route)"},
             "seconds_per_level": seconds, "parity": parity, "rows": rows, "ratios": ratios(rows)}
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the project when inside it (reports do not name this machine's folders)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(Path(path).resolve().relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def served_by(server: LocalTritonServer) -> str:

@@ -16,7 +16,6 @@ import numpy as np
 from evaluation.data import data_root
 from runtime.preprocess import PreprocessSpec, to_model_input
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.child_process import child_env
-from benchmarks.report import write_md_and_json
+from benchmarks.report import shown_path, write_md_and_json
 from evaluation.data import PROJECT_ROOT
 
 
@@ -36,3 +36,8 @@ def test_a_child_finds_this_checkout_first_and_keeps_the_callers_path(tmp_path, 
     out = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert json.loads(out.stdout)[1:4] == [str(PROJECT_ROOT), str(tmp_path / "extra"), str(tmp_path / "mine")]
+
+
+def test_reports_show_project_paths_relative_and_others_as_given(tmp_path):
+    assert shown_path(PROJECT_ROOT / "runtime" / "models" / "recognizer.onnx") == "runtime/models/recognizer.onnx"
+    assert shown_path(tmp_path / "elsewhere.onnx") == str(tmp_path / "elsewhere.onnx")

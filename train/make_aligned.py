@@ -254,7 +254,7 @@ def model_spec(model: str):
     """The preprocessing of a recognizer: a checkpoint's config or an ONNX file's facekit metadata."""
     from runtime.preprocess import spec_from_config
 
-    if Path(model).suffix in (".pt", ".pth", ".ckpt"):
+    if Path(model).suffix.lower() in (".pt", ".pth", ".ckpt"):  # train.checkpoint.CHECKPOINT_SUFFIXES, without torch
         from train.checkpoint import load_checkpoint
 
         return spec_from_config(load_checkpoint(model).get("config") or {})
