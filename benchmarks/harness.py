@@ -12,9 +12,9 @@ import numpy as np
 from benchmarks import report as rp
 from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, BackendEmbedder,
                                BackendPlan, TorchEmbedder)
-from evaluation.data import PROJECT_ROOT as ROOT
 from evaluation import crops as ec
 from evaluation import pairs as ep
+from evaluation.data import PROJECT_ROOT as ROOT
 from evaluation.verification import evaluate, flip_sum_embeddings
 from runtime.backends.onnxruntime import cuda_usable
 from runtime.cpu import usable_cores

@@ -29,8 +29,9 @@ from runtime.preprocess import l2_normalize
 
 from .cpu_plans import concurrent_requests, openvino_options, openvino_variants
 
-#: What the TensorRT backend loads; PyTorch checkpoints (``train.checkpoint`` holds the same list, with torch).
+#: engine files: what the TensorRT backend loads
 ENGINE_SUFFIXES = ENGINE_EXTENSIONS
+#: PyTorch checkpoints (``train.checkpoint.CHECKPOINT_SUFFIXES``, which cannot be imported here without torch)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 

@@ -34,8 +34,8 @@ import numpy as np
 
 from .image_arrays import (COLOR_ORDERS, DEFAULT_MAX_PIXELS, ImageError, apply_orientation, check_color_order,
                            downscale_for_detection, from_array)
-from .messages import last_line
 from .image_header import JPEG_REDUCTIONS, MAX_JPEG_SCANS, ImageInfo, probe, sniff_format
+from .messages import last_line
 from .native_stderr import decoder_messages_silenced, native_messages_muted, silence_native_decoder_messages
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
