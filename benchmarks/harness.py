@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import report as rp
-from benchmarks.parity import (CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, BackendEmbedder,
-                               BackendPlan, TorchEmbedder)
+from benchmarks.parity import ENGINE_SUFFIXES, BackendEmbedder, BackendPlan, TorchEmbedder
 from evaluation import crops as ec
 from evaluation import pairs as ep
 from evaluation.data import PROJECT_ROOT as ROOT
@@ -20,6 +19,7 @@ from runtime.backends.onnxruntime import cuda_usable
 from runtime.cpu import usable_cores
 from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
 from runtime.files import atomic_write
+from train.model_files import is_checkpoint
 
 VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")
 #: Where each data set lives under $FACEKIT_DATA (the default run's layout).
@@ -57,7 +57,7 @@ def make_embedder(model: Path, backend: str = "auto", device: str | None = None,
     ``for_dataset=False`` keeps the backend's default threading (what latency measures). OpenVINO runs the
     model at ``precision`` (auto, f32, bf16, int8).
     """
-    if model.suffix.lower() in CHECKPOINT_SUFFIXES:
+    if is_checkpoint(model):
         return TorchEmbedder(model, device=device or "cpu", batch_size=batch_size)
     if model.suffix.lower() in ENGINE_SUFFIXES:
         return BackendEmbedder(model, backend="tensorrt", batch_size=batch_size)

@@ -12,35 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.parity import CHECKPOINT_SUFFIXES
 from evaluation.landmarks import evaluate_landmarks
 from runtime.shipped import ALIGNER as SHIPPED_ALIGNER
-
-
-
-def load_refiner(aligner: str | None = None, fallback: bool | None = None):
-    """The refiner for an aligner file (None: the shipped one): ``runtime.landmarks.LandmarkRefiner`` for
-    exported models, ``train.aligner_refiner.TorchRefiner`` for checkpoints; ``fallback=False`` turns the
-    model's fallback rule off (the aligner's own points)."""
-    path = Path(aligner) if aligner else SHIPPED_ALIGNER
-    if not path.is_file():
-        hint = " (train and export one: see runtime/models/aligner.md)" if aligner is None else ""
-        raise FileNotFoundError(f"aligner model {path} not found{hint}")
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        from train.aligner_refiner import TorchRefiner
-
-        return TorchRefiner(path, fallback=fallback)
-    from runtime.landmarks import LandmarkRefiner
-
-    return LandmarkRefiner(str(path), fallback=fallback)
+from train.aligner import load_refiner
 
 
 def landmark_accuracy(data_dir: str | Path, aligner: str | None = None, progress: bool = True) -> dict[str, Any]:
     """:func:`evaluation.landmarks.evaluate_landmarks` of the aligner file ``aligner`` on ``data_dir``: the
     points the runtime returns (``"aligner"``), and for a model with a fallback rule also the aligner's own
-    points (``"aligner_raw"``), beside the detector's."""
-    refiner = load_refiner(aligner)
+    points (``"aligner_raw"``), beside the detector's. ``aligner=None``: the shipped aligner."""
+    path = Path(aligner) if aligner else SHIPPED_ALIGNER
+    if aligner is None and not path.is_file():
+        raise FileNotFoundError(f"aligner model {path} not found (train and export one: see runtime/models/aligner.md)")
+    refiner = load_refiner(path)
     refiners = {"aligner": refiner}
     if refiner.fallback is not None:
-        refiners["aligner_raw"] = load_refiner(aligner, fallback=False)
+        refiners["aligner_raw"] = load_refiner(path, fallback=False)
     return evaluate_landmarks(data_dir, refiners, progress=progress, model_name=str(aligner or SHIPPED_ALIGNER))

@@ -26,13 +26,12 @@ from evaluation.verification import evaluate, flip_sum_embeddings
 from runtime.backends.tensorrt import ENGINE_EXTENSIONS
 from runtime.cpu import usable_cores
 from runtime.preprocess import l2_normalize
+from train.model_files import is_checkpoint
 
 from .cpu_plans import concurrent_requests, openvino_options, openvino_variants
 
 #: engine files: what the TensorRT backend loads
 ENGINE_SUFFIXES = ENGINE_EXTENSIONS
-#: PyTorch checkpoints (``train.checkpoint.CHECKPOINT_SUFFIXES``, which cannot be imported here without torch)
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 class BackendEmbedder:
@@ -209,7 +208,7 @@ def find_checkpoint(model: Path, explicit: str | None = None) -> Path | None:
         return Path(explicit)
     meta = _recognition_metadata(model) or {}
     want = meta.get("checkpoint_sha256")
-    cands = sorted(p for p in model.parent.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.stem.startswith(model.stem))
+    cands = sorted(p for p in model.parent.iterdir() if is_checkpoint(p) and p.stem.startswith(model.stem))
     if want:
         from runtime.files import sha256_file
 

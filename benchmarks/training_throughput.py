@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks.child_process import child_env
 from evaluation.data import PROJECT_ROOT as ROOT
+from runtime.ports import free_port
 from runtime.files import atomic_write
 
 MS1MV2_IMAGES, MS1MV2_IDENTITIES = 5_822_653, 85_742
@@ -51,13 +52,8 @@ def _train_run(tmp: Path, nproc: int, steps: int, batch: int) -> dict:
     if nproc == 1:
         cmd = [sys.executable, *script]
     else:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(port), *script]
+               "127.0.0.1", "--master-port", str(free_port()), *script]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:

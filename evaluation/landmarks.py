@@ -39,11 +39,8 @@ class Refiner(Protocol):
         ...
 
 
-def nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Per-face mean point error divided by the inter-ocular distance (eye centre to eye centre).
-
-    ``pred`` and ``gt`` are (N, 5, 2) or (5, 2) in LANDMARK_NAMES order; returns (N,) (or a scalar).
-    """
+def _point_errors(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's distance to its ground truth (…, 5) and each face's inter-ocular distance (…), float64."""
     p = np.asarray(pred, np.float64)
     g = np.asarray(gt, np.float64)
     if p.shape != g.shape or p.shape[-2:] != (len(LANDMARK_NAMES), 2):
@@ -51,7 +48,16 @@ def nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     iod = np.linalg.norm(g[..., 0, :] - g[..., 1, :], axis=-1)
     if np.any(iod <= 0):
         raise ValueError("ground truth with coincident eyes: inter-ocular distance is zero")
-    return np.linalg.norm(p - g, axis=-1).mean(-1) / iod
+    return np.linalg.norm(p - g, axis=-1), iod
+
+
+def nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Per-face mean point error divided by the inter-ocular distance (eye centre to eye centre).
+
+    ``pred`` and ``gt`` are (N, 5, 2) or (5, 2) in LANDMARK_NAMES order; returns (N,) (or a scalar).
+    """
+    errors, iod = _point_errors(pred, gt)
+    return errors.mean(-1) / iod
 
 
 def failure_rate(nmes: np.ndarray, threshold: float = FAILURE_THRESHOLD) -> float:
@@ -104,9 +110,8 @@ def annotated_faces(pairs: list[tuple[Path, Path]], detector: Any, desc: str,
 
 def per_landmark_nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """(5,) mean error of each landmark over the inter-ocular distance, for (N, 5, 2) arrays."""
-    g = np.asarray(gt, np.float64)
-    iod = np.linalg.norm(g[:, 0] - g[:, 1], axis=1)[:, None]
-    return (np.linalg.norm(np.asarray(pred, np.float64) - g, axis=2) / iod).mean(0)
+    errors, iod = _point_errors(pred, gt)
+    return (errors / iod[..., None]).reshape(-1, len(LANDMARK_NAMES)).mean(0)
 
 
 def summarize(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +23,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from runtime.ports import free_port
 
 ENV_BINARY = "FACEKIT_TRITONSERVER"
 INSTALL_HINT = (f"no tritonserver found: pip install --no-deps nvidia-pytriton (bundles Triton 2.51 with the "
@@ -81,13 +82,6 @@ def find_tritonserver() -> TritonInstall:
     if on_path:
         return TritonInstall.from_binary(on_path)
     raise TritonServerMissing(INSTALL_HINT)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def facekit_root() -> Path:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -57,6 +57,17 @@ def _pipeline(args, need_recognizer: bool, model_options: dict | None = None):
     return pipe
 
 
+def _print_result(args, data: Any, text: str | Sequence[str]) -> int:
+    """Print a command's result: ``data`` as one JSON line with ``--json``, else ``text`` (a line or lines).
+    Returns the exit status, 0."""
+    if args.json:
+        print(json.dumps(data))
+    else:
+        for line in [text] if isinstance(text, str) else text:
+            print(line)
+    return 0
+
+
 def _fmt(v: float | None, nd: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
@@ -96,16 +107,10 @@ def cmd_detect(args) -> int:
     if args.out:
         annotated = draw_faces(image.image, faces, scale=image.scale)
         files.atomic_write_bytes(args.out, _encode_image(Path(args.out), annotated), make_parents=False)
-    if args.json:
-        print(json.dumps([f.to_dict() for f in faces]))
-    else:
-        print(f"{args.image}: {len(faces)} face(s)" if faces else f"{args.image}: no face found")
-        for i, f in enumerate(faces):
-            box = ", ".join(f"{v:.0f}" for v in f.box)
-            print(f"  #{i}: score {f.score:.3f}  box [{box}]")
-        if args.out:
-            print(f"annotated image written to {args.out}")
-    return 0
+    lines = [f"{args.image}: {len(faces)} face(s)" if faces else f"{args.image}: no face found"]
+    lines += [f"  #{i}: score {f.score:.3f}  box [{', '.join(f'{v:.0f}' for v in f.box)}]" for i, f in enumerate(faces)]
+    lines += [f"annotated image written to {args.out}"] if args.out else []
+    return _print_result(args, [f.to_dict() for f in faces], lines)
 
 
 def cmd_compare(args) -> int:
@@ -118,8 +123,7 @@ def cmd_compare(args) -> int:
     except NoFaceError as e:  # a result, not an error
         result = {"similarity": None, "same": None, "error": str(e)}
         text = str(e)
-    print(json.dumps(result) if args.json else text)
-    return 0
+    return _print_result(args, result, text)
 
 
 def cmd_matrix(args) -> int:
@@ -142,14 +146,10 @@ def cmd_matrix(args) -> int:
     sim = mat @ mat.T
     names = [p.name for p in photos]
     files.atomic_write_bytes(args.out, similarity_heatmap_png(sim, names, pipe.threshold), make_parents=False)
-    if args.json:
-        print(json.dumps({"names": names, "similarity": [[None if np.isnan(v) else round(float(v), 6) for v in row]
-                                                          for row in sim], "skipped": missing}))
-    else:
-        print(f"{len(photos)} images, similarity matrix written to {args.out}")
-        for m in missing:
-            print(f"  skipped {m}")
-    return 0
+    result = {"names": names, "similarity": [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in sim],
+              "skipped": missing}
+    return _print_result(args, result, [f"{len(photos)} images, similarity matrix written to {args.out}",
+                                        *(f"  skipped {m}" for m in missing)])
 
 
 def cmd_enroll(args) -> int:
@@ -176,14 +176,8 @@ def cmd_identify(args) -> int:
     pipe = _pipeline(args, need_recognizer=True)
     gallery = _load_gallery(args.gallery, pipe)
     matches = gallery.identify(args.image, top_k=args.top_k, pipeline=pipe)
-    if args.json:
-        print(json.dumps([{"name": n, "similarity": round(s, 6)} for n, s in matches]))
-    elif not matches:
-        print(f"{args.image}: no face found")
-    else:
-        for n, s in matches:
-            print(f"{'unknown' if n is None else n}\t{s:.4f}")
-    return 0
+    lines = [f"{'unknown' if n is None else n}\t{s:.4f}" for n, s in matches] or f"{args.image}: no face found"
+    return _print_result(args, [{"name": n, "similarity": round(s, 6)} for n, s in matches], lines)
 
 
 def cmd_serve(args) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.landmarks import failure_rate, nme
+from evaluation.landmarks import failure_rate, nme, per_landmark_nme
 from runtime.geometry import FLIP_PAIRS, transform_points
 from runtime.landmarks import (
     AlignerGeometry,
@@ -125,9 +125,15 @@ def test_nme_and_failure_rate():
     pred = two.copy()
     pred[0, 2] += [6.0, 8.0]  # one point 10 px off, inter-ocular 20: NME = 10 / 5 / 20
     assert np.allclose(nme(pred, two), [0.1, 0.0])
+    assert np.allclose(per_landmark_nme(pred, two), [0, 0, 0.25, 0, 0])  # the nose: (10 / 20 + 0) / 2
     assert failure_rate(np.array([0.05, 0.1, 0.1001, 0.3])) == 0.5  # strictly above 10 %
     with pytest.raises(ValueError):
         nme(gt[:, :4], gt[:, :4])
+    blind = gt.copy()
+    blind[0, 1] = blind[0, 0]  # coincident eyes: no scale to divide by
+    for metric in (nme, per_landmark_nme):
+        with pytest.raises(ValueError, match="inter-ocular distance is zero"):
+            metric(gt, blind)
 
 
 def test_training_step_fits_a_batch(facekit_data):
@@ -189,7 +195,8 @@ def test_build_aligner_checks_its_config():
         AlignerGeometry(input_size=(128, 128), heatmap_size=(30, 30))
 
 
-@pytest.mark.parametrize("module", ["runtime.landmarks", "evaluation.landmarks"])
+@pytest.mark.parametrize("module", ["runtime.landmarks", "evaluation.landmarks", "train.aligner",
+                                    "benchmarks.landmarks"])
 def test_landmark_modules_do_not_import_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     run_python(code)
@@ -230,6 +237,12 @@ def test_exported_aligner_matches_pytorch(facekit_data, tmp_path, flip_test):
         assert np.abs(onnx_pts - torch_pts).max() < 0.05, options
         assert np.allclose(refiner.refine(image, boxes[0], init[0]), onnx_pts[0])
     assert not np.allclose(refiner.refine(image, boxes[0]), onnx_pts[0])  # derotation used the landmarks
+
+    from train.aligner import load_refiner  # the file's kind picks the engine; fallback=False reaches both
+
+    assert type(load_refiner(ckpt)) is TorchRefiner and type(load_refiner(onnx_path)) is LandmarkRefiner
+    assert load_refiner(ckpt).fallback is not None and load_refiner(onnx_path).fallback is not None
+    assert all(load_refiner(f, fallback=False).fallback is None for f in (ckpt, onnx_path))
 
 
 SHIPPED = ROOT / "runtime" / "models" / "aligner.onnx"

@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import warnings
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from runtime.ports import free_port
 from runtime.preprocess import to_model_input
 from train.backbones import build_backbone
 from train.config import load_config
@@ -39,12 +39,6 @@ CPU = ["train.device=cpu", "train.threads=1", "train.progress=false", "train.ten
        "data.format=synthetic", "train.checkpoint_every=0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(tmp: Path, spec: dict, nproc: int = 2, timeout: float = 420) -> str:
     """Run tests/ddp_worker.py on ``nproc`` gloo ranks (loopback only); the output, or a failure with its tail."""
     spec_file = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.json"
@@ -52,7 +46,7 @@ def torchrun(tmp: Path, spec: dict, nproc: int = 2, timeout: float = 420) -> str
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(WORKER), str(spec_file)]
+           "--master-port", str(free_port()), str(WORKER), str(spec_file)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

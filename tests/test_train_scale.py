@@ -302,12 +302,9 @@ def test_ddp_registration_check_catches_a_parameter_changed_after_construction()
 
     from train.distributed import check_ddp_registration
 
-    import socket
+    from runtime.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
         net[1].weight.requires_grad_(False)

@@ -20,10 +20,11 @@ grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc]
 
 from export.triton_repository import ServingOptions, plan_repository, write_repository  # noqa: E402
 from export.triton_server import (LocalTritonServer, TritonServerMissing, executed_batches,  # noqa: E402
-                                  find_tritonserver, free_port)
+                                  find_tritonserver)
 from runtime.backends.base import ModelLoadError, load_model  # noqa: E402
 from runtime.detector import DEFAULT_DETECTOR  # noqa: E402
 from runtime.pipeline import DEFAULT_RECOGNIZER, FacePipeline  # noqa: E402
+from runtime.ports import free_port  # noqa: E402
 from runtime.preprocess import to_model_input  # noqa: E402
 
 #: one-face portraits: every face_pipeline request sends the recognizer batches of exactly one crop

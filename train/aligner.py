@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+from train.model_files import is_checkpoint
 
 EXPORT_HINT = "export an aligner checkpoint with: python export/to_onnx.py --checkpoint CKPT --out aligner.onnx"
 
@@ -39,9 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_refiner(path: str | os.PathLike, fallback: bool | None = None):
+    """The refiner of an aligner file: a checkpoint runs in PyTorch (:class:`train.aligner_refiner.TorchRefiner`),
+    an export (ONNX, engine) in the runtime (:class:`runtime.landmarks.LandmarkRefiner`); torch is imported
+    only for a checkpoint. ``fallback=False`` turns the model's fallback rule off (the aligner's own points)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"aligner model {path} not found")
+    if is_checkpoint(path):
+        from train.aligner_refiner import TorchRefiner
+
+        return TorchRefiner(path, fallback=fallback)
+    from runtime.landmarks import LandmarkRefiner
+
+    return LandmarkRefiner(str(path), fallback=fallback)
+
+
 def evaluate(model: str, data: Path, as_json: bool, progress: bool) -> None:
     from evaluation.landmarks import evaluate_landmarks, format_table
-    from train.aligner_refiner import load_refiner
 
     result = evaluate_landmarks(data, load_refiner(model), progress=progress)
     print(json.dumps(result) if as_json else format_table(result))

@@ -1,6 +1,6 @@
 """The aligner in PyTorch, used like the runtime's ONNX :class:`runtime.landmarks.LandmarkRefiner`.
 
-    refiner = load_refiner("runs/aligner_default/last.pt")   # or an exported .onnx
+    refiner = TorchRefiner("runs/aligner_default/last.pt")   # train.aligner.load_refiner also opens exports
     points = refiner.refine(image_bgr, box, detector_points)
 
 Crops, decoding and flip-test come from :mod:`runtime.landmarks` (:func:`~runtime.landmarks.predict_with_peaks`),
@@ -9,7 +9,6 @@ so a checkpoint and its export give the same points.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,9 +16,9 @@ from torch import nn
 
 from evaluation.landmarks import failure_rate, nme
 from runtime.landmark_fallback import FallbackRule, Refined, apply_fallback
-from runtime.landmarks import AlignerGeometry, LandmarkRefiner, face_crops, predict_with_peaks
+from runtime.landmarks import AlignerGeometry, face_crops, predict_with_peaks
 
-from .checkpoint import CHECKPOINT_SUFFIXES, build_model_from_checkpoint
+from .checkpoint import build_model_from_checkpoint
 from .hourglass import full_config
 from .landmark_data import LandmarkData
 
@@ -63,17 +62,6 @@ class TorchRefiner:
     def refine(self, image_bgr: np.ndarray, box: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
         """(5, 2) landmarks of the face in ``box``."""
         return self.refine_many(image_bgr, [box], None if landmarks is None else [landmarks])[0]
-
-
-def load_refiner(path: str | os.PathLike) -> TorchRefiner | LandmarkRefiner:
-    """A refiner for an aligner file: a checkpoint (.pt) runs in PyTorch, anything else (ONNX, engine)
-    through the runtime."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"aligner model {path} not found")
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        return TorchRefiner(path)
-    return LandmarkRefiner(str(path))
 
 
 def evaluate_model(model: nn.Module, data: LandmarkData, geometry: AlignerGeometry,

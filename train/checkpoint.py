@@ -20,8 +20,6 @@ from .hourglass import build_aligner
 
 #: Stored in every checkpoint written by :func:`save_checkpoint`.
 FORMAT_VERSION = 1
-#: File suffixes of PyTorch checkpoints.
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 class CheckpointError(RuntimeError):

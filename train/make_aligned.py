@@ -65,6 +65,7 @@ from runtime.pipeline import FacePipeline
 from runtime.preprocess import PreprocessSpec
 from runtime.subject import choose_subject
 from train.datasets import UNLABELLED
+from train.model_files import is_checkpoint
 
 MANIFEST_FIELDS = ("source", "identity", "status", "reason", "output", "faces", "score", "box", "landmarks")
 
@@ -254,7 +255,7 @@ def model_spec(model: str):
     """The preprocessing of a recognizer: a checkpoint's config or an ONNX file's facekit metadata."""
     from runtime.preprocess import spec_from_config
 
-    if Path(model).suffix.lower() in (".pt", ".pth", ".ckpt"):  # train.checkpoint.CHECKPOINT_SUFFIXES, without torch
+    if is_checkpoint(model):
         from train.checkpoint import load_checkpoint
 
         return spec_from_config(load_checkpoint(model).get("config") or {})
