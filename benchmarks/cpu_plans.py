@@ -52,16 +52,14 @@ def concurrent_requests(model) -> int:
     return max(1, int(model.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
 
 
-def isa_summary() -> str:
-    """The CPU's vector / matrix instruction sets that decide CPU inference speed, e.g.
+def isa_summary(flags: frozenset[str] | None = None) -> str:
+    """The CPU's (or ``flags``') vector / matrix instruction sets that decide CPU inference speed, e.g.
     ``"AVX2; no AVX-512, no VNNI, no AMX, no AVX512-BF16"`` (native bf16 is AMX or AVX512-BF16)."""
-    from runtime.cpu import cpu_flags
+    from runtime.cpu import cpu_flags, has_isa
 
-    flags = cpu_flags()
+    flags = cpu_flags() if flags is None else flags
     if not flags:
         return "CPU flags unknown"
-    has = [name for name, keys in (("AVX2", {"avx2"}), ("AVX-512", {"avx512f"}),
-                                   ("VNNI", {"avx512_vnni", "avx_vnni"}), ("AMX", {"amx_tile"}),
-                                   ("AVX512-BF16", {"avx512_bf16"})) if flags & keys]
+    has = [name for name in ("AVX2", "AVX-512", "VNNI", "AMX", "AVX512-BF16") if has_isa(name, flags)]
     missing = [n for n in ("AVX-512", "VNNI", "AMX", "AVX512-BF16") if n not in has]
     return "; ".join(filter(None, [", ".join(has), ", ".join(f"no {n}" for n in missing)]))

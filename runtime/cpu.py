@@ -39,3 +39,20 @@ def cpu_model() -> str:
 def cpu_flags() -> frozenset[str]:
     """Instruction-set flags of the CPU (``avx2``, ``avx512_bf16``, ``amx_bf16``, …); empty when unknown."""
     return frozenset(_cpuinfo().get("flags", "").split())
+
+
+#: The instruction sets that decide CPU inference speed, each with the CPU flags that show it (any one).
+ISA_FLAGS: dict[str, frozenset[str]] = {
+    "AVX2": frozenset({"avx2"}),
+    "AVX-512": frozenset({"avx512f"}),
+    "VNNI": frozenset({"avx512_vnni", "avx_vnni", "avx512vnni"}),  # int8 dot products (512- or 256-bit)
+    "AMX": frozenset({"amx_tile"}),
+    "AMX-BF16": frozenset({"amx_bf16"}),
+    "AMX-INT8": frozenset({"amx_int8"}),
+    "AVX512-BF16": frozenset({"avx512_bf16"}),
+}
+
+
+def has_isa(name: str, flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU (or the given ``flags``) has the instruction set ``name`` of :data:`ISA_FLAGS`."""
+    return bool(ISA_FLAGS[name] & (cpu_flags() if flags is None else flags))

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from benchmarks.child_process import child_env
+from benchmarks.cpu_plans import isa_summary
 from benchmarks.report import shown_path, write_md_and_json
 from evaluation.data import PROJECT_ROOT
+from runtime.cpu import has_isa
 
 
 def test_numpy_values_and_paths_are_written_and_a_bad_value_leaves_no_file(tmp_path):
@@ -41,3 +43,13 @@ def test_a_child_finds_this_checkout_first_and_keeps_the_callers_path(tmp_path, 
 def test_reports_show_project_paths_relative_and_others_as_given(tmp_path):
     assert shown_path(PROJECT_ROOT / "runtime" / "models" / "recognizer.onnx") == "runtime/models/recognizer.onnx"
     assert shown_path(tmp_path / "elsewhere.onnx") == str(tmp_path / "elsewhere.onnx")
+
+
+def test_reports_and_the_runtime_read_instruction_sets_from_the_same_flags():
+    sapphire_rapids = frozenset("avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8".split())
+    zen3 = frozenset("avx2 fma sse4_2".split())
+    assert isa_summary(sapphire_rapids) == "AVX2, AVX-512, VNNI, AMX, AVX512-BF16"
+    assert isa_summary(zen3) == "AVX2; no AVX-512, no VNNI, no AMX, no AVX512-BF16"
+    assert isa_summary(frozenset()) == "CPU flags unknown"
+    assert has_isa("VNNI", frozenset({"avx_vnni"})) and has_isa("AMX-BF16", sapphire_rapids)
+    assert not any(has_isa(name, zen3) for name in ("VNNI", "AMX", "AMX-BF16", "AMX-INT8", "AVX512-BF16"))

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..cpu import cpu_flags, cpu_model
+from ..cpu import cpu_model, has_isa
 from ..files import atomic_write_bytes, cache_dir as facekit_cache_dir, sha256_file
 from ..metadata import ModelMetadataError, check_warp, preprocess_spec, read_onnx_metadata
 from ..messages import first_line
@@ -69,20 +69,18 @@ def native_bf16() -> str | None:
     CPU flags name it."""
     if "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         return None
-    flags = cpu_flags()
-    if "amx_bf16" in flags:
+    if has_isa("AMX-BF16"):
         return "AMX"
-    if "avx512_bf16" in flags:
+    if has_isa("AVX512-BF16"):
         return "AVX512-BF16"
     return "native bf16"
 
 
 def int8_isa() -> str | None:
     """The int8 dot-product instructions here ("AMX", "VNNI"), None without them (int8 then runs slower)."""
-    flags = cpu_flags()
-    if "amx_int8" in flags:
+    if has_isa("AMX-INT8"):
         return "AMX"
-    if flags & {"avx512_vnni", "avx_vnni", "avx512vnni"}:
+    if has_isa("VNNI"):
         return "VNNI"
     return None
 
