@@ -56,6 +56,7 @@ class Options:
     images: int = option(100, "LFW images per pipeline round")
     rounds: int = option(3, "interleaved rounds per configuration")
     seconds: float = 1.0
+    #: also measure LFW / CFP-FP accuracy (the help describes the switch, ``--no-accuracy``)
     accuracy: bool = option(True, "parity only: skip LFW / CFP-FP accuracy")
     quiet: bool = False
 

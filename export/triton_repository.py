@@ -115,6 +115,7 @@ class ServingOptions:
                                       "(optimization.execution_accelerators)", choices=ORT_TENSORRT)
     pipeline_instances: int = option(2, "face_pipeline instances")
     score_threshold: float = option(DEFAULT_SCORE_THRESHOLD, "face_pipeline: detector score threshold")
+    #: face_pipeline embeds face + mirror image, summed (the help describes the switch, ``--no-flip-test``)
     flip_test: bool = option(True, "face_pipeline: embed each face once (default: face + mirror image, summed)")
 
     def __post_init__(self):

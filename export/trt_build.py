@@ -43,6 +43,7 @@ class BuildOptions:
     max_batch: int = option(256, "largest batch of the optimization profile")
     workspace_mib: int = option(4096, "builder workspace in MiB")
     optimization_level: int = option(3, "builder optimization level 0-5", flag="--opt-level")
+    #: fp32 layers may use TF32 (the help describes the switch, ``--no-tf32``)
     tf32: bool = option(True, "fp32 layers in strict fp32 (no TF32)")
 
     def __post_init__(self):

@@ -40,6 +40,7 @@ class ServeConfig:
     max_images: int = option(16, "most images in one enrolment")
     max_top_k: int = 100
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest image (width × height) decoded")
+    #: log every request (the help describes the switch, ``--no-access-log``)
     access_log: bool = option(True, "do not log every request")
     log_level: str = option("info", "log level", choices=("critical", "error", "warning", "info", "debug"))
 
