@@ -130,8 +130,8 @@ def cmd_triton(args) -> dict:
     except (TritonServerMissing, TritonExportError) as e:
         raise UsageError(str(e)) from None
     result["command"] = rp.run_command()
-    if not args.no_write:
-        for path in triton.write(result, Path(args.results) if args.results else rp.RESULTS_DIR):
+    if (results := rp.results_dir(args)) is not None:
+        for path in triton.write(result, results):
             log(f"wrote {path}")
     print_result(result, args, triton.to_markdown(result))
     return result
@@ -141,8 +141,8 @@ def cmd_training(args) -> dict:
     """Trainer and loader throughput, .rec start-up: ``benchmarks/training_throughput.py``."""
     from benchmarks import training_throughput
 
-    return training_throughput.run(args.only, Path(args.results or rp.RESULTS_DIR),
-                                   Path(args.rec_dir) if args.rec_dir else None, args.steps, args.old_rev or None)
+    return training_throughput.run(args.only, rp.results_dir(args), Path(args.rec_dir) if args.rec_dir else None,
+                                   args.steps, args.old_rev or None)
 
 
 def cmd_throughput(args) -> dict:
@@ -165,10 +165,8 @@ def cmd_throughput(args) -> dict:
                                                ["in-process", "2 processes", "ray (local)"])
     info["load_average_at_end"] = rp.load_average()
     md = pt.to_markdown(out)
-    if not args.no_write:
-        stem = rp.report_stem(info, out["date"]) + "-throughput"
-        results = Path(args.results) if args.results else rp.RESULTS_DIR
-        rp.write_md_and_json(results / stem, md, out)
+    if (results := rp.results_dir(args)) is not None:
+        rp.write_md_and_json(results / (rp.report_stem(info, out["date"]) + "-throughput"), md, out)
     print_result(out, args, md)
     return out
 
@@ -204,7 +202,7 @@ def cmd_cpu(args) -> dict:
     from benchmarks import cpu_backends
 
     opts = cpu_backends.OPTIONS.build(args, model=resolve_model(args.model), seconds=args.seconds, quiet=args.quiet)
-    report = cpu_backends.run(opts, None if args.no_write else rp.RESULTS_DIR, rp.run_command())
+    report = cpu_backends.run(opts, rp.results_dir(args), rp.run_command())
     print_result(report, args, cpu_backends.to_markdown(report))
     return report
 
@@ -230,8 +228,8 @@ def cmd_gallery(args) -> dict:
     out = bg.run(emb, pairset.identities, sizes=args.sizes, kinds=args.indexes, exact_queries=args.exact_queries,
                  with_crossover=not args.no_crossover, log=log)
     out.update(model=str(model), command=rp.run_command())
-    if not getattr(args, "no_write", False):
-        md, _ = gallery_report.write(out, Path(getattr(args, "results", None) or rp.RESULTS_DIR))
+    if (results := rp.results_dir(args)) is not None:
+        md, _ = gallery_report.write(out, results)
         log(f"wrote {md}")
     print_result(out, args, gallery_report.to_markdown(out))
     return out

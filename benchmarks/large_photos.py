@@ -193,8 +193,7 @@ def run(args) -> dict:
     result["load_average_at_end"] = rp.load_average()
     text = to_markdown(result)
     print(text)
-    if not getattr(args, "no_write", False):
-        out_dir = Path(getattr(args, "results", None) or rp.RESULTS_DIR)
+    if (out_dir := rp.results_dir(args)) is not None:
         stem = f"{rp.report_stem(info)}-large-photos"
         rp.write_md_and_json(out_dir / stem, text, result)
         print(f"written: {out_dir / stem}.md, .json", file=sys.stderr)

@@ -228,6 +228,13 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def results_dir(args) -> Path | None:
+    """Where a command writes its report: ``--results`` (default :data:`RESULTS_DIR`); None with ``--no-write``."""
+    if getattr(args, "no_write", False):
+        return None
+    return Path(getattr(args, "results", None) or RESULTS_DIR)
+
+
 def report_stem(info: dict, date: str | None = None) -> str:
     return f"{date or _dt.date.today().isoformat()}-{machine_slug(info)}"
 

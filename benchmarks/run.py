@@ -138,7 +138,7 @@ def _add_speed_commands(sub, sub_common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("cpu", parents=[sub_common], help="OpenVINO f32/bf16/int8 vs ONNX Runtime fp32; "
                        "FacePipeline() vs backend='onnxruntime' (benchmarks/cpu_backends.py)")
     cpu_backends.OPTIONS.add(s)
-    s.add_argument("--no-write", action="store_true", help="print the report but write no files")
+    s.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS, help="print, write no files")
     large_photos.add_arguments(sub.add_parser("large-photos", help="50–200 MP JPEGs: full vs reduced decode, "
                                                                    "pipeline time, faces, peak RSS"))
     s = sub.add_parser("triton", parents=[sub_common], help="throughput, p50/p99 latency through Triton vs "
@@ -159,6 +159,7 @@ def _add_speed_commands(sub, sub_common: argparse.ArgumentParser) -> None:
     s.add_argument("--rec-dir", help="folder for the generated MS1MV2-shaped .idx/.rec (default: the facekit cache)")
     s.add_argument("--steps", type=int, default=30, help="ranks: training steps per run")
     s.add_argument("--old-rev", default="main", help="rec-open: git revision of the reader to compare with ('' = none)")
+    s.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS, help="print, write no files")
     s = sub.add_parser("gallery", parents=[sub_common], help="exact / HNSW / IVF search among synthetic distractors")
     s.add_argument("--data", help="LFW folder (default $FACEKIT_DATA/lfw)")
     add_list_option(s, "--sizes", gallery.DEFAULT_SIZES, "distractor counts", minimum=1)

@@ -271,7 +271,16 @@ def to_markdown(report: dict, machine_line: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run(only: Sequence[str], results_dir: Path, rec_dir: Path | None, steps: int, old_rev: str | None) -> dict:
+def report_name(info: dict, only: Sequence[str]) -> str:
+    """``<date>-<machine>-training``; a run of some parts only names them, so it never replaces a full report."""
+    from benchmarks import report as rp
+
+    parts = [p for p in PARTS if p in only]
+    return f"{rp.report_stem(info)}-training" + ("" if len(parts) == len(PARTS) else "-" + "-".join(parts))
+
+
+def run(only: Sequence[str], results_dir: Path | None, rec_dir: Path | None, steps: int, old_rev: str | None) -> dict:
+    """Measure the parts ``only`` names, print the report and write it under ``results_dir`` (None: nowhere)."""
     from benchmarks import report as rp
 
     info = rp.machine_info()
@@ -286,8 +295,8 @@ def run(only: Sequence[str], results_dir: Path, rec_dir: Path | None, steps: int
         report["rec_open"] = measure_rec_open(rec_dir or cache_dir() / "bench" / "ms1m_shaped", old_rev)
     report["load_average_at_end"] = rp.load_average()
     report["notes"].append("No GPU here: these are CPU figures; NCCL and GPU throughput were not measured.")
-    stem = f"{rp.report_stem(info)}-training"
     md = to_markdown(report, rp.machine_line(info))
-    rp.write_md_and_json(results_dir / stem, md, report)
+    if results_dir is not None:
+        rp.write_md_and_json(results_dir / report_name(info, only), md, report)
     print(md)
     return report

@@ -53,3 +53,18 @@ def test_reports_and_the_runtime_read_instruction_sets_from_the_same_flags():
     assert isa_summary(frozenset()) == "CPU flags unknown"
     assert has_isa("VNNI", frozenset({"avx_vnni"})) and has_isa("AMX-BF16", sapphire_rapids)
     assert not any(has_isa(name, zen3) for name in ("VNNI", "AMX", "AMX-BF16", "AMX-INT8", "AVX512-BF16"))
+
+
+def test_no_write_and_results_reach_every_command_that_writes_a_report():
+    """Given before the sub-command or after it, ``--no-write`` and ``--results`` decide where the report goes (a
+    sub-command's own default must not overwrite them: ``run.py --no-write cpu`` wrote its report before)."""
+    from benchmarks.report import RESULTS_DIR, results_dir
+    from benchmarks.run import build_parser
+
+    parser = build_parser()
+    for command in ("cpu", "gallery", "training", "large-photos", "throughput", "triton", "serve"):
+        assert results_dir(parser.parse_args([command])) == RESULTS_DIR, command
+        assert results_dir(parser.parse_args(["--no-write", command])) is None, command
+        assert results_dir(parser.parse_args(["--results", "elsewhere", command])) == Path("elsewhere"), command
+    for command in ("cpu", "gallery", "training", "large-photos"):
+        assert results_dir(parser.parse_args([command, "--no-write"])) is None, command

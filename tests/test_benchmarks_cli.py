@@ -189,3 +189,24 @@ def test_common_options_before_or_after_the_subcommand(facekit_data, recognizer,
     with np.load(before) as a, np.load(after) as b:
         assert a["emb_a"].shape[1] == EMBEDDING  # the shipped recognizer is 128-d, the test model 32-d
         assert np.array_equal(a["emb_a"], b["emb_a"])
+
+
+def test_training_report_writes_only_when_asked_and_a_partial_run_keeps_the_full_report(tmp_path):
+    """`run.py training --no-write` writes nothing; `--only loader` writes `…-training-loader.*`, not the day's
+    full `…-training.*` report."""
+    from benchmarks.report import machine_info
+    from benchmarks.training_throughput import PARTS, report_name
+
+    info = machine_info()
+    assert report_name(info, PARTS).endswith("-training")
+    assert report_name(info, ("rec-open", "loader")).endswith("-training-loader-rec-open")
+    results = tmp_path / "results"
+    env = dict(os.environ, FACEKIT_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="ignore")
+    for extra in (["--no-write"], []):
+        proc = subprocess.run(RUN + ["--results", str(results), "training", "--only", "loader", *extra],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "uint8 / float32" in proc.stdout
+        if extra:
+            assert not results.exists()
+    assert sorted(p.name for p in results.iterdir()) == [f"{report_name(info, ['loader'])}.{ext}" for ext in ("json", "md")]
