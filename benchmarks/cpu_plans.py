@@ -52,6 +52,14 @@ def concurrent_requests(model) -> int:
     return max(1, int(model.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
 
 
+def widest_isa(flags: frozenset[str] | None = None) -> str | None:
+    """The widest of AMX, AVX-512 and AVX2 the CPU (or ``flags``) has; None for none of them or unknown flags."""
+    from runtime.cpu import cpu_flags, has_isa
+
+    flags = cpu_flags() if flags is None else flags
+    return next((name for name in ("AMX", "AVX-512", "AVX2") if has_isa(name, flags)), None)
+
+
 def isa_summary(flags: frozenset[str] | None = None) -> str:
     """The CPU's (or ``flags``') vector / matrix instruction sets that decide CPU inference speed, e.g.
     ``"AVX2; no AVX-512, no VNNI, no AMX, no AVX512-BF16"`` (native bf16 is AMX or AVX512-BF16)."""

@@ -47,10 +47,11 @@ def load_average() -> list[float] | None:
 
 def machine_info() -> dict:
     """CPU model and its instruction sets (AVX-512, VNNI, AMX, …), usable cores, GPU(s), OS, library versions."""
-    from .cpu_plans import isa_summary
+    from .cpu_plans import isa_summary, widest_isa
 
-    info = {"cpu": cpu_model(), "isa": isa_summary(), "cores": usable_cores(), "gpus": gpu_names(),
-            "os": platform.platform(), "python": platform.python_version(), "load_average_at_start": load_average()}
+    info = {"cpu": cpu_model(), "isa": isa_summary(), "widest_isa": widest_isa(), "cores": usable_cores(),
+            "gpus": gpu_names(), "os": platform.platform(), "python": platform.python_version(),
+            "load_average_at_start": load_average()}
     versions = {}
     for mod in ("numpy", "onnxruntime", "openvino", "cv2", "torch", "tensorrt"):
         try:
@@ -63,9 +64,12 @@ def machine_info() -> dict:
 
 
 def machine_slug(info: dict) -> str:
-    """File-name form of the machine: GPU name if any, else the CPU model; plus the core count."""
+    """File-name form of the machine: GPU name if any, else the CPU model and its widest vector instruction set
+    (CPUs sold under one name differ: "AMD EPYC" is Zen 3 with AVX2 or Zen 4 with AVX-512); plus the core count."""
     base = info["gpus"][0] if info.get("gpus") else info.get("cpu", "cpu")
     base = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*$|\d+-core", "", base, flags=re.I)
+    if not info.get("gpus") and info.get("widest_isa"):
+        base += " " + info["widest_isa"].replace("-", "")
     slug = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-") or "machine"
     return f"{slug}-{info.get('cores', 0)}c"
 

@@ -68,3 +68,18 @@ def test_no_write_and_results_reach_every_command_that_writes_a_report():
         assert results_dir(parser.parse_args(["--results", "elsewhere", command])) == Path("elsewhere"), command
     for command in ("cpu", "gallery", "training", "large-photos"):
         assert results_dir(parser.parse_args([command, "--no-write"])) is None, command
+
+
+def test_report_names_tell_apart_cpus_sold_under_one_name():
+    """Two 2-core "AMD EPYC" machines (Zen 3 with AVX2, Zen 4 with AVX-512) wrote one file name, so one's
+    report of the day replaced the other's; the widest vector instruction set now tells them apart."""
+    from benchmarks.cpu_plans import widest_isa
+    from benchmarks.report import machine_slug
+
+    zen3, zen4 = frozenset({"avx2"}), frozenset({"avx2", "avx512f", "avx512_bf16"})
+    assert (widest_isa(zen3), widest_isa(zen4), widest_isa(frozenset({"sse2"}))) == ("AVX2", "AVX-512", None)
+    slugs = {machine_slug({"cpu": "AMD EPYC", "widest_isa": widest_isa(f), "cores": 2, "gpus": []}) for f in (zen3, zen4)}
+    assert slugs == {"amd-epyc-avx2-2c", "amd-epyc-avx512-2c"}
+    assert machine_slug({"cpu": "Intel(R) Xeon(R) CPU @ 2.10GHz", "widest_isa": "AMX", "cores": 2}) == "intel-xeon-amx-2c"
+    assert machine_slug({"cpu": "AMD EPYC", "widest_isa": "AVX2", "cores": 16, "gpus": ["NVIDIA H200"]}) == "nvidia-h200-16c"
+    assert machine_slug({"cpu": "AMD EPYC", "cores": 2}) == "amd-epyc-2c"  # a report written before the field
