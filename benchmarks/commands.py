@@ -189,8 +189,7 @@ def cmd_serve(args) -> dict:
 
     try:
         report, md = sv.serve_report(resolve_model(args.model), args.landmarks, args.concurrency, args.level_seconds,
-                                     Path(args.results) if args.results else None, client=args.client,
-                                     write=not args.no_write, progress=log)
+                                     rp.results_dir(args), client=args.client, progress=log)
     except sv.NoPhotos as e:
         raise UsageError(str(e)) from None
     print_result(report, args, md)

@@ -38,6 +38,7 @@ from runtime.files import atomic_write, sha256_file
 from runtime.gallery import Gallery
 from runtime.gallery_index import IndexSpec
 from runtime.gallery_index_file import index_files
+from runtime.messages import last_line
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 DEFAULT_INDEXES = ("exact", "hnsw", "ivf")
@@ -196,7 +197,7 @@ def loaded_memory(path: Path, spec: IndexSpec) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.gallery", "--measure-load", str(path), json.dumps(spec.to_dict())]
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=3600)
     if out.returncode:
-        raise RuntimeError(f"measuring the loaded gallery failed: {out.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"measuring the loaded gallery failed: {last_line(out.stderr)}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

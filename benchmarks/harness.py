@@ -17,8 +17,8 @@ from evaluation.data import PROJECT_ROOT as ROOT
 from evaluation.verification import evaluate, flip_sum_embeddings
 from runtime.backends.onnxruntime import cuda_usable
 from runtime.cpu import usable_cores
-from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
 from runtime.files import atomic_write
+from runtime.shipped import RECOGNIZER as SHIPPED_RECOGNIZER
 from train.model_files import is_checkpoint
 
 VERIFICATION_KINDS = ("lfw", "cfp-fp", "cfp-ff", "bin")

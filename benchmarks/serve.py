@@ -361,9 +361,10 @@ def to_markdown(report: dict) -> str:
 
 def serve_report(model: Path, landmarks: str, concurrency: tuple[int, ...] = CONCURRENCY,
                  seconds: float = LEVEL_SECONDS, results: Path | None = None,
-                 client: str = "raw", write: bool = True, progress=print) -> tuple[dict, str]:
-    """Run the benchmark for ``model`` and (``write``) save ``<date>-<machine>-serve.{md,json}`` in
-    ``results`` (default ``benchmarks/results``); returns the report and its markdown."""
+                 client: str = "raw", progress=print) -> tuple[dict, str]:
+    """Run the benchmark for ``model`` and save ``<date>-<machine>-serve.{md,json}`` and its plot in ``results``
+    (None: nowhere; ``benchmarks.report.results_dir`` reads it from the command line); returns the report and its
+    markdown."""
     import datetime as _dt
 
     from benchmarks import latency
@@ -374,7 +375,6 @@ def serve_report(model: Path, landmarks: str, concurrency: tuple[int, ...] = CON
     photos = latency.photos_640(data_root())
     if not photos:
         raise NoPhotos(f"no portraits in {data_root() / 'photos'} (set $FACEKIT_DATA)")
-    results = results or rp.RESULTS_DIR
     pipes = {"in-process embed (thread pool, default model threads)": FacePipeline(str(model), landmarks=landmarks),
              "in-process embed (thread pool, 1 thread per model call)": FacePipeline(
                  str(model), landmarks=landmarks, model_options={"threads": 1})}
@@ -388,12 +388,12 @@ def serve_report(model: Path, landmarks: str, concurrency: tuple[int, ...] = CON
         server.close()
     report["load_average_at_end"] = rp.load_average()
     report["notes"] = list(NOTES)
-    stem = results / (rp.report_stem(report["machine"], report["date"]) + "-serve")
-    if write:
+    if results is not None:
+        stem = results / (rp.report_stem(report["machine"], report["date"]) + "-serve")
         results.mkdir(parents=True, exist_ok=True)
         report["plot"] = str(Path(plot(report, stem / "throughput-latency.png")).relative_to(results))
     md = to_markdown(report)
-    if write:
+    if results is not None:
         rp.write_md_and_json(stem, md, report)
         progress(f"wrote {stem}.md and .json")
     return report, md

@@ -28,8 +28,8 @@ import numpy as np
 
 from benchmarks.child_process import child_env
 from evaluation.data import PROJECT_ROOT as ROOT
-from runtime.ports import free_port
 from runtime.files import atomic_write
+from runtime.ports import free_port
 
 MS1MV2_IMAGES, MS1MV2_IDENTITIES = 5_822_653, 85_742
 #: Spacing of the generated image records (≈ MS1MV2's mean JPEG record); the .rec is sparse, nothing is written.

@@ -1,4 +1,4 @@
-"""What every benchmark shares: the writer of its markdown and JSON pair, its child processes' environment."""
+"""What every benchmark shares: its report writer, file names and folder, child processes' environment, CPU line."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from benchmarks.child_process import child_env
-from benchmarks.cpu_plans import isa_summary
-from benchmarks.report import shown_path, write_md_and_json
+from benchmarks.cpu_plans import isa_summary, widest_isa
+from benchmarks.report import RESULTS_DIR, machine_slug, results_dir, shown_path, write_md_and_json
+from benchmarks.run import build_parser
 from evaluation.data import PROJECT_ROOT
 from runtime.cpu import has_isa
 
@@ -58,9 +59,6 @@ def test_reports_and_the_runtime_read_instruction_sets_from_the_same_flags():
 def test_no_write_and_results_reach_every_command_that_writes_a_report():
     """Given before the sub-command or after it, ``--no-write`` and ``--results`` decide where the report goes (a
     sub-command's own default must not overwrite them: ``run.py --no-write cpu`` wrote its report before)."""
-    from benchmarks.report import RESULTS_DIR, results_dir
-    from benchmarks.run import build_parser
-
     parser = build_parser()
     for command in ("cpu", "gallery", "training", "large-photos", "throughput", "triton", "serve"):
         assert results_dir(parser.parse_args([command])) == RESULTS_DIR, command
@@ -73,9 +71,6 @@ def test_no_write_and_results_reach_every_command_that_writes_a_report():
 def test_report_names_tell_apart_cpus_sold_under_one_name():
     """Two 2-core "AMD EPYC" machines (Zen 3 with AVX2, Zen 4 with AVX-512) wrote one file name, so one's
     report of the day replaced the other's; the widest vector instruction set now tells them apart."""
-    from benchmarks.cpu_plans import widest_isa
-    from benchmarks.report import machine_slug
-
     zen3, zen4 = frozenset({"avx2"}), frozenset({"avx2", "avx512f", "avx512_bf16"})
     assert (widest_isa(zen3), widest_isa(zen4), widest_isa(frozenset({"sse2"}))) == ("AVX2", "AVX-512", None)
     slugs = {machine_slug({"cpu": "AMD EPYC", "widest_isa": widest_isa(f), "cores": 2, "gpus": []}) for f in (zen3, zen4)}

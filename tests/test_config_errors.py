@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import ROOT
+from conftest import ROOT
 from train.config import ConfigError, load_config
 
 #: The file each task's cases start from: the built-in recognition defaults, the shipped aligner config (whose
