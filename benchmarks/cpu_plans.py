@@ -54,10 +54,9 @@ def concurrent_requests(model) -> int:
 
 def widest_isa(flags: frozenset[str] | None = None) -> str | None:
     """The widest of AMX, AVX-512 and AVX2 the CPU (or ``flags``) has; None for none of them or unknown flags."""
-    from runtime.cpu import cpu_flags, has_isa
+    from runtime.cpu import first_isa
 
-    flags = cpu_flags() if flags is None else flags
-    return next((name for name in ("AMX", "AVX-512", "AVX2") if has_isa(name, flags)), None)
+    return first_isa(("AMX", "AVX-512", "AVX2"), flags)
 
 
 def isa_summary(flags: frozenset[str] | None = None) -> str:

@@ -5,6 +5,7 @@ import functools
 import os
 import platform
 from pathlib import Path
+from typing import Iterable
 
 
 def usable_cores() -> int:
@@ -56,3 +57,9 @@ ISA_FLAGS: dict[str, frozenset[str]] = {
 def has_isa(name: str, flags: frozenset[str] | None = None) -> bool:
     """Whether the CPU (or the given ``flags``) has the instruction set ``name`` of :data:`ISA_FLAGS`."""
     return bool(ISA_FLAGS[name] & (cpu_flags() if flags is None else flags))
+
+
+def first_isa(names: Iterable[str], flags: frozenset[str] | None = None) -> str | None:
+    """The first of ``names`` (instruction sets of :data:`ISA_FLAGS`, best first) the CPU or ``flags`` has."""
+    flags = cpu_flags() if flags is None else flags
+    return next((name for name in names if has_isa(name, flags)), None)

@@ -15,7 +15,7 @@ from benchmarks.cpu_plans import isa_summary, widest_isa
 from benchmarks.report import RESULTS_DIR, machine_slug, results_dir, shown_path, write_md_and_json
 from benchmarks.run import build_parser
 from evaluation.data import PROJECT_ROOT
-from runtime.cpu import has_isa
+from runtime.cpu import first_isa, has_isa
 
 
 def test_numpy_values_and_paths_are_written_and_a_bad_value_leaves_no_file(tmp_path):
@@ -54,6 +54,7 @@ def test_reports_and_the_runtime_read_instruction_sets_from_the_same_flags():
     assert isa_summary(frozenset()) == "CPU flags unknown"
     assert has_isa("VNNI", frozenset({"avx_vnni"})) and has_isa("AMX-BF16", sapphire_rapids)
     assert not any(has_isa(name, zen3) for name in ("VNNI", "AMX", "AMX-BF16", "AMX-INT8", "AVX512-BF16"))
+    assert first_isa(("AMX-INT8", "VNNI"), sapphire_rapids) == "AMX-INT8" and first_isa(("VNNI",), zen3) is None
 
 
 def test_no_write_and_results_reach_every_command_that_writes_a_report():

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..cpu import cpu_model, has_isa
+from ..cpu import cpu_model, first_isa
 from ..files import atomic_write_bytes, cache_dir as facekit_cache_dir, sha256_file
 from ..metadata import ModelMetadataError, check_warp, preprocess_spec, read_onnx_metadata
 from ..messages import first_line
@@ -69,20 +69,17 @@ def native_bf16() -> str | None:
     CPU flags name it."""
     if "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         return None
-    if has_isa("AMX-BF16"):
-        return "AMX"
-    if has_isa("AVX512-BF16"):
-        return "AVX512-BF16"
-    return "native bf16"
+    return _shown(first_isa(("AMX-BF16", "AVX512-BF16"))) or "native bf16"
 
 
 def int8_isa() -> str | None:
     """The int8 dot-product instructions here ("AMX", "VNNI"), None without them (int8 then runs slower)."""
-    if has_isa("AMX-INT8"):
-        return "AMX"
-    if has_isa("VNNI"):
-        return "VNNI"
-    return None
+    return _shown(first_isa(("AMX-INT8", "VNNI")))
+
+
+def _shown(isa: str | None) -> str | None:
+    """An instruction set as devices and reports name it: AMX's bf16 and int8 parts as "AMX"."""
+    return "AMX" if isa in ("AMX-BF16", "AMX-INT8") else isa
 
 
 def default_cache_dir() -> Path | None:
