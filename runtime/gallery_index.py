@@ -87,10 +87,6 @@ def require_faiss():
                                                 "pip install 'facekit[faiss]' (or faiss-cpu)")
 
 
-def faiss_available() -> bool:
-    return importable("faiss")
-
-
 @dataclass(frozen=True)
 class IndexSpec:
     """How a gallery is searched. Build settings decide the saved index; search settings apply per query."""
@@ -158,7 +154,7 @@ class IndexSpec:
         if self.kind == "exact" or rows < MIN_TRAIN_ROWS:
             return None
         if self.kind == "auto":
-            return AUTO_ANN_KIND if rows >= AUTO_ANN_MIN_ROWS and faiss_available() else None
+            return AUTO_ANN_KIND if rows >= AUTO_ANN_MIN_ROWS and importable("faiss") else None
         return self.kind
 
 
@@ -216,7 +212,7 @@ def exact_search(embeddings: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndar
     k = min(k, n)
     if k <= 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    if n >= FAISS_EXACT_MIN_ROWS and faiss_available():
+    if n >= FAISS_EXACT_MIN_ROWS and importable("faiss"):
         import faiss
 
         sims, rows = faiss.knn(q.reshape(1, -1), embeddings, k, metric=faiss.METRIC_INNER_PRODUCT)
