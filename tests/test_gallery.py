@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -197,20 +198,20 @@ def test_empty_gallery_round_trip_and_remove_last(tmp_path):
     assert k.names == ["b"] and k.dim == 3
 
 
-def test_large_gallery_enrolment_is_not_quadratic():
+def test_one_by_one_enrolment_grows_its_buffers_geometrically():
+    """3000 single enrolments reallocate the row buffers a logarithmic number of times (amortised doubling),
+    not once each: enrolment stays linear in the rows added, never quadratic."""
     rng = np.random.default_rng(5)
     g = Gallery(threshold=0.5)
     vecs = _unit(rng.standard_normal((3000, 128)))
-    t0 = time.perf_counter()
+    buffers: list[np.ndarray] = []  # every distinct row buffer, kept alive so none can be mistaken for another
     for i in range(3000):
         g.enroll(f"p{i}", vecs[i])
-    enrol_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        if not buffers or g._buffers[0] is not buffers[-1]:
+            buffers.append(g._buffers[0])
+    assert len(buffers) <= math.ceil(math.log2(3000 / 64)) + 1, [len(b) for b in buffers]
     for i in range(0, 3000, 30):
         assert g.identify(vecs[i])[0][0] == f"p{i}"
-    query_ms = (time.perf_counter() - t0) * 1000 / 100
-    print(f"\n3000 enrolments in {enrol_s:.2f} s, identify {query_ms:.2f} ms over 3000 people")
-    assert enrol_s < 10
 
 
 def test_enroll_and_identify_photos_through_a_pipeline(facekit_data, tmp_path):
