@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.cpu import cpu_flags, first_isa, has_isa
+
 
 @dataclass(frozen=True)
 class OpenVinoVariant:
@@ -54,16 +56,12 @@ def concurrent_requests(model) -> int:
 
 def widest_isa(flags: frozenset[str] | None = None) -> str | None:
     """The widest of AMX, AVX-512 and AVX2 the CPU (or ``flags``) has; None for none of them or unknown flags."""
-    from runtime.cpu import first_isa
-
     return first_isa(("AMX", "AVX-512", "AVX2"), flags)
 
 
 def isa_summary(flags: frozenset[str] | None = None) -> str:
     """The CPU's (or ``flags``') vector / matrix instruction sets that decide CPU inference speed, e.g.
     ``"AVX2; no AVX-512, no VNNI, no AMX, no AVX512-BF16"`` (native bf16 is AMX or AVX512-BF16)."""
-    from runtime.cpu import cpu_flags, has_isa
-
     flags = cpu_flags() if flags is None else flags
     if not flags:
         return "CPU flags unknown"

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.cpu_plans import isa_summary, widest_isa
 from evaluation.data import PROJECT_ROOT
 from runtime.cpu import cpu_model, usable_cores
 from runtime.files import atomic_write_bytes
@@ -47,8 +48,6 @@ def load_average() -> list[float] | None:
 
 def machine_info() -> dict:
     """CPU model and its instruction sets (AVX-512, VNNI, AMX, …), usable cores, GPU(s), OS, library versions."""
-    from .cpu_plans import isa_summary, widest_isa
-
     info = {"cpu": cpu_model(), "isa": isa_summary(), "widest_isa": widest_isa(), "cores": usable_cores(),
             "gpus": gpu_names(), "os": platform.platform(), "python": platform.python_version(),
             "load_average_at_start": load_average()}

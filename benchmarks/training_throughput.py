@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from benchmarks import report as rp
 from benchmarks.child_process import child_env
 from evaluation.data import PROJECT_ROOT as ROOT
 from runtime.files import atomic_write
@@ -273,16 +274,12 @@ def to_markdown(report: dict, machine_line: str) -> str:
 
 def report_name(info: dict, only: Sequence[str]) -> str:
     """``<date>-<machine>-training``; a run of some parts only names them, so it never replaces a full report."""
-    from benchmarks import report as rp
-
     parts = [p for p in PARTS if p in only]
     return f"{rp.report_stem(info)}-training" + ("" if len(parts) == len(PARTS) else "-" + "-".join(parts))
 
 
 def run(only: Sequence[str], results_dir: Path | None, rec_dir: Path | None, steps: int, old_rev: str | None) -> dict:
     """Measure the parts ``only`` names, print the report and write it under ``results_dir`` (None: nowhere)."""
-    from benchmarks import report as rp
-
     info = rp.machine_info()
     report = {"date": time.strftime("%Y-%m-%d"), "machine": info, "notes": []}
     if "loader" in only:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.register_assert_rewrite("gallery_concurrency", "threads")  # shared checks explain their failures too
-
 from evaluation.data import data_root
+
+pytest.register_assert_rewrite("gallery_concurrency", "threads")  # shared checks explain their failures too
 
 ROOT = Path(__file__).resolve().parents[1]
 
