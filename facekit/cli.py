@@ -26,12 +26,21 @@ TOOLS: dict[str, tuple[str, str]] = {
     "train-aligner": ("train.aligner", "train or evaluate the 5-point landmark aligner (train/aligner.py)"),
     "import-dlib": ("train.dlib_import", "dlib's face ResNet weights → a PyTorch checkpoint (train/dlib_import.py)"),
 }
-#: ``facekit export KIND``: the exporter modules (``export/to_<kind>.py``).
-EXPORTERS: dict[str, tuple[str, str]] = {
-    "onnx": ("export.to_onnx", "checkpoint → ONNX (fp32 / fp16 / INT8), checked against PyTorch"),
-    "trt": ("export.to_trt", "ONNX → TensorRT engine, cached and checked (needs tensorrt)"),
-    "triton": ("export.to_triton", "models → a Triton Inference Server model repository"),
+#: ``facekit export KIND`` → one-line help; KIND runs the module ``export.to_<KIND>`` (:func:`_exporter_module`).
+EXPORTERS: dict[str, str] = {
+    "onnx": "checkpoint → ONNX (fp32 / fp16 / INT8), checked against PyTorch",
+    "trt": "ONNX → TensorRT engine, cached and checked (needs tensorrt)",
+    "triton": "models → a Triton Inference Server model repository",
 }
+
+
+def _exporter_module(kind: str) -> str:
+    return f"export.to_{kind}"
+
+
+def _installed_exporters() -> list[str]:
+    """The export kinds whose module is importable here."""
+    return [k for k in EXPORTERS if importlib.util.find_spec(_exporter_module(k)) is not None]
 
 
 def _usage() -> str:
@@ -41,8 +50,7 @@ def _usage() -> str:
     width = max(map(len, [*TOOLS, *(f"export {k}" for k in EXPORTERS), "version"])) + 2
     lines = ["usage: facekit COMMAND [ARGS]", "", "runtime (torch-free): " + ", ".join(runtime_cmds), ""]
     lines += [f"  {name:<{width}}{text}" for name, (_, text) in TOOLS.items()]
-    lines += [f"  {'export ' + kind:<{width}}{text}" for kind, (module, text) in EXPORTERS.items()
-              if importlib.util.find_spec(module) is not None]
+    lines += [f"  {'export ' + kind:<{width}}{EXPORTERS[kind]}" for kind in _installed_exporters()]
     lines += [f"  {'version':<{width}}print facekit's version", "", "facekit COMMAND --help for a command's options."]
     return "\n".join(lines)
 
@@ -66,11 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command in TOOLS:
         return _run(TOOLS[command][0], rest, f"facekit {command}")
     if command == "export":
-        kinds = {k: m for k, (m, _) in EXPORTERS.items() if importlib.util.find_spec(m) is not None}
+        kinds = _installed_exporters()
         if not rest or rest[0] not in kinds:
             print(f"usage: facekit export {{{','.join(kinds)}}} [ARGS]", file=sys.stderr)
             return 2
-        return _run(kinds[rest[0]], rest[1:], f"facekit export {rest[0]}")
+        return _run(_exporter_module(rest[0]), rest[1:], f"facekit export {rest[0]}")
     from runtime.cli import main as runtime_main
 
     return runtime_main(args, prog="facekit")
