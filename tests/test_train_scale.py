@@ -22,6 +22,7 @@ from train.losses import build_loss
 from train.optim import build_optimizer, step_unless
 from train.recordio import IRHeader, RecordIOReader, pack_record, write_image_dataset, write_recordio
 from train.samplers import PKBatchSampler, ShuffleBatchSampler
+from train.schedule import BatchLayout, RunPosition, describe_layout_change, legacy_position
 from train.sharded_head import init_class_rows, shard_range, sharded_builder
 from train.synthetic import identity_sample
 from train.trainer import Trainer
@@ -92,6 +93,21 @@ def test_sampler_positions_do_not_depend_on_the_process_layout():
     pk_two = [list(PKBatchSampler(labels, 2, 2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     pk_one = list(PKBatchSampler(labels, 2, 2, seed=3, accumulate=2))
     assert [b for pair in zip(*pk_two) for b in pair] == pk_one
+
+
+def test_run_position_is_saved_flat_and_names_a_layout_change():
+    pos = RunPosition(step=3, epoch=1, sample_in_epoch=24, samples_seen=96, ref_global_batch=8,
+                      layout=ShuffleBatchSampler(50, 4, world_size=2, rank=1).layout)
+    state = pos.state_dict()
+    assert state == {"step": 3, "epoch": 1, "sample_in_epoch": 24, "samples_seen": 96, "ref_global_batch": 8,
+                     "world_size": 2, "batch_size": 4, "accumulate": 1}  # the checkpoint's "position" entry
+    assert RunPosition.from_state(state) == pos and pos.layout.global_batch == 8
+    assert describe_layout_change(pos, BatchLayout(2, 4)) is None
+    note = describe_layout_change(pos, BatchLayout(1, 2, 4))
+    assert note.startswith("resuming a run saved with 2 process(es) × batch 4 (global 8) on 1 process(es) × batch 2 "
+                           "× 4 accumulated (global 8): it continues at global sample 24 of epoch 1"), note
+    old = legacy_position({"step": 5, "sampler": {"epoch": 2, "start_batch": 3}}, batch_size=4, world_size=2)
+    assert (old.sample_in_epoch, old.samples_seen, old.ref_global_batch, old.layout) == (24, 40, 8, BatchLayout(2, 4))
 
 
 # ------------------------------------------------------------------------------------------ RecordIO index

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,10 @@ class RunStateMixin:
         self.scaler.load_state_dict(ckpt["scaler"])
         saved = (RunPosition.from_state(ckpt["position"]) if "position" in ckpt
                  else legacy_position(ckpt, self.sampler.batch_size, self.world_size))
-        note = describe_layout_change(saved, self.world_size, self.sampler.batch_size, self.accumulate)
+        note = describe_layout_change(saved, self.sampler.layout)
         if note and self.is_main:
             warnings.warn(note, stacklevel=2)
-        self.position = RunPosition(saved.step, saved.epoch, saved.sample_in_epoch, saved.samples_seen,
-                                    saved.ref_global_batch, self.world_size, self.sampler.batch_size, self.accumulate)
+        self.position = replace(saved, layout=self.sampler.layout)
         self.sampler.load_state_dict({**ckpt["sampler"], "epoch": saved.epoch, "start_sample": saved.sample_in_epoch})
         self.best_metric = ckpt.get("best_metric")
         rng = ckpt["rng"]

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .schedule import BatchLayout
+
 Batch = list[tuple[int, int]]
 
 
@@ -31,8 +33,12 @@ class _ResumableBatchSampler:
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     @property
+    def layout(self) -> BatchLayout:
+        return BatchLayout(self.world_size, self.batch_size, self.accumulate)
+
+    @property
     def global_batch(self) -> int:
-        return self.batch_size * self.world_size * self.accumulate
+        return self.layout.global_batch
 
     def _epoch_samples(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError

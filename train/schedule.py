@@ -36,6 +36,27 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's global batch is made: processes × per-process batch × accumulated micro-batches."""
+
+    world_size: int
+    batch_size: int
+    accumulate: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accumulate
+
+    def __str__(self) -> str:
+        accumulated = f" × {self.accumulate} accumulated" if self.accumulate > 1 else ""
+        return f"{self.world_size} process(es) × batch {self.batch_size}{accumulated} (global {self.global_batch})"
+
+
+def _int_fields(cls: type, state: dict) -> dict[str, int]:
+    return {k: int(state[k]) for k in cls.__dataclass_fields__ if k in state}
+
+
 @dataclass
 class RunPosition:
     """Where a run stands: optimizer steps taken, epoch, global samples consumed in the epoch and in the run,
@@ -46,9 +67,7 @@ class RunPosition:
     sample_in_epoch: int = 0
     samples_seen: int = 0
     ref_global_batch: int = 1
-    world_size: int = 1
-    batch_size: int = 1
-    accumulate: int = 1
+    layout: BatchLayout = BatchLayout(1, 1)
 
     @property
     def schedule_step(self) -> float:
@@ -64,30 +83,29 @@ class RunPosition:
         self.epoch, self.sample_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        """The counters and the layout's fields, in one flat dict."""
+        state = asdict(self)
+        state.update(state.pop("layout"))
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> "RunPosition":
-        return cls(**{k: int(state[k]) for k in cls.__dataclass_fields__ if k in state})
+        return cls(**_int_fields(cls, state), layout=BatchLayout(**_int_fields(BatchLayout, state)))
 
 
 def legacy_position(ckpt: dict, batch_size: int, world_size: int) -> RunPosition:
     """The position of a checkpoint written before positions were saved (its sampler counted batches per rank)."""
-    g = batch_size * world_size
+    layout = BatchLayout(world_size, batch_size)
+    g = layout.global_batch
     return RunPosition(step=int(ckpt["step"]), epoch=int(ckpt["sampler"]["epoch"]),
                        sample_in_epoch=int(ckpt["sampler"]["start_batch"]) * g, samples_seen=int(ckpt["step"]) * g,
-                       ref_global_batch=g, world_size=world_size, batch_size=batch_size)
+                       ref_global_batch=g, layout=layout)
 
 
-def describe_layout_change(saved: RunPosition, world_size: int, batch_size: int, accumulate: int) -> str | None:
+def describe_layout_change(saved: RunPosition, layout: BatchLayout) -> str | None:
     """A warning naming both layouts when the run resumes with another global-batch layout, else None."""
-    if (saved.world_size, saved.batch_size, saved.accumulate) == (world_size, batch_size, accumulate):
+    if saved.layout == layout:
         return None
-    g_old = saved.world_size * saved.batch_size * saved.accumulate
-    g_new = world_size * batch_size * accumulate
-    return (f"resuming a run saved with {saved.world_size} process(es) × batch {saved.batch_size}"
-            f"{f' × {saved.accumulate} accumulated' if saved.accumulate > 1 else ''} (global {g_old}) on "
-            f"{world_size} process(es) × batch {batch_size}{f' × {accumulate} accumulated' if accumulate > 1 else ''}"
-            f" (global {g_new}): it continues at global sample {saved.sample_in_epoch} of epoch {saved.epoch}; the "
-            f"learning-rate and freezing schedules follow the sample count (schedule step = samples / "
-            f"{saved.ref_global_batch})")
+    return (f"resuming a run saved with {saved.layout} on {layout}: it continues at global sample "
+            f"{saved.sample_in_epoch} of epoch {saved.epoch}; the learning-rate and freezing schedules follow the "
+            f"sample count (schedule step = samples / {saved.ref_global_batch})")

@@ -125,8 +125,7 @@ class Trainer(RunStateMixin):
         self._build_data()
         self._build_model()
         self._build_optim()
-        self.position = RunPosition(ref_global_batch=self.global_batch, world_size=self.world_size,
-                                    batch_size=self.sampler.batch_size, accumulate=self.accumulate)
+        self.position = RunPosition(ref_global_batch=self.global_batch, layout=self.sampler.layout)
         self.best_metric, self.initialised_from = None, None
         if resume_path is not None:
             self._load(resume_path)
