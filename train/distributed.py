@@ -21,11 +21,10 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: global rank and size, rank and size on this machine, its device."""
+    """Where this process sits: global rank and size, processes on this machine, its device."""
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
 
@@ -66,7 +65,7 @@ def init_distributed(device_name: str) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size(), device)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_world_size(), device)
 
 
 def is_distributed() -> bool:
@@ -155,20 +154,14 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return _SumOverRanks.apply(x) if is_distributed() else x
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
-
-
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x`` unchanged; its gradient multiplied by ``factor`` on the way back."""
-    return x if factor == 1 else _ScaleGrad.apply(x, float(factor))
+    if factor == 1 or not x.requires_grad:
+        return x
+    factor = float(factor)
+    y = x.view_as(x)
+    y.register_hook(lambda grad: grad * factor)
+    return y
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
