@@ -77,16 +77,7 @@ class BackendEmbedder:
         return f"{self.backend}-{dev} {self.precision}"
 
     def __call__(self, crops_bgr: np.ndarray) -> np.ndarray:
-        x = to_input(crops_bgr, self.spec)
-        step = self.fixed_batch or self.max_batch or len(x)
-        outs = []
-        for s in range(0, len(x), max(step, 1)):
-            chunk = x[s:s + step]
-            n = len(chunk)
-            if self.fixed_batch and n < self.fixed_batch:  # pad a fixed-batch model's last batch
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - n, axis=0)])
-            outs.append(np.asarray(self.model.run(chunk)[0], dtype=np.float32)[:n])
-        return np.concatenate(outs)
+        return self.model.run_batched(crops_bgr, self.max_batch or len(crops_bgr), lambda c: to_input(c, self.spec))
 
 
 def to_input(crops_bgr: np.ndarray, spec) -> np.ndarray:

@@ -271,19 +271,9 @@ class FacePipeline:
         if len(x) == 0:
             return np.zeros((0, int(self._meta.get("embedding_size", 0) or 0)), np.float32)
         bs = int(batch_size or self.batch_size)
-        fixed = model.fixed_batch
-        if fixed:
-            bs = fixed
 
         def raw(crops: np.ndarray) -> np.ndarray:
-            out = []
-            for start in range(0, len(crops), bs):
-                chunk = to_model_input(crops[start:start + bs], spec, color_order=color_order)
-                n = len(chunk)
-                if fixed and n < fixed:  # a model exported with a fixed batch: pad the last chunk
-                    chunk = np.concatenate([chunk, np.zeros((fixed - n,) + chunk.shape[1:], chunk.dtype)])
-                out.append(np.asarray(model.run(chunk)[0], np.float32).reshape(len(chunk), -1)[:n])
-            return np.concatenate(out)
+            return model.run_batched(crops, bs, lambda c: to_model_input(c, spec, color_order=color_order))
 
         emb = flip_sum(raw, x) if self.flip_test else raw(x)
         if not np.isfinite(emb).all():

@@ -24,8 +24,10 @@ from runtime.shipped import RECOGNIZER_INT8
 
 
 def make_recognizer(path: Path, spec: PreprocessSpec = PreprocessSpec(), dim: int = 32, seed: int = 0,
-                    threshold: float | None = 0.5, metadata: bool = True, task: str = "recognition") -> Path:
-    """A tiny random-weight recognizer ONNX (Conv 16×16/16 → Flatten → MatMul) with facekit metadata."""
+                    threshold: float | None = 0.5, metadata: bool = True, task: str = "recognition",
+                    batch: int | str = "batch") -> Path:
+    """A tiny random-weight recognizer ONNX (Conv 16×16/16 → Flatten → MatMul) with facekit metadata; ``batch``
+    an int fixes the batch axis."""
     rng = np.random.default_rng(seed)
     h, w = spec.input_size
     feat = 8 * (h // 16) * (w // 16)
@@ -40,8 +42,8 @@ def make_recognizer(path: Path, spec: PreprocessSpec = PreprocessSpec(), dim: in
     inits = [helper.make_tensor("conv_w", TensorProto.FLOAT, conv_w.shape, conv_w.ravel().tolist()),
              helper.make_tensor("fc_w", TensorProto.FLOAT, fc_w.shape, fc_w.ravel().tolist())]
     graph = helper.make_graph(nodes, "tiny_recognizer",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, h, w])],
-                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])], inits)
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, h, w])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, dim])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     if metadata:
@@ -199,6 +201,28 @@ def test_flip_test_sums_the_crop_and_its_mirror(pipe):
     single = FacePipeline(recognizer=pipe.recognizer, flip_test=False)
     np.testing.assert_allclose(single.embed_aligned(crops), l2_normalize(raw(crops)), atol=1e-5)
     assert not np.allclose(single.embed_aligned(crops), pipe.embed_aligned(crops), atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_fixed_batch_model_embeds_any_number_of_crops(tmp_path, tiny_recognizer, backend, monkeypatch):
+    """A model exported with batch 4 is always run with 4 rows (the backends refuse others; OpenVINO's bf16
+    check on a bf16 CPU included); 1, 4, 7 and 9 crops give the embeddings the same weights give with a
+    dynamic batch, in the pipeline and the parity benchmark's embedder."""
+    from benchmarks.parity import BackendEmbedder
+
+    monkeypatch.setenv("FACEKIT_CACHE", str(tmp_path / "cache"))  # no bf16 verdict kept from an earlier run
+    fixed = make_recognizer(tmp_path / "fixed4.onnx", batch=4)
+    crops = np.random.default_rng(5).integers(0, 256, (9, 112, 112, 3), dtype=np.uint8)
+    dynamic = FacePipeline(recognizer=str(tiny_recognizer), backend=backend)
+    four = FacePipeline(recognizer=str(fixed), backend=backend)
+    assert four.recognizer.fixed_batch == 4 and dynamic.recognizer.fixed_batch is None
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        four.recognizer.run(to_model_input(crops[:3], four.spec, color_order="BGR"))
+    for n in (1, 4, 7, 9):
+        np.testing.assert_allclose(four.embed_aligned(crops[:n], batch_size=3), dynamic.embed_aligned(crops[:n]),
+                                   atol=1e-6)
+    np.testing.assert_allclose(BackendEmbedder(fixed, backend)(crops[:7]), BackendEmbedder(tiny_recognizer, backend)(crops[:7]),
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("order", ["RGB", "BGR"])

@@ -21,6 +21,12 @@ class ModelLoadError(RuntimeError):
     """A model file could not be loaded (missing, truncated, foreign, or built for another machine)."""
 
 
+def pad_rows(batch: np.ndarray, rows: int) -> np.ndarray:
+    """``batch`` with copies of its last row appended up to ``rows`` rows: a fixed-batch model's short batch."""
+    missing = rows - len(batch)
+    return np.concatenate([batch, np.repeat(batch[-1:], missing, axis=0)]) if missing > 0 else batch
+
+
 class Backend(abc.ABC):
     """A loaded model that maps one float32 input batch to its outputs."""
 
@@ -95,6 +101,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Run one batch (float32, the model's layout); return every output as a numpy array."""
+
+    def run_batched(self, rows: np.ndarray, batch_size: int,
+                    prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """The first output, float32 with one row per input row, of ``rows`` run ``batch_size`` at a time, each
+        chunk through ``prepare`` first (e.g. preprocessing). A fixed-batch model runs its own batch size; its
+        last chunk is padded with copies of the chunk's last row, whose outputs are dropped."""
+        if len(rows) == 0:
+            raise ValueError("run_batched needs at least one row")
+        step = self.fixed_batch or max(1, int(batch_size))
+        out = []
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            if prepare is not None:
+                chunk = prepare(chunk)
+            n = len(chunk)
+            if self.fixed_batch:
+                chunk = pad_rows(chunk, step)
+            out.append(np.asarray(self.run(chunk)[0], np.float32).reshape(len(chunk), -1)[:n])
+        return np.concatenate(out)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({os.path.basename(self.path)!r}, device={self.device!r})"

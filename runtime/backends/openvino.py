@@ -31,7 +31,7 @@ from ..files import atomic_write_bytes, cache_dir as facekit_cache_dir, sha256_f
 from ..metadata import ModelMetadataError, check_warp, preprocess_spec, read_onnx_metadata
 from ..messages import first_line
 from ..optional_imports import importable
-from .base import Backend, ModelLoadError, is_onnx_path, register
+from .base import Backend, ModelLoadError, is_onnx_path, pad_rows, register
 
 PRECISIONS = ("auto", "f32", "bf16", "int8")
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
@@ -232,6 +232,11 @@ class OpenVinoBackend(Backend):
         return "f32", f"auto: bf16 failed parity (min cos {verdict['min_cosine']:.6f} < {BF16_MIN_COSINE})"
 
     def _check_inputs(self, check_inputs: CheckInputs | None) -> list[np.ndarray]:
+        """The parity inputs, cut into the model's batch when it is fixed (the last one padded)."""
+        inputs, b = self._given_check_inputs(check_inputs), self.fixed_batch
+        return [pad_rows(x[i:i + b], b) for x in inputs for i in range(0, len(x), b)] if b else inputs
+
+    def _given_check_inputs(self, check_inputs: CheckInputs | None) -> list[np.ndarray]:
         if check_inputs is not None:
             inputs = check_inputs(self) if callable(check_inputs) else check_inputs
             return [np.asarray(x, np.float32) for x in inputs]
