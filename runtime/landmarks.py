@@ -360,6 +360,7 @@ class LandmarkRefiner:
 
     @property
     def device(self) -> str:
+        """What really runs the aligner (e.g. ``CPUExecutionProvider``)."""
         return self.backend.device
 
     @property

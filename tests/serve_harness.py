@@ -57,16 +57,12 @@ class Server:
             raise AssertionError(str(e)) from None
         return self
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def log_text(self) -> str:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
 
     def rss_mb(self) -> float:
         """Resident memory of the server process (MiB)."""
-        rss = status_mib("VmRSS", self.pid)
+        rss = status_mib("VmRSS", self.proc.pid)
         assert rss == rss, "no VmRSS"  # NaN: no such process or field
         return rss
 

@@ -353,7 +353,7 @@ def test_the_benchmark_client_and_its_accounting(server, photos):
     from benchmarks import serve as bench
 
     images = [photos["obama.jpg"], photos["biden.jpg"]]
-    part = bench.timed_level("service", bench.embed_caller(server.url, images), 2, 0.3, server_pid=server.pid)
+    part = bench.timed_level("service", bench.embed_caller(server.url, images), 2, 0.3, server_pid=server.proc.pid)
     row = bench.merge([part, part]).to_dict()
     assert row["requests"] == 2 * len(part.latencies_s) >= 12  # at least 3 per client per segment
     assert row["p50_ms"] <= row["p99_ms"] and row["cpu_ms_per_request"] > 0 and row["client_cpu_ms_per_request"] > 0

@@ -90,7 +90,7 @@ def test_sigkill_during_enrolments_20_times_loses_no_acknowledged_change(tmp_pat
                 t.join(60)
         finally:
             srv.kill()
-        mid_save += any(p.name.startswith(f".kill.npz.{srv.pid}.") for p in folder.iterdir())
+        mid_save += any(p.name.startswith(f".kill.npz.{srv.proc.pid}.") for p in folder.iterdir())
         assert not errors, errors
         g = Gallery.load(path)  # always loads
         missing = set(acknowledged) - set(g.names)
