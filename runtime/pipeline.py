@@ -273,7 +273,8 @@ class FacePipeline:
         bs = int(batch_size or self.batch_size)
 
         def raw(crops: np.ndarray) -> np.ndarray:
-            return model.run_batched(crops, bs, lambda c: to_model_input(c, spec, color_order=color_order))
+            return model.run_batched(crops, bs, lambda c: to_model_input(c, spec, color_order=color_order)
+                                     ).reshape(len(crops), -1)
 
         emb = flip_sum(raw, x) if self.flip_test else raw(x)
         if not np.isfinite(emb).all():

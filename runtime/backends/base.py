@@ -104,21 +104,20 @@ class Backend(abc.ABC):
 
     def run_batched(self, rows: np.ndarray, batch_size: int,
                     prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-        """The first output, float32 with one row per input row, of ``rows`` run ``batch_size`` at a time, each
+        """The first output (float32, one entry per input row) of ``rows`` run ``batch_size`` at a time, each
         chunk through ``prepare`` first (e.g. preprocessing). A fixed-batch model runs its own batch size; its
         last chunk is padded with copies of the chunk's last row, whose outputs are dropped."""
         if len(rows) == 0:
             raise ValueError("run_batched needs at least one row")
-        step = self.fixed_batch or max(1, int(batch_size))
+        fixed = self.fixed_batch
+        step = fixed or max(1, int(batch_size))
         out = []
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
             if prepare is not None:
                 chunk = prepare(chunk)
             n = len(chunk)
-            if self.fixed_batch:
-                chunk = pad_rows(chunk, step)
-            out.append(np.asarray(self.run(chunk)[0], np.float32).reshape(len(chunk), -1)[:n])
+            out.append(np.asarray(self.run(pad_rows(chunk, fixed) if fixed else chunk)[0], np.float32)[:n])
         return np.concatenate(out)
 
     def __repr__(self) -> str:
